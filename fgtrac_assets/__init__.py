@@ -1,0 +1,1 @@
+"""fgtrac: sample-level traceability for ML pipelines."""

@@ -1,0 +1,38 @@
+"""Run configuration of the chain's assets, as shown in the Dagster launchpad."""
+
+from typing import Optional
+
+from dagster import Config
+from pydantic import Field
+
+
+class RawSamplesConfig(Config):
+    """Where raw samples come from."""
+
+    source: str = Field(default="", description="'' = the pipeline's bundled data; else an ImageFolder directory or a Parquet file")
+    limit: int = Field(default=0, description="read at most this many items (0 = all)")
+    strict: bool = Field(default=False, description="fail the run if any item is rejected")
+
+
+class TrainingConfig(Config):
+    """Training hyper-parameters; unset fields take the pipeline's defaults."""
+
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
+    batch_size: Optional[int] = None
+    seed: Optional[int] = None
+    schedule: Optional[str] = Field(default=None, description="'cosine' or 'constant'")
+
+
+class SelectionConfig(Config):
+    """FG-Trac's checkpoint selection rule."""
+
+    min_rel_improvement: float = Field(default=0.05, description="relative validation-loss improvement that counts as substantial")
+    max_checkpoints: int = 3
+    always_keep_last: bool = True
+
+
+class InfluenceConfig(Config):
+    """How many proponents and opponents to keep per test sample."""
+
+    top_k: int = 10

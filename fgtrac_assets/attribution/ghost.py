@@ -1,0 +1,294 @@
+"""Fast exact path for ``nn.Linear`` layers ("ghost" dot products of per-sample gradients).
+
+For y = a W^T + b, sample i's gradient is g_i = e_i (outer) [a_i, 1] with
+e_i = dl_i/dy_i, hence
+
+    g_i . g_j = (e_i . e_j) * (a_i . a_j + 1)          (the +1 is the bias; 0 without one)
+
+and summing that over several Linear layers gives the dot product of the gradients
+over all of their parameters.  Only the factors ``e`` (n x out) and ``a`` (n x in) are
+ever stored.  Each layer must be called once per forward on a 2-D input whose rows are
+the samples, and sample i's loss must depend on row i only (true for ordinary batched
+models; not for e.g. a Linear inside message passing); otherwise
+:class:`GhostNotApplicable` is raised and callers use the general path.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .per_sample import (
+    ForwardFn,
+    LossFn,
+    _call,
+    _model_device,
+    _per_sample_losses,
+    _to_device,
+    iter_batches,
+    model_guard,
+)
+from .topk import RunningTopK, TopK
+
+__all__ = [
+    "Factors",
+    "GhostNotApplicable",
+    "factor_dot",
+    "factor_self_dot",
+    "influence_from_factors",
+    "linear_factors",
+    "linear_layer_names",
+    "self_influence_from_factors",
+    "top_k_from_factors",
+]
+
+BLOCK_ROWS = 512
+
+
+class GhostNotApplicable(ValueError):
+    """Raised when the linear-factor shortcut does not apply to a layer / model."""
+
+
+@dataclass(eq=False)
+class Factors:
+    """Per-sample gradient factors of one Linear layer: errors (n, out), activations (n, in) without the bias 1."""
+
+    errors: Tensor
+    activations: Tensor
+    bias: bool = True
+
+    def __len__(self) -> int:
+        return self.errors.shape[0]
+
+    def rows(self, start: int, stop: int) -> "Factors":
+        """Return the factors of samples ``start:stop`` (views, no copy)."""
+        return Factors(self.errors[start:stop], self.activations[start:stop], self.bias)
+
+
+# ------------------------------------------------------------------- eligibility
+
+
+def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[str] | None:
+    """Return the Linear layer names the ghost path would use, or None if the selection is not Linear-only."""
+    if layers is not None:
+        mods = [model.get_submodule(n) for n in layers]
+        if not layers or not all(isinstance(m, nn.Linear) for m in mods):
+            return None
+        if len({id(m) for m in mods}) != len(mods):
+            return None
+        return list(layers)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if not trainable:
+        return None
+    names, covered = [], []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not isinstance(m, nn.Linear):
+            continue
+        own = list(m.parameters())
+        flags = [p.requires_grad for p in own]
+        if not any(flags):
+            continue
+        if not all(flags) or name in names:
+            return None
+        names.append(name)
+        covered.extend(id(p) for p in own)
+    if len(covered) != len(set(covered)) or set(covered) != trainable:
+        return None  # shared weights, a Linear used twice, or trainable non-Linear parameters
+    return names
+
+
+# --------------------------------------------------------------------- capturing
+
+
+def linear_factors(
+    model: nn.Module,
+    layers: Sequence[str | nn.Module],
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    forward: ForwardFn | None = None,
+    batch_size: int = 512,
+) -> list[Factors]:
+    """Return one :class:`Factors` per layer (same order as ``layers``) for all samples, via one forward+backward per batch.
+
+    ``loss_fn(outputs, targets)`` must return per-sample losses.  The model runs in
+    eval mode; its modes and requires_grad flags are restored afterwards and no
+    ``.grad`` is touched.
+    """
+    modules = [model.get_submodule(m) if isinstance(m, str) else m for m in layers]
+    for m in modules:
+        if not isinstance(m, nn.Linear):
+            raise GhostNotApplicable(f"{type(m).__name__} is not an nn.Linear")
+    device = _model_device(model)
+    acts: list[list[Tensor]] = [[] for _ in modules]
+    errs: list[list[Tensor]] = [[] for _ in modules]
+    with model_guard(model):
+        model.eval()
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        sinks = [m.bias if m.bias is not None else m.weight for m in modules]
+        for x, t in iter_batches(inputs, targets, batch_size):
+            if forward is None:
+                x = _to_device(x, device)
+            t = _to_device(t, device)
+            a_seen: list[list[Tensor]] = [[] for _ in modules]
+            e_seen: list[list[Tensor]] = [[] for _ in modules]
+
+            def make_hook(i: int) -> Callable:
+                def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
+                    a_seen[i].append(args[0].detach())
+                    if out.requires_grad:
+                        out.register_hook(lambda g: e_seen[i].append(g.detach()))
+
+                return hook
+
+            handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+            try:
+                with torch.enable_grad():
+                    losses = _per_sample_losses(loss_fn, _call(model, forward, x), t)
+                    n = losses.shape[0]
+                    for i, a in enumerate(a_seen):
+                        if len(a) != 1:
+                            raise GhostNotApplicable(f"layer {i} ran {len(a)} times in one forward")
+                        if a[0].dim() != 2 or a[0].shape[0] != n:
+                            raise GhostNotApplicable(
+                                f"layer {i} input has shape {tuple(a[0].shape)}; need ({n}, in_features)"
+                            )
+                    # Backward through every hooked output without touching .grad: the sinks
+                    # (bias, else weight) sit right behind each output, so the tensor hooks fire.
+                    torch.autograd.grad(losses.sum(), sinks, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
+            for i, m in enumerate(modules):
+                e = e_seen[i][0] if e_seen[i] else torch.zeros(n, m.out_features, dtype=losses.dtype, device=device)
+                acts[i].append(a_seen[i][0])
+                errs[i].append(e)
+    return [
+        Factors(torch.cat(errs[i]), torch.cat(acts[i]), m.bias is not None) for i, m in enumerate(modules)
+    ]
+
+
+# --------------------------------------------------------------------- dot products
+
+
+def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]] | None, lrs: Sequence[float]) -> None:
+    if len(train) != len(lrs) or (test is not None and len(test) != len(lrs)):
+        raise ValueError("need one factor list and one learning rate per checkpoint")
+    if not train or not train[0]:
+        raise ValueError("no factors given")
+    for i, ck in enumerate(train):
+        if len(ck) != len(train[0]) or (test is not None and len(test[i]) != len(ck)):
+            raise ValueError("every checkpoint needs the same layers")
+        if test is not None:
+            for f, g in zip(ck, test[i]):
+                if f.bias != g.bias:
+                    raise ValueError("train and test factors disagree on the bias")
+
+
+def _accumulate(
+    out: Tensor,
+    train: Sequence[Sequence[Factors]],
+    test: Sequence[Sequence[Factors]],
+    scales: Sequence[float],
+    row0: int = 0,
+    block: int = BLOCK_ROWS,
+) -> Tensor:
+    """Add sum_c scale_c * sum_l (E E'^T) * (A A'^T + 1) for train rows ``row0:row0+len(out)`` into ``out``."""
+    rows_total, n_test = out.shape
+    if rows_total == 0 or n_test == 0:
+        return out
+    bsz = min(block, rows_total)
+    buf_e = torch.empty(bsz, n_test, dtype=out.dtype, device=out.device)
+    buf_a = torch.empty(bsz, n_test, dtype=out.dtype, device=out.device)
+    test_t = [[(f.errors.T, f.activations.T, f.bias) for f in ck] for ck in test]
+    for r in range(0, rows_total, bsz):
+        rows = min(bsz, rows_total - r)
+        o, be, ba = out[r : r + rows], buf_e[:rows], buf_a[:rows]
+        lo, hi = row0 + r, row0 + r + rows
+        for ck_train, ck_test, scale in zip(train, test_t, scales):
+            for f, (et, at, bias) in zip(ck_train, ck_test):
+                torch.mm(f.errors[lo:hi], et, out=be)
+                torch.mm(f.activations[lo:hi], at, out=ba)
+                if bias:
+                    ba.add_(1.0)
+                o.addcmul_(be, ba, value=scale)
+    return out
+
+
+def _new_out(train: Sequence[Sequence[Factors]], n_rows: int, n_test: int) -> Tensor:
+    f = train[0][0]
+    return torch.zeros(n_rows, n_test, dtype=f.errors.dtype, device=f.errors.device)
+
+
+def factor_dot(train: Sequence[Factors], test: Sequence[Factors], out: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """Return (n_train, n_test) gradient dot products sum_l (E E'^T) * (A A'^T + 1) (added into ``out`` if given)."""
+    return influence_from_factors([train], [test], [scale], out=out)
+
+
+def factor_self_dot(factors: Sequence[Factors]) -> Tensor:
+    """Return (n,) squared gradient norms sum_l |e|^2 (|a|^2 + 1)."""
+    total = None
+    for f in factors:
+        a2 = f.activations.pow(2).sum(1)
+        if f.bias:
+            a2 = a2 + 1.0
+        term = f.errors.pow(2).sum(1) * a2
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no factors given")
+    return total
+
+
+def influence_from_factors(
+    train_by_ckpt: Sequence[Sequence[Factors]],
+    test_by_ckpt: Sequence[Sequence[Factors]],
+    lrs: Sequence[float],
+    out: Tensor | None = None,
+) -> Tensor:
+    """Return TracInCP scores (n_train, n_test) = sum_c lr_c * factor_dot(train_c, test_c), in row blocks."""
+    _check(train_by_ckpt, test_by_ckpt, lrs)
+    n_train, n_test = len(train_by_ckpt[0][0]), len(test_by_ckpt[0][0])
+    if out is None:
+        out = _new_out(train_by_ckpt, n_train, n_test)
+    elif out.shape != (n_train, n_test):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n_train, n_test)}")
+    return _accumulate(out, train_by_ckpt, test_by_ckpt, [float(lr) for lr in lrs])
+
+
+def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs: Sequence[float]) -> Tensor:
+    """Return TracInCP self-influence (n_train,) = sum_c lr_c * |g_c|^2."""
+    _check(train_by_ckpt, None, lrs)
+    total = None
+    for ck, lr in zip(train_by_ckpt, lrs):
+        term = factor_self_dot(ck) * float(lr)
+        total = term if total is None else total + term
+    return total
+
+
+def top_k_from_factors(
+    train_by_ckpt: Sequence[Sequence[Factors]],
+    test_by_ckpt: Sequence[Sequence[Factors]],
+    lrs: Sequence[float],
+    k: int,
+    chunk: int = 4096,
+    progress: Callable[[int, int], None] | None = None,
+) -> TopK:
+    """Return the :class:`TopK` proponents/opponents per test sample, scoring ``chunk`` train rows at a time."""
+    _check(train_by_ckpt, test_by_ckpt, lrs)
+    n_train, n_test = len(train_by_ckpt[0][0]), len(test_by_ckpt[0][0])
+    scales = [float(lr) for lr in lrs]
+    acc = RunningTopK(k)
+    chunk = max(1, min(int(chunk), n_train))
+    buf = _new_out(train_by_ckpt, chunk, n_test)
+    for r in range(0, n_train, chunk):
+        rows = min(chunk, n_train - r)
+        scores = buf[:rows].zero_()
+        _accumulate(scores, train_by_ckpt, test_by_ckpt, scales, row0=r)
+        acc.update(scores, r)
+        if progress is not None:
+            progress(r + rows, n_train)
+    return acc.result()

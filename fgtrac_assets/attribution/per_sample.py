@@ -1,0 +1,320 @@
+"""General path: per-sample gradients over chosen parameters, optionally randomly projected.
+
+Also holds the small helpers every path shares: batching of tensors / loaders,
+parameter selection and a guard that restores a model's state after use.
+
+Per-sample gradients are computed with ``torch.func`` (``functional_call`` +
+``vmap`` + ``grad``): one vectorised forward/backward per batch, the chosen
+parameters differentiated, every other parameter and buffer held fixed.  When a
+sample cannot be vmapped on its own (a custom ``forward`` whose batch is one graph,
+data-dependent Python control flow, ...) the code falls back to a loop of
+``torch.autograd.grad`` calls, one per sample, sharing one forward pass per
+batch.  That fallback is exact but costs one backward pass per sample (roughly
+``batch_size`` times slower than the vmapped path).
+"""
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+ForwardFn = Callable[[nn.Module, Any], Tensor]
+LossFn = Callable[[Tensor, Any], Tensor]
+
+__all__ = [
+    "RandomProjection",
+    "iter_batches",
+    "iter_per_sample_grads",
+    "model_guard",
+    "per_sample_grads",
+    "reiterable",
+    "selected_parameter_names",
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def reiterable(data: Any) -> Any:
+    """Return ``data`` unchanged if it can be iterated more than once, else a list of its items."""
+    if isinstance(data, Tensor) or data is None:
+        return data
+    if iter(data) is data:  # a generator / one-shot iterator
+        return list(data)
+    return data
+
+
+def iter_batches(inputs: Any, targets: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(inputs, targets)`` batches from tensors (sliced by ``batch_size``) or from an iterable of batches."""
+    if targets is not None:
+        if isinstance(inputs, (tuple, list)):
+            n = len(targets)
+            for s in range(0, n, batch_size):
+                yield tuple(x[s : s + batch_size] for x in inputs), targets[s : s + batch_size]
+            return
+        n = len(inputs)
+        if len(targets) != n:
+            raise ValueError(f"inputs ({n}) and targets ({len(targets)}) differ in length")
+        for s in range(0, n, batch_size):
+            yield inputs[s : s + batch_size], targets[s : s + batch_size]
+        return
+    if isinstance(inputs, Tensor):
+        raise ValueError("targets are required when inputs is a tensor")
+    for batch in inputs:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError("an iterable of batches must yield (inputs, targets) pairs")
+        yield batch[0], batch[1]
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _call(model: nn.Module, forward: ForwardFn | None, x: Any) -> Tensor:
+    return model(x) if forward is None else forward(model, x)
+
+
+def _per_sample_losses(loss_fn: LossFn, out: Tensor, t: Any) -> Tensor:
+    losses = loss_fn(out, t)
+    if losses.dim() != 1:
+        raise ValueError(
+            "loss_fn must return one loss per sample (a 1-D tensor, e.g. reduction='none'); "
+            f"got shape {tuple(losses.shape)}"
+        )
+    return losses
+
+
+# ---------------------------------------------------------------------- model state
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module, restore_state: bool = False) -> Iterator[nn.Module]:
+    """Yield ``model``; afterwards restore its train/eval modes, requires_grad flags and (optionally) its state_dict."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    state = None
+    if restore_state:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield model
+    finally:
+        if state is not None:
+            model.load_state_dict(state)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def selected_parameter_names(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    """Return the names of the parameters of the named submodules (all trainable parameters when ``layers`` is None)."""
+    if layers is None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not names:
+            raise ValueError("model has no trainable parameters")
+        return names
+    names: list[str] = []
+    for layer in layers:
+        module = model.get_submodule(layer)
+        own = [f"{layer}.{n}" if layer else n for n, _ in module.named_parameters()]
+        if not own:
+            raise ValueError(f"layer {layer!r} has no parameters")
+        names.extend(n for n in own if n not in names)
+    # parameters shared between modules appear under one canonical name only
+    canonical = dict(model.named_parameters())
+    missing = [n for n in names if n not in canonical]
+    if missing:
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        for n in missing:
+            p = model.get_parameter(n)
+            names[names.index(n)] = by_id[id(p)]
+        names = list(dict.fromkeys(names))
+    return names
+
+
+# ------------------------------------------------------------------- projection
+
+
+class RandomProjection:
+    """Seeded Gaussian projection R (P x dim, N(0,1)/sqrt(dim)) applied block-wise, so E[(gR).(g'R)] = g.g'.
+
+    The matrix is generated in row chunks of at most ``chunk_rows`` rows, each from its
+    own seed (``seed`` and the chunk's index), so no P x dim matrix larger than one
+    chunk is ever needed.  Chunks are cached while their total size stays below
+    ``cache_elements``; beyond that they are regenerated on each call.
+    """
+
+    def __init__(self, dim: int, seed: int = 0, chunk_rows: int = 4096, cache_elements: int = 1 << 24):
+        if dim <= 0:
+            raise ValueError("projection dim must be positive")
+        self.dim = int(dim)
+        self.seed = int(seed)
+        self.chunk_rows = int(chunk_rows)
+        self.cache_elements = int(cache_elements)
+        self._cache: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
+        self._cached = 0
+
+    def _chunk(self, index: int, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (index, rows, device, dtype)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % (1 << 63))
+        r = torch.randn(rows, self.dim, generator=gen, dtype=torch.float32)
+        r = r.to(device=device, dtype=dtype).mul_(1.0 / math.sqrt(self.dim))
+        if self._cached + r.numel() <= self.cache_elements:
+            self._cache[key] = r
+            self._cached += r.numel()
+        return r
+
+    def __call__(self, blocks: Sequence[Tensor]) -> Tensor:
+        """Return the projection (n, dim) of the column-concatenation of ``blocks`` (each (n, P_j))."""
+        n = blocks[0].shape[0]
+        out = torch.zeros(n, self.dim, dtype=blocks[0].dtype, device=blocks[0].device)
+        index = 0
+        for block in blocks:
+            for s in range(0, block.shape[1], self.chunk_rows):
+                cols = block[:, s : s + self.chunk_rows]
+                out.addmm_(cols, self._chunk(index, cols.shape[1], cols.device, cols.dtype))
+                index += 1
+        return out
+
+
+# ------------------------------------------------------------ per-sample gradients
+
+
+class _ForwardWrapper(nn.Module):
+    """Module whose forward is ``forward(model, x)``, so functional_call can drive custom forwards."""
+
+    def __init__(self, model: nn.Module, forward: ForwardFn):
+        super().__init__()
+        self.model = model
+        self._fn = forward
+
+    def forward(self, x: Any) -> Tensor:
+        return self._fn(self.model, x)
+
+
+def _vmappable(x: Any, t: Any) -> bool:
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return False
+    n = t.shape[0]
+    leaves = list(x) if isinstance(x, (tuple, list)) else [x]
+    return all(isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n for v in leaves)
+
+
+def _vmap_grads(model, forward, names, loss_fn, x, t, check_losses: bool) -> list[Tensor]:
+    if forward is None:
+        module, prefix = model, ""
+    else:
+        module, prefix = _ForwardWrapper(model, forward), "model."
+    chosen = set(names)
+    params = {prefix + n: model.get_parameter(n).detach() for n in names}
+    fixed = {prefix + n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    fixed.update({prefix + n: b for n, b in model.named_buffers()})
+
+    def unsqueeze(v):
+        return tuple(u.unsqueeze(0) for u in v) if isinstance(v, tuple) else v.unsqueeze(0)
+
+    def one_loss(p, xi, ti):
+        out = functional_call(module, {**fixed, **p}, (unsqueeze(xi),))
+        loss = loss_fn(out, ti.unsqueeze(0)).sum()
+        return loss, loss.detach()
+
+    xs = tuple(x) if isinstance(x, list) else x
+    g, losses = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0))(params, xs, t)
+    if check_losses:
+        with torch.no_grad():
+            batch_losses = _per_sample_losses(loss_fn, _call(model, forward, x), t)
+        if batch_losses.shape != losses.shape or not torch.allclose(
+            batch_losses, losses, rtol=1e-4, atol=1e-6
+        ):
+            raise _NotPerSample("single-sample losses differ from the batch's losses")
+    n = t.shape[0]
+    return [g[prefix + name].reshape(n, -1) for name in names]
+
+
+class _NotPerSample(RuntimeError):
+    pass
+
+
+def _loop_grads(model, forward, names, loss_fn, x, t) -> list[Tensor]:
+    params = [model.get_parameter(n) for n in names]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        losses = _per_sample_losses(loss_fn, _call(model, forward, x), t)
+        rows: list[list[Tensor]] = [[] for _ in params]
+        for i in range(losses.shape[0]):
+            gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+            for j, (gj, p) in enumerate(zip(gs, params)):
+                rows[j].append((torch.zeros_like(p) if gj is None else gj).reshape(-1))
+    return [torch.stack(r) for r in rows]
+
+
+def iter_per_sample_grads(
+    model: nn.Module,
+    names: Sequence[str],
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    forward: ForwardFn | None = None,
+    batch_size: int = 512,
+    projection: RandomProjection | None = None,
+) -> Iterator[Tensor]:
+    """Yield, per batch, the flattened per-sample gradients (b, P) or their projections (b, dim)."""
+    device = _model_device(model)
+    mode = "vmap"
+    with model_guard(model):
+        model.eval()
+        for x, t in iter_batches(inputs, targets, batch_size):
+            if forward is None:
+                x = _to_device(x, device)
+            t = _to_device(t, device)
+            blocks = None
+            if mode == "vmap" and _vmappable(x, t):
+                try:
+                    blocks = _vmap_grads(model, forward, names, loss_fn, x, t, forward is not None)
+                except Exception as exc:  # noqa: BLE001 - any vmap failure means "use the loop"
+                    warnings.warn(
+                        f"per-sample gradients: vmap not usable ({type(exc).__name__}: {exc}); "
+                        "falling back to one backward pass per sample",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    mode = "loop"
+            if blocks is None:
+                blocks = _loop_grads(model, forward, names, loss_fn, x, t)
+            yield projection(blocks) if projection is not None else torch.cat(blocks, dim=1)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    names: Sequence[str],
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    forward: ForwardFn | None = None,
+    batch_size: int = 512,
+    projection: RandomProjection | None = None,
+) -> Tensor:
+    """Return the per-sample gradients over parameters ``names`` as one (n, P) tensor ((n, dim) if projected)."""
+    return torch.cat(
+        list(iter_per_sample_grads(model, names, inputs, targets, loss_fn, forward, batch_size, projection)),
+        dim=0,
+    )

@@ -1,0 +1,245 @@
+"""TracInCP: sum over checkpoints of lr_i * grad l(w_i, z) . grad l(w_i, z')."""
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .ghost import (
+    Factors,
+    GhostNotApplicable,
+    influence_from_factors,
+    linear_factors,
+    linear_layer_names,
+    self_influence_from_factors,
+    top_k_from_factors,
+)
+from .per_sample import (
+    ForwardFn,
+    LossFn,
+    RandomProjection,
+    iter_batches,
+    iter_per_sample_grads,
+    model_guard,
+    per_sample_grads,
+    reiterable,
+    selected_parameter_names,
+)
+from .topk import RunningTopK, TopK
+
+__all__ = ["TracInCP"]
+
+_METHODS = ("auto", "ghost", "per_sample")
+
+
+class TracInCP:
+    """TracInCP influence scores over saved checkpoints, without modifying the model.
+
+    ``checkpoints`` is a sequence of ``(state_dict, lr)``.  The gradient is taken over
+    the parameters (weight and bias) of the submodule(s) named by ``layer``, or over all
+    trainable parameters when ``layer`` is None.  ``loss_fn(outputs, targets)`` must
+    return per-sample losses; ``forward(model, inputs)`` (optional) produces outputs
+    for models whose input is not one tensor.
+
+    Two computation paths (``path`` attribute):
+
+    * ``"ghost"`` — every selected parameter belongs to an ``nn.Linear`` (and no custom
+      ``forward`` is given): exact dot products from per-layer factors, see
+      :mod:`.ghost`.  ``projection_dim`` is ignored there (exact is cheaper).
+    * ``"per_sample"`` — anything else: per-sample gradients via ``torch.func``
+      (looping per sample when vmap is impossible), optionally projected to
+      ``projection_dim`` with a Gaussian projection seeded by ``seed``.
+
+    ``method`` ("auto", "ghost", "per_sample") forces a path; "ghost" with a custom
+    ``forward`` asserts that sample i's loss depends only on row i of each layer.
+    Gradients are taken in eval mode; afterwards the model's parameters/buffers,
+    train/eval modes and requires_grad flags are restored (also on exceptions).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoints: Iterable[tuple[dict[str, Tensor], float]],
+        loss_fn: LossFn,
+        layer: str | Sequence[str] | None = None,
+        forward: ForwardFn | None = None,
+        batch_size: int = 512,
+        projection_dim: int | None = None,
+        seed: int = 0,
+        method: str = "auto",
+    ):
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}")
+        self.model = model
+        self.checkpoints = [(sd, float(lr)) for sd, lr in checkpoints]
+        if not self.checkpoints:
+            raise ValueError("at least one checkpoint is required")
+        self.loss_fn = loss_fn
+        self.layers = None if layer is None else ([layer] if isinstance(layer, str) else list(layer))
+        self.forward = forward
+        self.batch_size = int(batch_size)
+        self.method = method
+        self.param_names = selected_parameter_names(model, self.layers)
+        self.linear_layers = linear_layer_names(model, self.layers)
+        self.projection = RandomProjection(projection_dim, seed) if projection_dim else None
+        if method == "ghost" and self.linear_layers is None:
+            raise ValueError("method='ghost' needs layers that are all nn.Linear")
+        use_ghost = self.linear_layers is not None and (
+            method == "ghost" or (method == "auto" and forward is None)
+        )
+        self.path = "ghost" if use_ghost else "per_sample"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _load(self, i: int) -> float:
+        state, lr = self.checkpoints[i]
+        self.model.load_state_dict(state)
+        return lr
+
+    def _lrs(self) -> list[float]:
+        return [lr for _, lr in self.checkpoints]
+
+    def _factors(self, inputs: Any, targets: Any) -> list[Factors]:
+        return linear_factors(
+            self.model, self.linear_layers, inputs, targets, self.loss_fn, self.forward, self.batch_size
+        )
+
+    def _grads(self, inputs: Any, targets: Any):
+        return iter_per_sample_grads(
+            self.model, self.param_names, inputs, targets, self.loss_fn, self.forward,
+            self.batch_size, self.projection,
+        )
+
+    def _grads_all(self, inputs: Any, targets: Any) -> Tensor:
+        return per_sample_grads(
+            self.model, self.param_names, inputs, targets, self.loss_fn, self.forward,
+            self.batch_size, self.projection,
+        )
+
+    def _run(self, ghost: Callable[[], Any], general: Callable[[], Any]) -> Any:
+        with model_guard(self.model, restore_state=True):
+            if self.path == "ghost":
+                try:
+                    return ghost()
+                except GhostNotApplicable as exc:
+                    if self.method == "ghost":
+                        raise
+                    warnings.warn(f"TracInCP: linear shortcut not applicable ({exc}); using per-sample gradients",
+                                  RuntimeWarning, stacklevel=3)
+                    self.path = "per_sample"
+            return general()
+
+    # ------------------------------------------------------------------ public
+
+    def influence(self, train_inputs: Any, train_targets: Any, test_inputs: Any, test_targets: Any) -> Tensor:
+        """Return TracInCP scores, a (n_train, n_test) tensor."""
+        train_inputs, test_inputs = reiterable(train_inputs), reiterable(test_inputs)
+
+        def ghost() -> Tensor:
+            train_f, test_f = [], []
+            for i in range(len(self.checkpoints)):
+                self._load(i)
+                test_f.append(self._factors(test_inputs, test_targets))
+                train_f.append(self._factors(train_inputs, train_targets))
+            return influence_from_factors(train_f, test_f, self._lrs())
+
+        def general() -> Tensor:
+            out: Tensor | None = None
+            for i in range(len(self.checkpoints)):
+                lr = self._load(i)
+                test_t = self._grads_all(test_inputs, test_targets).T
+                if out is None:
+                    out = torch.cat([g @ test_t * lr for g in self._grads(train_inputs, train_targets)])
+                    continue
+                row = 0
+                for g in self._grads(train_inputs, train_targets):
+                    out[row : row + g.shape[0]].addmm_(g, test_t, alpha=lr)
+                    row += g.shape[0]
+            return out
+
+        return self._run(ghost, general)
+
+    def self_influence(self, train_inputs: Any, train_targets: Any) -> Tensor:
+        """Return TracInCP self-influence sum_i lr_i |grad l(w_i, z)|^2, a (n_train,) tensor."""
+        train_inputs = reiterable(train_inputs)
+
+        def ghost() -> Tensor:
+            train_f = []
+            for i in range(len(self.checkpoints)):
+                self._load(i)
+                train_f.append(self._factors(train_inputs, train_targets))
+            return self_influence_from_factors(train_f, self._lrs())
+
+        def general() -> Tensor:
+            total: Tensor | None = None
+            for i in range(len(self.checkpoints)):
+                lr = self._load(i)
+                term = torch.cat([g.pow(2).sum(1) for g in self._grads(train_inputs, train_targets)]) * lr
+                total = term if total is None else total + term
+            return total
+
+        return self._run(ghost, general)
+
+    def top_k(
+        self,
+        train_inputs: Any,
+        train_targets: Any,
+        test_inputs: Any,
+        test_targets: Any,
+        k: int = 10,
+        chunk: int = 4096,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> TopK:
+        """Return the k proponents / opponents in train of each test sample as :class:`TopK`, each field (n_test, k).
+
+        Scores are computed ``chunk`` train rows at a time; the full (n_train, n_test)
+        matrix is never built.  ``progress(done_rows, total_rows)`` is called per chunk
+        (total is -1 when the train set is an iterable of unknown length).
+        """
+        train_inputs, test_inputs = reiterable(train_inputs), reiterable(test_inputs)
+
+        def ghost() -> TopK:
+            train_f, test_f = [], []
+            for i in range(len(self.checkpoints)):
+                self._load(i)
+                test_f.append(self._factors(test_inputs, test_targets))
+                train_f.append(self._factors(train_inputs, train_targets))
+            return top_k_from_factors(train_f, test_f, self._lrs(), k, chunk=chunk, progress=progress)
+
+        def general() -> TopK:
+            lrs = self._lrs()
+            test_t = []
+            for i in range(len(self.checkpoints)):
+                self._load(i)
+                test_t.append(self._grads_all(test_inputs, test_targets).T)
+            total = len(train_targets) if train_targets is not None else -1
+            acc = RunningTopK(k)
+            offset = 0
+            for group in _groups(iter_batches(train_inputs, train_targets, self.batch_size), chunk):
+                scores = None
+                for i, lr in enumerate(lrs):
+                    self._load(i)
+                    part = torch.cat(list(self._grads(group, None))) @ test_t[i]
+                    scores = part.mul_(lr) if scores is None else scores.add_(part, alpha=lr)
+                acc.update(scores, offset)
+                offset += scores.shape[0]
+                if progress is not None:
+                    progress(offset, total)
+            return acc.result()
+
+        return self._run(ghost, general)
+
+
+def _groups(batches: Iterable[tuple[Any, Any]], min_rows: int):
+    """Yield lists of consecutive batches holding at least ``min_rows`` samples (the last may hold fewer)."""
+    group, rows = [], 0
+    for x, t in batches:
+        group.append((x, t))
+        rows += len(t)
+        if rows >= min_rows:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group

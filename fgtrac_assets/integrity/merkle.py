@@ -1,0 +1,234 @@
+"""RFC 6962 / RFC 9162 Merkle tree hashing, proofs and verification (SHA-256).
+
+Proof generation works against a ``PerfectHash`` reader, so a storage layer can
+serve proofs for huge logs from stored interior nodes with O(log n) reads; the
+list-based helpers build every level in memory and use the same algorithms.
+"""
+
+import hashlib
+from collections.abc import Callable, Sequence
+from itertools import repeat
+
+HASH_SIZE = 32
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+# perfect(level, index): hash of the perfect subtree of height `level` covering
+# leaves [index * 2**level, (index + 1) * 2**level); level 0 is the leaf hash.
+PerfectHash = Callable[[int, int], bytes]
+
+_sha256 = hashlib.sha256
+
+
+def leaf_hash(leaf: bytes) -> bytes:
+    """Return the RFC 6962 leaf hash SHA-256(0x00 || leaf)."""
+    return _sha256(b"\x00" + leaf).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """Return the RFC 6962 interior node hash SHA-256(0x01 || left || right)."""
+    return _sha256(b"\x01" + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """Return the largest power of two strictly smaller than n (n >= 2)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def range_hash(perfect: PerfectHash, start: int, end: int) -> bytes:
+    """Return MTH of leaves [start, end), a range aligned as RFC 6962's recursion makes them."""
+    n = end - start
+    if n < 0:
+        raise ValueError(f"invalid range [{start}, {end})")
+    if n == 0:
+        return EMPTY_ROOT
+    if start % (1 << (n.bit_length() - 1)):
+        raise ValueError(f"range [{start}, {end}) is not aligned to a Merkle subtree")
+    # The range is a run of aligned perfect subtrees, largest first; MTH folds them right to left.
+    parts = []
+    pos = start
+    for level in range(n.bit_length() - 1, -1, -1):
+        if n >> level & 1:
+            parts.append(perfect(level, pos >> level))
+            pos += 1 << level
+    acc = parts.pop()
+    while parts:
+        acc = node_hash(parts.pop(), acc)
+    return acc
+
+
+def root_from(perfect: PerfectHash, size: int) -> bytes:
+    """Return the Merkle tree hash of the first size leaves."""
+    return range_hash(perfect, 0, size)
+
+
+def inclusion_proof_from(perfect: PerfectHash, index: int, size: int) -> list[bytes]:
+    """Return the RFC 6962 audit path for leaf index in a tree of size leaves, leaf upward."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf index {index} out of range for tree size {size}")
+    path = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            path.append(range_hash(perfect, lo + k, hi))
+            hi = lo + k
+        else:
+            path.append(range_hash(perfect, lo, lo + k))
+            lo += k
+    path.reverse()
+    return path
+
+
+def consistency_proof_from(perfect: PerfectHash, old_size: int, new_size: int) -> list[bytes]:
+    """Return the RFC 6962 consistency proof PROOF(old_size, D[new_size])."""
+    if not 0 <= old_size <= new_size:
+        raise ValueError(f"invalid consistency sizes {old_size} -> {new_size}")
+    if old_size in (0, new_size):
+        return []
+    proof = []
+    lo, hi = 0, new_size
+    complete = True  # RFC 6962's SUBPROOF flag b: the old tree is a whole subtree seen so far.
+    while old_size - lo != hi - lo:
+        k = _split(hi - lo)
+        if old_size - lo <= k:
+            proof.append(range_hash(perfect, lo + k, hi))
+            hi = lo + k
+        else:
+            proof.append(range_hash(perfect, lo, lo + k))
+            lo += k
+            complete = False
+    if not complete:
+        proof.append(range_hash(perfect, lo, hi))
+    proof.reverse()
+    return proof
+
+
+def build_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """Return all complete perfect levels: levels[0] are the leaf hashes, levels[k][i] joins levels[k-1][2i:2i+2]."""
+    levels = [list(leaf_hashes)]
+    while len(levels[-1]) >= 2:
+        cur = levels[-1]
+        levels.append([_sha256(b"\x01" + a + b).digest() for a, b in zip(cur[0::2], cur[1::2])])
+    return levels
+
+
+def _levels_reader(levels: list[list[bytes]]) -> PerfectHash:
+    return lambda level, index: levels[level][index]
+
+
+def new_perfect_nodes(
+    existing_size: int, new_leaf_hashes: Sequence[bytes], perfect: PerfectHash
+) -> list[tuple[int, int, bytes]]:
+    """Return (level, index, hash) for every perfect node completed by appending new_leaf_hashes."""
+    if existing_size < 0:
+        raise ValueError(f"invalid existing size {existing_size}")
+    out: list[tuple[int, int, bytes]] = []
+    level, start, cur = 0, existing_size, list(new_leaf_hashes)
+    while cur:
+        out.extend(zip(repeat(level), range(start, start + len(cur)), cur))
+        if start & 1:
+            # The left sibling of the first new node was already stored.
+            cur.insert(0, perfect(level, start - 1))
+        cur = [_sha256(b"\x01" + a + b).digest() for a, b in zip(cur[0::2], cur[1::2])]
+        level, start = level + 1, start >> 1
+    return out
+
+
+def merkle_root(leaves: Sequence[bytes]) -> bytes:
+    """Return the RFC 6962 Merkle tree hash of the raw leaves."""
+    levels = build_levels([leaf_hash(x) for x in leaves])
+    return root_from(_levels_reader(levels), len(leaves))
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
+    """Return the RFC 6962 audit path for leaves[index], ordered from the leaf upward."""
+    levels = build_levels([leaf_hash(x) for x in leaves])
+    return inclusion_proof_from(_levels_reader(levels), index, len(leaves))
+
+
+def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
+    """Return the RFC 6962 consistency proof from the first old_size leaves to all of them."""
+    levels = build_levels([leaf_hash(x) for x in leaves])
+    return consistency_proof_from(_levels_reader(levels), old_size, len(leaves))
+
+
+def _is_size(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_hash(x: object) -> bool:
+    return isinstance(x, (bytes, bytearray)) and len(x) == HASH_SIZE
+
+
+def _is_proof(proof: object) -> bool:
+    return isinstance(proof, (list, tuple)) and all(_is_hash(p) for p in proof)
+
+
+def verify_inclusion_hash(
+    leaf_digest: bytes, index: int, tree_size: int, proof: list[bytes], root: bytes
+) -> bool:
+    """Return True iff proof shows the leaf hash leaf_digest at index in the tree with this root (RFC 9162 2.1.3.2)."""
+    if not (_is_size(index) and _is_size(tree_size) and index < tree_size):
+        return False
+    if not (_is_hash(leaf_digest) and _is_hash(root) and _is_proof(proof)):
+        return False
+    fn, sn = index, tree_size - 1
+    r = bytes(leaf_digest)
+    for p in proof:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: list[bytes], root: bytes) -> bool:
+    """Return True iff proof shows the raw leaf at index in the tree of tree_size leaves with this root."""
+    if not isinstance(leaf, (bytes, bytearray)):
+        return False
+    return verify_inclusion_hash(leaf_hash(leaf), index, tree_size, proof, root)
+
+
+def verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: list[bytes]
+) -> bool:
+    """Return True iff proof shows the old_size tree is a prefix of the new_size tree (RFC 9162 2.1.4.2)."""
+    if not (_is_size(old_size) and _is_size(new_size) and old_size <= new_size):
+        return False
+    if not (_is_hash(old_root) and _is_hash(new_root) and _is_proof(proof)):
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if old_size == 0:
+        return not proof and old_root == EMPTY_ROOT
+    if not proof:
+        return False
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return fr == old_root and sr == new_root and sn == 0

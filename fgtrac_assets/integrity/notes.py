@@ -1,0 +1,335 @@
+"""C2SP tlog-checkpoints and signed notes with Ed25519 keys.
+
+Wire formats follow C2SP signed-note / tlog-checkpoint and Go's
+golang.org/x/mod/sumdb/note, so notes and keys interoperate with that package.
+"""
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+ALG_ED25519 = 1
+_SIG_PREFIX = "\u2014 "  # EM DASH, space
+_MAX_SIGNATURES = 100
+_HEX8 = re.compile(r"[0-9a-fA-F]{8}")
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
+
+
+class NoteError(ValueError):
+    """A signed note that is malformed or carries no valid signature from a known key."""
+
+
+# --- checkpoints -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A parsed checkpoint body: log origin, tree size and root hash."""
+
+    origin: str
+    size: int
+    root: bytes
+
+
+def format_checkpoint(origin: str, size: int, root: bytes) -> str:
+    """Return the checkpoint body text "origin\\nsize\\nbase64(root)\\n"."""
+    if not origin or "\n" in origin:
+        raise ValueError("checkpoint origin must be a non-empty single line")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"checkpoint size must be a non-negative int, got {size!r}")
+    if len(root) != 32:
+        raise ValueError(f"checkpoint root must be 32 bytes, got {len(root)}")
+    return f"{origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+
+
+def parse_checkpoint(text: str) -> Checkpoint:
+    """Return the Checkpoint in a checkpoint body text; extension lines are ignored."""
+    if not text.endswith("\n"):
+        raise ValueError("malformed checkpoint: text must end with a newline")
+    lines = text[:-1].split("\n")
+    if len(lines) < 3:
+        raise ValueError(f"malformed checkpoint: expected at least 3 lines, got {len(lines)}")
+    origin, size_s, root_s, *extensions = lines
+    if not origin:
+        raise ValueError("malformed checkpoint: empty origin line")
+    if not _DECIMAL.fullmatch(size_s):
+        raise ValueError(f"malformed checkpoint: tree size {size_s!r} is not a decimal number")
+    root = _b64decode(root_s)
+    if root is None or len(root) != 32:
+        raise ValueError("malformed checkpoint: root hash is not base64 of 32 bytes")
+    if any(not line for line in extensions):
+        raise ValueError("malformed checkpoint: blank line (pass the note text, not the signed note)")
+    return Checkpoint(origin, int(size_s), root)
+
+
+# --- keys ------------------------------------------------------------------
+
+
+def _b64decode(s: str) -> bytes | None:
+    try:
+        return base64.b64decode(s.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and "+" not in name and not any(c.isspace() for c in name)
+
+
+def _key_id(name: str, encoded_pubkey: bytes) -> int:
+    digest = hashlib.sha256(name.encode() + b"\n" + encoded_pubkey).digest()
+    return struct.unpack(">I", digest[:4])[0]
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _parse_key_parts(name: str, hash16: str, key64: str, what: str) -> tuple[int, bytes]:
+    """Return (key id, key bytes after the algorithm byte) of a signer or verifier key string."""
+    key = _b64decode(key64)
+    if not (_valid_name(name) and _HEX8.fullmatch(hash16) and key):
+        raise ValueError(f"malformed {what} key")
+    if key[0] != ALG_ED25519:
+        raise ValueError(f"unknown {what} key algorithm {key[0]}")
+    if len(key) != 33:
+        raise ValueError(f"malformed {what} key: wrong key length")
+    return int(hash16, 16), key[1:]
+
+
+class Verifier:
+    """An Ed25519 note verifier key: name, key id and public key."""
+
+    __slots__ = ("name", "key_id", "_public")
+
+    def __init__(self, name: str, public_key: Ed25519PublicKey):
+        if not _valid_name(name):
+            raise ValueError(f"invalid key name {name!r}")
+        self.name = name
+        self._public = public_key
+        self.key_id = _key_id(name, bytes([ALG_ED25519]) + _raw_public(public_key))
+
+    @property
+    def verifier_key(self) -> str:
+        """Return the encoded verifier key "name+keyid+base64(0x01||pubkey)"."""
+        encoded = base64.b64encode(bytes([ALG_ED25519]) + _raw_public(self._public)).decode()
+        return f"{self.name}+{self.key_id:08x}+{encoded}"
+
+    def verify(self, text: str | bytes, sig: bytes) -> bool:
+        """Return True iff sig is a valid Ed25519 signature of text (UTF-8) by this key."""
+        msg = text.encode() if isinstance(text, str) else text
+        try:
+            self._public.verify(sig, msg)
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"Verifier({self.verifier_key!r})"
+
+
+def parse_verifier_key(vkey: str) -> Verifier:
+    """Return the Verifier for an encoded verifier key string; raises ValueError if malformed."""
+    name, _, rest = vkey.partition("+")
+    hash16, _, key64 = rest.partition("+")
+    key_id, raw = _parse_key_parts(name, hash16, key64, "verifier")
+    if key_id != _key_id(name, bytes([ALG_ED25519]) + raw):
+        raise ValueError("invalid verifier key: key id does not match the key")
+    return Verifier(name, Ed25519PublicKey.from_public_bytes(raw))
+
+
+class Signer:
+    """An Ed25519 note signer; repr/str show only the name and key id."""
+
+    __slots__ = ("name", "_private", "_verifier")
+
+    def __init__(self, name: str, private_key: Ed25519PrivateKey):
+        self.name = name
+        self._private = private_key
+        self._verifier = Verifier(name, private_key.public_key())
+
+    @property
+    def key_id(self) -> int:
+        """Return the 32-bit key id shared with the matching verifier."""
+        return self._verifier.key_id
+
+    @property
+    def verifier(self) -> Verifier:
+        """Return the Verifier for this signer's public key."""
+        return self._verifier
+
+    @property
+    def verifier_key(self) -> str:
+        """Return the encoded (public) verifier key string."""
+        return self._verifier.verifier_key
+
+    @property
+    def signer_key(self) -> str:
+        """Return the encoded PRIVATE signer key string (secret: store it, never log it)."""
+        seed = self._private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        encoded = base64.b64encode(bytes([ALG_ED25519]) + seed).decode()
+        return f"PRIVATE+KEY+{self.name}+{self.key_id:08x}+{encoded}"
+
+    def sign(self, text: str) -> str:
+        """Return the signed note: text, a blank line and this signer's signature line."""
+        if not text.endswith("\n"):
+            raise ValueError("note text must end with a newline")
+        if any(c < " " and c != "\n" for c in text):
+            raise ValueError("note text must not contain control characters other than newline")
+        sig = self._private.sign(text.encode())
+        blob = base64.b64encode(struct.pack(">I", self.key_id) + sig).decode()
+        return f"{text}\n{_SIG_PREFIX}{self.name} {blob}\n"
+
+    def __repr__(self) -> str:
+        return f"Signer(name={self.name!r}, key_id={self.key_id:08x})"
+
+
+def generate_signer(name: str) -> Signer:
+    """Return a new Signer with a fresh random Ed25519 key."""
+    return Signer(name, Ed25519PrivateKey.generate())
+
+
+def signer_from_key(skey: str) -> Signer:
+    """Return the Signer for an encoded signer key string; raises ValueError if malformed."""
+    parts = skey.split("+", 4)
+    if len(parts) != 5 or parts[0] != "PRIVATE" or parts[1] != "KEY":
+        raise ValueError("malformed signer key")
+    name, hash16, key64 = parts[2:]
+    key_id, seed = _parse_key_parts(name, hash16, key64, "signer")
+    signer = Signer(name, Ed25519PrivateKey.from_private_bytes(seed))
+    if signer.key_id != key_id:
+        raise ValueError("invalid signer key: key id does not match the key")
+    return signer
+
+
+# --- signed notes ----------------------------------------------------------
+
+
+def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
+    """Return the note text if a known verifier's signature verifies; raise NoteError otherwise."""
+    if isinstance(note, bytes):
+        try:
+            note = note.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NoteError("malformed note: not valid UTF-8") from None
+    try:
+        note.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NoteError("malformed note: not valid UTF-8") from None
+    if any(c < " " and c != "\n" for c in note):
+        raise NoteError("malformed note: control character")
+    split = note.rfind("\n\n")
+    if split < 0:
+        raise NoteError("malformed note: no blank line before signatures")
+    text, sig_block = note[: split + 1], note[split + 2 :]
+    if not sig_block.endswith("\n"):
+        raise NoteError("malformed note: missing signature lines or final newline")
+
+    known: dict[tuple[str, int], Verifier] = {}
+    for v in verifiers:
+        other = known.setdefault((v.name, v.key_id), v)
+        if other.verifier_key != v.verifier_key:
+            raise NoteError(f"ambiguous key {v.name}+{v.key_id:08x}")
+
+    lines = sig_block[:-1].split("\n")
+    if len(lines) > _MAX_SIGNATURES:
+        raise NoteError("malformed note: too many signatures")
+    verified, unknown = set(), []
+    for line in lines:
+        if not line.startswith(_SIG_PREFIX):
+            raise NoteError("malformed note: signature line does not start with an em dash")
+        name, _, b64 = line[len(_SIG_PREFIX) :].partition(" ")
+        blob = _b64decode(b64)
+        if not _valid_name(name) or not blob or len(blob) < 5:
+            raise NoteError("malformed note: bad signature line")
+        key_id = struct.unpack(">I", blob[:4])[0]
+        verifier = known.get((name, key_id))
+        if verifier is None:
+            unknown.append(f"{name}+{key_id:08x}")
+            continue
+        if (name, key_id) in verified:
+            continue
+        if not verifier.verify(text, blob[4:]):
+            raise NoteError(f"invalid signature for key {name}+{key_id:08x}")
+        verified.add((name, key_id))
+    if not verified:
+        detail = f" (unknown keys: {', '.join(unknown)})" if unknown else ""
+        raise NoteError(f"note has no verifiable signatures{detail}")
+    return text
+
+
+# --- key storage -----------------------------------------------------------
+
+
+class KeyStore:
+    """Signer keys as <dir>/<name>.key (mode 0600) with public <dir>/<name>.vkey files."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        if not _valid_name(name) or "\\" in name or "\0" in name or name.startswith("."):
+            raise ValueError(f"invalid key name {name!r}")
+        stem = name.replace("/", "_")  # origins look like "example.com/log"
+        return self.directory / f"{stem}.key", self.directory / f"{stem}.vkey"
+
+    def load_or_create(self, name: str) -> Signer:
+        """Return the signer stored under name, generating and storing a new key if none exists."""
+        key_path, vkey_path = self._paths(name)
+        if not key_path.exists():
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            signer = generate_signer(name)
+            try:
+                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # created concurrently; load it below
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(signer.signer_key + "\n")
+        signer = self._load(name, key_path)
+        self._ensure_vkey(signer, vkey_path)
+        return signer
+
+    def _load(self, name: str, key_path: Path) -> Signer:
+        try:
+            skey = key_path.read_text(encoding="ascii").strip()
+        except OSError as e:
+            raise ValueError(f"cannot read signer key file {key_path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"malformed signer key file {key_path}: not ASCII") from None
+        try:
+            signer = signer_from_key(skey)
+        except ValueError as e:
+            raise ValueError(f"malformed signer key file {key_path}: {e}") from None
+        if signer.name != name:
+            raise ValueError(f"signer key file {key_path} holds a key named {signer.name!r}, not {name!r}")
+        return signer
+
+    def _ensure_vkey(self, signer: Signer, vkey_path: Path) -> None:
+        if vkey_path.exists():
+            if vkey_path.read_text(encoding="utf-8").strip() != signer.verifier_key:
+                raise ValueError(f"verifier key file {vkey_path} does not match its signer key file")
+        else:
+            vkey_path.write_text(signer.verifier_key + "\n", encoding="utf-8")
+
+    def verifier_keys(self) -> list[str]:
+        """Return every stored verifier key string (all *.vkey files, rotated keys included)."""
+        if not self.directory.is_dir():
+            return []
+        return [p.read_text(encoding="utf-8").strip() for p in sorted(self.directory.glob("*.vkey"))]
+
+    def verifiers(self) -> list[Verifier]:
+        """Return a Verifier for every stored verifier key."""
+        return [parse_verifier_key(v) for v in self.verifier_keys()]

@@ -1,0 +1,49 @@
+"""A ledger row's leaf: the RFC 8785 canonical JSON of its table name and columns."""
+
+import math
+from collections.abc import Iterable, Mapping
+
+import pyarrow as pa
+import rfc8785
+
+from .schema import LEAF_TABLES
+
+
+def row_leaf(table: str, row: Mapping) -> bytes:
+    """Return the leaf bytes of one row of a leaf table (leaf_index excluded)."""
+    content = {"table": table}
+    for col, _ in LEAF_TABLES[table]:
+        value = row.get(col)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{table}.{col} is {value}: the ledger stores finite numbers only")
+        content[col] = value
+    return rfc8785.dumps(content)
+
+
+def table_leaves(table: str, rows: pa.Table | Iterable[Mapping]) -> list[bytes]:
+    """Return the leaf bytes of every row, in order."""
+    if isinstance(rows, pa.Table):
+        rows = rows.to_pylist()
+    return [row_leaf(table, row) for row in rows]
+
+
+def to_arrow(table: str, rows: pa.Table | list[Mapping] | Mapping[str, list]) -> pa.Table:
+    """Return rows as an Arrow table with exactly the table's columns, in order, typed."""
+    if isinstance(rows, pa.Table):
+        data = {c: rows.column(c) if c in rows.column_names else pa.nulls(rows.num_rows) for c, _ in LEAF_TABLES[table]}
+        n = rows.num_rows
+    elif isinstance(rows, Mapping):
+        n = len(next(iter(rows.values()))) if rows else 0
+        data = {c: rows.get(c, [None] * n) for c, _ in LEAF_TABLES[table]}
+    else:
+        n = len(rows)
+        data = {c: [r.get(c) for r in rows] for c, _ in LEAF_TABLES[table]}
+    schema = pa.schema([(c, _ARROW[t]) for c, t in LEAF_TABLES[table]])
+    arrays = [pa.array(data[c], type=schema.field(c).type) if not isinstance(data[c], (pa.Array, pa.ChunkedArray))
+              else data[c].cast(schema.field(c).type) for c in schema.names]
+    out = pa.Table.from_arrays(arrays, schema=schema)
+    assert out.num_rows == n
+    return out
+
+
+_ARROW = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_()}

@@ -1,0 +1,202 @@
+"""The DuckDB ledger: append-only tables, the Merkle log beside them, signed tree heads."""
+
+import datetime as _dt
+import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+
+from ..config import Home, log_origin, resolve_home
+from ..integrity import merkle, notes
+from .leaves import row_leaf, table_leaves, to_arrow
+from .lock import LedgerBusy, ledger_lock
+from .schema import LEAF_ORDER, all_ddl
+
+
+class LedgerMissing(FileNotFoundError):
+    """There is no ledger file where one was expected."""
+
+
+@dataclass
+class Commit:
+    """What one materialisation commits: rows per leaf table plus its provenance."""
+
+    pipeline: str
+    asset: str
+    run_id: str
+    training_run: str | None = None
+    code_version: str = ""
+    upstream: Mapping[str, str] = field(default_factory=dict)
+    rows: dict[str, pa.Table | list[dict]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """The log position and signed tree head a commit produced."""
+
+    leaf_start: int
+    leaf_count: int
+    tree_size: int
+    root: bytes
+    checkpoint: str
+    rows: dict[str, int]
+
+    @property
+    def root_hex(self) -> str:
+        return self.root.hex()
+
+
+def utc_now() -> str:
+    """Return the current UTC time as an ISO 8601 string."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Ledger:
+    """The ledger under one FGTRAC_HOME: short locked transactions, read-only audits."""
+
+    def __init__(self, home: Home | str | None = None, lock_timeout_s: float | None = None):
+        self.home = home if isinstance(home, Home) else resolve_home(home)
+        self.lock_timeout_s = lock_timeout_s
+        self.origin = log_origin()
+
+    @property
+    def keystore(self) -> notes.KeyStore:
+        return notes.KeyStore(self.home.keys)
+
+    def exists(self) -> bool:
+        """Return whether the ledger file exists."""
+        return self.home.ledger.is_file()
+
+    @contextmanager
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.exists():
+            raise LedgerMissing(f"no ledger at {self.home.ledger}: nothing has been materialised yet")
+        self.home.root.mkdir(parents=True, exist_ok=True)
+        with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
+            con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Yield a read-only connection held under the shared lock."""
+        with self._connect(read_only=True) as con:
+            yield con
+
+    def query(self, sql: str, params: list | None = None) -> pa.Table:
+        """Return the result of a read-only query as an Arrow table."""
+        with self.reader() as con:
+            return con.sql(sql, params=params or None).to_arrow_table()
+
+    def commit(self, commit: Commit) -> CommitResult:
+        """Append a materialisation's rows and their leaves, and sign the new tree head, atomically."""
+        tables = {t: to_arrow(t, commit.rows[t]) for t in LEAF_ORDER if t in commit.rows and t != "materializations"}
+        leaves: list[bytes] = []
+        for name, tbl in tables.items():
+            leaves.extend(table_leaves(name, tbl))
+        hashes = [merkle.leaf_hash(x) for x in leaves]
+        signer = self.keystore.load_or_create(self.origin)
+        with self._connect(read_only=False) as con:
+            for ddl in all_ddl():
+                con.execute(ddl)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                start = _tree_size(con)
+                offset = start
+                for name, tbl in tables.items():
+                    idx = pa.array(range(offset, offset + tbl.num_rows), type=pa.int64())
+                    _insert(con, name, tbl.add_column(0, "leaf_index", idx))
+                    offset += tbl.num_rows
+                mat = {"pipeline": commit.pipeline, "asset": commit.asset, "run_id": commit.run_id,
+                       "training_run": commit.training_run, "code_version": commit.code_version,
+                       "leaf_start": start, "leaf_count": len(leaves) + 1,
+                       "upstream": json.dumps(dict(sorted(commit.upstream.items()))), "created_at": utc_now()}
+                mat_tbl = to_arrow("materializations", [mat])
+                _insert(con, "materializations", mat_tbl.add_column(0, "leaf_index", pa.array([offset], pa.int64())))
+                hashes.append(merkle.leaf_hash(row_leaf("materializations", mat)))
+                size, root = _append_hashes(con, start, hashes)
+                text = notes.format_checkpoint(self.origin, size, root)
+                note = signer.sign(text)
+                con.execute("INSERT INTO tree_heads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [size, root, note, signer.verifier_key, commit.pipeline, commit.asset, commit.run_id, mat["created_at"]])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        counts = {name: tbl.num_rows for name, tbl in tables.items()}
+        return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
+                            checkpoint=note, rows=counts)
+
+    def latest_tree_head(self) -> dict | None:
+        """Return the newest signed tree head as a dict, or None for an empty log."""
+        if not self.exists():
+            return None
+        rows = self.query("SELECT size, root, note, key_id, created_at FROM tree_heads ORDER BY size DESC, created_at DESC LIMIT 1").to_pylist()
+        return rows[0] if rows else None
+
+
+def _connect_retrying(path: str, read_only: bool, timeout_s: float | None) -> duckdb.DuckDBPyConnection:
+    """Open DuckDB, retrying while a process outside fgtrac's lock holds the file."""
+    deadline = time.monotonic() + (600 if timeout_s is None else timeout_s)
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(path, read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
+                if "lock" in str(exc).lower():
+                    raise LedgerBusy(f"{path}: held by another process outside fgtrac ({exc})") from None
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, tbl: pa.Table) -> None:
+    if tbl.num_rows == 0:
+        return
+    con.register("_fgtrac_rows", tbl)
+    try:
+        con.execute(f"INSERT INTO {table} SELECT * FROM _fgtrac_rows")
+    finally:
+        con.unregister("_fgtrac_rows")
+
+
+def _tree_size(con: duckdb.DuckDBPyConnection) -> int:
+    return con.execute("SELECT coalesce(max(size), 0) FROM tree_heads").fetchall()[0][0]
+
+
+class StoredNodes:
+    """perfect(level, index) over the log_nodes table, with an overlay of nodes not yet written."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self.con = con
+        self.pending: dict[tuple[int, int], bytes] = {}
+
+    def __call__(self, level: int, index: int) -> bytes:
+        hit = self.pending.get((level, index))
+        if hit is not None:
+            return hit
+        rows = self.con.execute("SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", [level, index]).fetchall()
+        row = rows[0] if rows else None
+        if row is None:
+            raise KeyError(f"log node (level {level}, index {index}) is missing")
+        return bytes(row[0])
+
+
+def _append_hashes(con: duckdb.DuckDBPyConnection, start: int, hashes: list[bytes]) -> tuple[int, bytes]:
+    """Store the new leaf hashes and every perfect node they complete; return (size, root)."""
+    perfect = StoredNodes(con)
+    nodes = merkle.new_perfect_nodes(start, hashes, perfect)
+    tbl = pa.table({"level": pa.array([n[0] for n in nodes], pa.int16()),
+                    "idx": pa.array([n[1] for n in nodes], pa.int64()),
+                    "hash": pa.array([n[2] for n in nodes], pa.binary())})
+    _insert(con, "log_nodes", tbl)
+    perfect.pending = {(lv, ix): h for lv, ix, h in nodes}
+    size = start + len(hashes)
+    return size, merkle.root_from(perfect, size)

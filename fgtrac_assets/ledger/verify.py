@@ -1,0 +1,130 @@
+"""Recompute every leaf, node, signature and artifact hash; report each difference found."""
+
+from dataclasses import asdict, dataclass
+
+from ..integrity import merkle, notes
+from .artifacts import check_artifact
+from .leaves import row_leaf
+from .schema import LEAF_ORDER, LEAF_TABLES
+from .store import Ledger
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing that does not hold: where (table, row, asset, sample) and what differs."""
+
+    table: str
+    row: str
+    what: str
+    asset: str | None = None
+    sample: str | None = None
+
+    def line(self) -> str:
+        """Return the finding as one human-readable line."""
+        where = f"{self.table} {self.row}"
+        extra = ", ".join(x for x in (f"asset {self.asset}" if self.asset else "",
+                                      f"sample {self.sample[:16]}…" if self.sample else "") if x)
+        return f"{where}{f' ({extra})' if extra else ''}: {self.what}"
+
+    def to_dict(self) -> dict:
+        """Return the finding as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    """The outcome of a full verify."""
+
+    findings: list[Finding]
+    leaves: int = 0
+    tree_heads: int = 0
+    artifacts: int = 0
+    rows: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def verify_ledger(ledger: Ledger) -> Report:
+    """Return a Report over the whole ledger: rows vs leaves, leaves vs tree, tree heads vs signatures, artifacts vs files."""
+    findings: list[Finding] = []
+    with ledger.reader() as con:
+        existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        missing = [t for t in LEAF_ORDER + ["log_nodes", "tree_heads"] if t not in existing]
+        if missing:
+            return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
+        leaf_rows = con.execute("SELECT idx, hash FROM log_nodes WHERE level = 0 ORDER BY idx").fetchall()
+        stored_nodes = con.execute("SELECT level, idx, hash FROM log_nodes WHERE level > 0").fetchall()
+        heads = con.execute("SELECT size, root, note, key_id, asset FROM tree_heads ORDER BY size, created_at").fetchall()
+        tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table().to_pylist() for t in LEAF_ORDER}
+        artifacts = tables["artifacts"]
+
+    logged = [bytes(h) for _, h in leaf_rows]
+    size = len(logged)
+    for expected, (idx, _) in enumerate(leaf_rows):
+        if idx != expected:
+            findings.append(Finding("log_nodes", f"level 0 index {idx}", f"leaf indexes are not contiguous (expected {expected})"))
+            break
+
+    claimed: dict[int, str] = {}
+    for table in LEAF_ORDER:
+        for row in tables[table]:
+            i = row["leaf_index"]
+            where = f"row leaf_index={i}"
+            asset, sample = row.get("asset"), row.get("sample_id") or row.get("test_sample_id")
+            if i is None or not 0 <= i < size:
+                findings.append(Finding(table, where, f"claims a leaf outside the log (size {size}): a row added "
+                                        "outside fgtrac", asset, sample))
+                continue
+            if i in claimed:
+                findings.append(Finding(table, where, f"leaf {i} is also claimed by {claimed[i]}: a duplicated row",
+                                        asset, sample))
+                continue
+            claimed[i] = f"{table} row leaf_index={i}"
+            try:
+                leaf = row_leaf(table, row)
+            except ValueError as exc:
+                findings.append(Finding(table, where, f"cannot be encoded ({exc})", asset, sample))
+                continue
+            if merkle.leaf_hash(leaf) != logged[i]:
+                findings.append(Finding(table, where, "content differs from the logged leaf (row changed)", asset, sample))
+    for i in range(size):
+        if i not in claimed:
+            findings.append(Finding("log", f"leaf {i}", "logged, but no ledger row holds it (row deleted)"))
+
+    levels = merkle.build_levels(logged)
+    for level, idx, h in stored_nodes:
+        if level >= len(levels) or idx >= len(levels[level]) or levels[level][idx] != bytes(h):
+            findings.append(Finding("log_nodes", f"level {level} index {idx}", "stored interior hash differs from "
+                                    "the hash recomputed from the leaves"))
+
+    def perfect(level: int, index: int) -> bytes:
+        return levels[level][index]
+
+    verifiers = ledger.keystore.verifiers()
+    for head_size, root, note, key_id, asset in heads:
+        where = f"size={head_size}"
+        try:
+            text = notes.open_note(note, verifiers)
+            cp = notes.parse_checkpoint(text)
+        except ValueError as exc:
+            findings.append(Finding("tree_heads", where, f"signature does not verify ({exc})", asset))
+            continue
+        if cp.size != head_size or cp.root != bytes(root):
+            findings.append(Finding("tree_heads", where, "signed checkpoint differs from the row's size/root", asset))
+        if cp.size > size:
+            findings.append(Finding("tree_heads", where, f"signed size {cp.size} exceeds the log's {size} leaves "
+                                    "(log truncated)", asset))
+            continue
+        if merkle.root_from(perfect, cp.size) != cp.root:
+            findings.append(Finding("tree_heads", where, "signed root differs from the root recomputed from the "
+                                    "ledger's rows (log rewritten)", asset))
+
+    for art in artifacts:
+        problem = check_artifact(ledger.home.root, art["path"], art["sha256"])
+        if problem:
+            findings.append(Finding("artifacts", f"{art['path']}", problem, art.get("asset")))
+
+    return Report(findings, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
+                  rows={t: len(tables[t]) for t in LEAF_ORDER})

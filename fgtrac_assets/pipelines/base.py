@@ -1,0 +1,103 @@
+"""What a pipeline provides to the asset factory: data in, model, training loop."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input item that was not ingested, with where it came from and why."""
+
+    source: str
+    reason: str
+    sample_id: str | None = None
+
+    def message(self) -> str:
+        """Return the one-line message a user sees."""
+        return f"{self.source}: rejected: {self.reason}"
+
+
+@dataclass
+class Ingested:
+    """Accepted samples (sample_id, source, label, payload columns) and rejections."""
+
+    table: pa.Table
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@dataclass
+class Preprocessed:
+    """Preprocessed samples (sample_id, split, label, payload) and one detail dict per row."""
+
+    table: pa.Table
+    details: list[dict]
+    params: dict
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 12
+    lr: float = 0.1
+    batch_size: int = 32
+    seed: int = 0
+    schedule: str = "cosine"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting out of range."""
+        if not 1 <= self.epochs <= 10_000:
+            raise ValueError(f"epochs={self.epochs} is out of range (1..10000)")
+        if not 0 < self.lr <= 10:
+            raise ValueError(f"lr={self.lr} is out of range (0, 10]")
+        if not 1 <= self.batch_size <= 1_000_000:
+            raise ValueError(f"batch_size={self.batch_size} is out of range (1..1000000)")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'constant'")
+
+
+@dataclass
+class EpochResult:
+    """One finished epoch: where training stood and the weights to checkpoint."""
+
+    epoch: int
+    step: int
+    lr: float
+    train_loss: float
+    val_loss: float
+    state_dict: dict
+
+
+class Pipeline(ABC):
+    """A concrete data + model + training loop; the asset factory builds the chain from it."""
+
+    name: str
+    description: str
+    influence_layer: str = "fc"
+
+    @abstractmethod
+    def ingest(self, source: str, limit: int) -> Ingested:
+        """Return the accepted raw samples and the rejected items of a source ('' = bundled default)."""
+
+    @abstractmethod
+    def preprocess(self, raw: pa.Table) -> Preprocessed:
+        """Return the preprocessed samples with their split, deterministic in the input."""
+
+    @abstractmethod
+    def build_model(self, prepared: pa.Table):
+        """Return a freshly initialised torch model for this data."""
+
+    @abstractmethod
+    def tensors(self, prepared: pa.Table, split: str):
+        """Return (sample_ids, inputs, targets) of one split as torch tensors."""
+
+    @abstractmethod
+    def loss_fn(self):
+        """Return the per-sample loss (reduction='none')."""
+
+    @abstractmethod
+    def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
+        """Train a model, recording batches through the tracer; yield each finished epoch."""

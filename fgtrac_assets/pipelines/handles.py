@@ -1,0 +1,56 @@
+"""What one stage hands the next: a small, picklable reference to committed state."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..ledger.artifacts import ArtifactFile, check_artifact
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A committed artifact: path relative to FGTRAC_HOME and its sha256."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def of(cls, art: ArtifactFile) -> "ArtifactRef":
+        return cls(art.path, art.sha256)
+
+    def open_checked(self, root: Path) -> Path:
+        """Return the artifact's full path after checking its sha256 against the commitment."""
+        problem = check_artifact(root, self.path, self.sha256)
+        if problem:
+            raise ValueError(f"artifact {self.path}: {problem}; refusing to use it (run `fgtrac verify`)")
+        return root / self.path
+
+    def read_parquet(self, root: Path) -> pa.Table:
+        """Return the artifact's Parquet table after checking its sha256."""
+        return pq.read_table(self.open_checked(root))
+
+
+@dataclass(frozen=True)
+class Handle:
+    """The output of a stage: which pipeline/asset, the log root it committed, and its artifacts."""
+
+    pipeline: str
+    asset: str
+    root_hex: str
+    tree_size: int
+    leaf_start: int
+    leaf_count: int
+    training_run: str | None = None
+    artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """A stage's handle plus the metadata a user sees for it."""
+
+    handle: Handle
+    metadata: dict
+    checkpoint: str

@@ -1,0 +1,13 @@
+"""Deterministic train/val/test assignment from a sample's id."""
+
+SPLITS = ("train", "val", "test")
+
+
+def split_of(sample_id: str, val_fraction: float = 0.15, test_fraction: float = 0.15) -> str:
+    """Return the split of a sample: a pure function of its id, stable as data is added."""
+    u = int(sample_id[:12], 16) / float(1 << 48)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"

@@ -1,0 +1,290 @@
+"""The chain's stages as plain functions: compute, write artifacts, commit rows to the ledger."""
+
+import io
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..ledger.artifacts import ArtifactFile, write_artifact
+from ..ledger.store import Commit, CommitResult, Ledger
+from ..tracing.events import EventBuffer
+from .base import Pipeline, TrainSettings
+from .handles import ArtifactRef, Handle, StageResult
+
+Log = Callable[[str], None]
+
+
+class NothingToTrain(ValueError):
+    """Every sample was rejected, or a split is empty: there is nothing to train on."""
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def _write_parquet(ledger: Ledger, relpath: str, kind: str, table: pa.Table) -> ArtifactFile:
+    return write_artifact(ledger.home.root, relpath, kind, lambda p: pq.write_table(table, p))
+
+
+def _finish(ledger: Ledger, pipeline: Pipeline, asset: str, run_id: str, rows: dict, upstream: list[Handle],
+            artifacts: dict[str, ArtifactFile], metadata: dict, training_run: str | None = None,
+            extra: dict | None = None, code_version: str = "") -> StageResult:
+    """Commit a stage's rows and artifacts and return its handle and metadata."""
+    common = {"pipeline": pipeline.name, "run_id": run_id, "asset": asset, "training_run": training_run}
+    art_rows = [a.row(**common) for a in artifacts.values()]
+    if art_rows:
+        rows = {**rows, "artifacts": art_rows}
+    for name, tbl in list(rows.items()):
+        rows[name] = _with_constants(tbl, common, name)
+    result: CommitResult = ledger.commit(Commit(
+        pipeline=pipeline.name, asset=asset, run_id=run_id, training_run=training_run, code_version=code_version,
+        upstream={h.asset: h.root_hex for h in upstream}, rows=rows))
+    handle = Handle(pipeline=pipeline.name, asset=asset, root_hex=result.root_hex, tree_size=result.tree_size,
+                    leaf_start=result.leaf_start, leaf_count=result.leaf_count, training_run=training_run,
+                    artifacts={k: ArtifactRef.of(a) for k, a in artifacts.items()}, extra=extra or {})
+    meta = {**metadata, "ledger_rows": sum(result.rows.values()) + 1, "leaf_start": result.leaf_start,
+            "leaf_end": result.leaf_start + result.leaf_count - 1, "tree_size": result.tree_size,
+            "root": result.root_hex, "signed_tree_head": result.checkpoint,
+            "upstream_roots": {h.asset: h.root_hex for h in upstream}}
+    return StageResult(handle=handle, metadata=meta, checkpoint=result.checkpoint)
+
+
+def _with_constants(rows, common: dict, table: str):
+    """Fill pipeline/run/asset/training_run into rows that do not set them."""
+    from ..ledger.schema import LEAF_TABLES
+
+    cols = {c for c, _ in LEAF_TABLES[table]}
+    fill = {k: v for k, v in common.items() if k in cols}
+    if isinstance(rows, pa.Table):
+        for k, v in fill.items():
+            if k not in rows.column_names:
+                rows = rows.append_column(k, pa.array([v] * rows.num_rows, pa.string()))
+        return rows
+    return [{**{k: v for k, v in fill.items()}, **{k: v for k, v in r.items() if v is not None or k not in fill}}
+            for r in rows]
+
+
+def ingest(ledger: Ledger, pipeline: Pipeline, run_id: str, source: str = "", limit: int = 0,
+           strict: bool = False, log: Log = _noop) -> StageResult:
+    """Read the raw source, record `ingested` and `rejected` events, and store the accepted samples."""
+    got = pipeline.ingest(source, limit)
+    for r in got.rejected[:20]:
+        log(r.message())
+    if len(got.rejected) > 20:
+        log(f"... and {len(got.rejected) - 20} more rejected items (see events with kind='rejected')")
+    events = EventBuffer()
+    table = got.table
+    events.add(table.column("sample_id").to_pylist(), "ingested",
+               detail=[{"source": s, "label": y} for s, y in zip(table.column("source").to_pylist(), table.column("label").to_pylist())])
+    events.add([r.sample_id for r in got.rejected], "rejected",
+               detail=[{"source": r.source, "reason": r.reason} for r in got.rejected])
+    samples = table.select(["sample_id", "source", "label"])
+    rows = {"samples": samples, "events": events.to_arrow()}
+    if strict and got.rejected:
+        # Record what was rejected, then stop: nothing is trained on a partially bad source.
+        _finish(ledger, pipeline, "raw_samples", run_id, {"events": events.to_arrow()}, [], {}, {})
+        raise ValueError(f"strict ingestion: {len(got.rejected)} item(s) rejected; first: {got.rejected[0].message()}")
+    if table.num_rows == 0:
+        _finish(ledger, pipeline, "raw_samples", run_id, rows, [], {}, {})
+        raise NothingToTrain(f"source {source or '(bundled default)'}: every item was rejected "
+                             f"({len(got.rejected)} rejected, 0 accepted); nothing to train on")
+    art = _write_parquet(ledger, f"{pipeline.name}/raw/{run_id}.parquet", "raw_samples", table)
+    meta = {"samples": table.num_rows, "unique_samples": len(set(table.column("sample_id").to_pylist())),
+            "rejected": len(got.rejected), "source": source or "(bundled default)",
+            "rejections": [r.message() for r in got.rejected[:50]]}
+    return _finish(ledger, pipeline, "raw_samples", run_id, rows, [], {"raw": art}, meta)
+
+
+def preprocess(ledger: Ledger, pipeline: Pipeline, run_id: str, raw: Handle, log: Log = _noop) -> StageResult:
+    """Normalise and split the raw samples; record `preprocessed` (input -> output hash) and `split` events."""
+    table = raw.artifacts["raw"].read_parquet(ledger.home.root)
+    prep = pipeline.preprocess(table)
+    ids = prep.table.column("sample_id").to_pylist()
+    events = EventBuffer()
+    events.add(ids, "preprocessed", detail=[{"input": d["input"], "output": d["output"], "params": prep.params}
+                                            for d in prep.details])
+    events.add(ids, "split", detail=[{"split": d["split"]} for d in prep.details])
+    art = _write_parquet(ledger, f"{pipeline.name}/preprocessed/{run_id}.parquet", "preprocessed_samples", prep.table)
+    counts = {s: 0 for s in ("train", "val", "test")}
+    for s in prep.table.column("split").to_pylist():
+        counts[s] = counts.get(s, 0) + 1
+    log(f"preprocessed {len(ids)} samples: {counts}")
+    meta = {"samples": len(ids), **{f"{k}_samples": v for k, v in counts.items()}, "params": prep.params}
+    return _finish(ledger, pipeline, "preprocessed_samples", run_id, {"events": events.to_arrow()}, [raw],
+                   {"prepared": art}, meta)
+
+
+def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, settings: TrainSettings,
+          log: Log = _noop) -> StageResult:
+    """Train a new model version; record `batched` events per sample per step and one checkpoint per epoch."""
+    import torch
+
+    settings.validate()
+    table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
+    train_ids, _, _ = pipeline.tensors(table, "train")
+    val_ids, _, _ = pipeline.tensors(table, "val")
+    if not train_ids:
+        raise NothingToTrain("the training split is empty: nothing to train on")
+    if not val_ids:
+        raise NothingToTrain("the validation split is empty: need validation samples to select checkpoints")
+    training_run = run_id
+    from ..tracing.tracer import Tracer
+
+    tracer = Tracer(train_ids, training_run)
+    checkpoints, arts, history = [], {}, []
+    started = time.monotonic()
+    for ep in pipeline.train(table, settings, tracer):
+        rel = f"{pipeline.name}/runs/{training_run}/checkpoints/epoch-{ep.epoch:03d}.pt"
+
+        def save(path, state=ep.state_dict):
+            torch.save(state, path)
+
+        art = write_artifact(ledger.home.root, rel, "checkpoint", save)
+        ckpt_id = f"{training_run}/epoch-{ep.epoch:03d}"
+        arts[ckpt_id] = art
+        checkpoints.append({"checkpoint_id": ckpt_id, "epoch": ep.epoch, "step": ep.step, "lr": ep.lr,
+                            "train_loss": ep.train_loss, "val_loss": ep.val_loss, "path": art.path, "sha256": art.sha256})
+        history.append((ep.epoch, ep.train_loss, ep.val_loss))
+        elapsed = time.monotonic() - started
+        rate = tracer.step * settings.batch_size / max(elapsed, 1e-9)
+        eta = elapsed / (ep.epoch + 1) * (settings.epochs - ep.epoch - 1)
+        log(f"{ckpt_id} ({ep.epoch + 1}/{settings.epochs}): train loss {ep.train_loss:.4f}, val loss {ep.val_loss:.4f}, "
+            f"lr {ep.lr:.4g}, {rate:,.0f} samples/s, ETA {eta:.0f}s")
+    events = tracer.events.to_arrow()
+    meta = {"epochs": settings.epochs, "steps": tracer.step, "batched_events": events.num_rows,
+            "train_samples": len(train_ids), "final_val_loss": checkpoints[-1]["val_loss"],
+            "settings": settings.__dict__, "loss_history": history}
+    extra = {"checkpoints": checkpoints, "settings": settings.__dict__}
+    return _finish(ledger, pipeline, "training_checkpoints", run_id, {"events": events, "checkpoints": checkpoints},
+                   [prepared], arts, meta, training_run=training_run, extra=extra)
+
+
+def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, min_rel_improvement: float = 0.05,
+           max_checkpoints: int = 3, always_keep_last: bool = True, log: Log = _noop) -> StageResult:
+    """Choose the checkpoints influence is taken at (FG-Trac's validation-loss rule, final checkpoint kept)."""
+    from ..attribution.selection import select_checkpoints
+
+    ckpts = training.extra["checkpoints"]
+    chosen = select_checkpoints([c["val_loss"] for c in ckpts], min_rel_improvement=min_rel_improvement,
+                                max_checkpoints=max_checkpoints, always_keep_last=always_keep_last)
+    rank = {i: r + 1 for r, i in enumerate(chosen)}
+    rows, best = [], float("inf")
+    for i, c in enumerate(ckpts):
+        improvement = (best - c["val_loss"]) / best if np.isfinite(best) and best > 0 else 1.0
+        best = min(best, c["val_loss"])
+        reason = (f"val loss {c['val_loss']:.4f}, relative improvement {improvement:.3f}"
+                  + ("; final checkpoint" if i == len(ckpts) - 1 else ""))
+        rows.append({"checkpoint_id": c["checkpoint_id"], "selected": i in rank, "rank": rank.get(i), "reason": reason})
+    selected = [ckpts[i] for i in chosen]
+    log("selected checkpoints: " + ", ".join(f"{c['checkpoint_id']} (val loss {c['val_loss']:.4f}, lr {c['lr']:.4g})"
+                                         for c in selected))
+    meta = {"selected": [c["checkpoint_id"] for c in selected], "selected_epochs": [c["epoch"] for c in selected],
+            "rule": {"min_rel_improvement": min_rel_improvement, "max_checkpoints": max_checkpoints,
+                     "always_keep_last": always_keep_last}}
+    return _finish(ledger, pipeline, "selected_checkpoints", run_id, {"checkpoint_selections": rows}, [training], {},
+                   meta, training_run=training.training_run, extra={"selected": selected})
+
+
+def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, training: Handle,
+              selected: Handle, log: Log = _noop) -> StageResult:
+    """Cache the influence layer's gradient factors (output error, input activation) per selected checkpoint."""
+    import torch
+
+    from ..attribution.ghost import linear_factors
+
+    table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
+    model = pipeline.build_model(table)
+    loss_fn = pipeline.loss_fn()
+    layer = pipeline.influence_layer
+    parts, events = [], EventBuffer()
+    for c in selected.extra["selected"]:
+        path = ArtifactRef(c["path"], c["sha256"]).open_checked(ledger.home.root)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        for split in ("train", "test"):
+            ids, x, y = pipeline.tensors(table, split)
+            if not ids:
+                continue
+            f = linear_factors(model, [layer], x, y, loss_fn)[0]
+            e, a = f.errors.detach().float().numpy(), f.activations.detach().float().numpy()
+            norms = np.sqrt((e * e).sum(1) * ((a * a).sum(1) + 1.0))
+            parts.append(pa.table({
+                "checkpoint_id": [c["checkpoint_id"]] * len(ids), "lr": [c["lr"]] * len(ids),
+                "sample_id": ids, "split": [split] * len(ids),
+                "errors": pa.FixedSizeListArray.from_arrays(pa.array(e.ravel()), e.shape[1]),
+                "activations": pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])}))
+            events.add(ids, "gradient", training_run=training.training_run, checkpoint_id=c["checkpoint_id"],
+                       lr=c["lr"], detail=[{"layer": layer, "split": split, "grad_norm": float(n)} for n in norms])
+        log(f"gradient factors at {c['checkpoint_id']}")
+    cache = pa.concat_tables(parts)
+    art = _write_parquet(ledger, f"{pipeline.name}/runs/{training.training_run}/gradient_cache-{run_id}.parquet",
+                         "gradient_cache", cache)
+    meta = {"layer": layer, "checkpoints": len(selected.extra["selected"]), "rows": cache.num_rows,
+            "gradient_events": len(events)}
+    return _finish(ledger, pipeline, "gradient_cache", run_id, {"events": events.to_arrow()},
+                   [prepared, training, selected], {"gradient_cache": art}, meta, training_run=training.training_run)
+
+
+def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k: int = 10,
+              log: Log = _noop) -> StageResult:
+    """Score every test sample against every training sample with TracInCP; keep top-k and self-influence."""
+    import torch
+
+    from ..attribution.ghost import Factors, self_influence_from_factors, top_k_from_factors
+
+    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
+    ckpt_ids = list(dict.fromkeys(table.column("checkpoint_id").to_pylist()))
+    train_by, test_by, lrs, train_ids, test_ids = [], [], [], None, None
+    for cid in ckpt_ids:
+        part = table.filter(pa.compute.equal(table.column("checkpoint_id"), cid))
+        lrs.append(float(part.column("lr")[0].as_py()))
+        for split, dest in (("train", train_by), ("test", test_by)):
+            sp = part.filter(pa.compute.equal(part.column("split"), split))
+            ids = sp.column("sample_id").to_pylist()
+            if split == "train":
+                train_ids = train_ids or ids
+            else:
+                test_ids = test_ids or ids
+            dest.append([Factors(errors=_matrix(sp.column("errors")), activations=_matrix(sp.column("activations")))])
+    k = min(k, len(train_ids))
+    started = time.monotonic()
+    top = top_k_from_factors(train_by, test_by, lrs, k) if test_ids else None
+    selfinf = self_influence_from_factors(train_by, lrs)
+    log(f"TracInCP over {len(train_ids)} train x {len(test_ids or [])} test at {len(lrs)} checkpoints "
+        f"in {time.monotonic() - started:.2f}s")
+    cols = {"test_sample_id": [], "train_sample_id": [], "kind": [], "rank": [], "score": []}
+
+    def put(test, train, kind, rank, score):
+        cols["test_sample_id"].append(test)
+        cols["train_sample_id"].append(train)
+        cols["kind"].append(kind)
+        cols["rank"].append(rank)
+        cols["score"].append(float(score))
+
+    if top is not None:
+        for j, tid in enumerate(test_ids):
+            for r in range(k):
+                put(tid, train_ids[int(top.proponent_idx[j, r])], "proponent", r + 1, top.proponent_score[j, r])
+                put(tid, train_ids[int(top.opponent_idx[j, r])], "opponent", r + 1, top.opponent_score[j, r])
+    order = torch.argsort(selfinf, descending=True).tolist()
+    for r, i in enumerate(order):
+        put(None, train_ids[i], "self", r + 1, selfinf[i])
+    rows = pa.table({**cols, "method": ["tracincp"] * len(cols["kind"])})
+    art = _write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
+                         "influence_scores", rows)
+    meta = {"method": "TracInCP (last layer, selected checkpoints)", "checkpoints": ckpt_ids, "top_k": k,
+            "test_samples": len(test_ids or []), "train_samples": len(train_ids), "influence_rows": rows.num_rows,
+            "top_self_influence": [(train_ids[i], float(selfinf[i])) for i in order[:10]]}
+    return _finish(ledger, pipeline, "influence_scores", run_id, {"influence": rows}, [cache],
+                   {"influence": art}, meta, training_run=cache.training_run)
+
+
+def _matrix(col: pa.ChunkedArray):
+    import torch
+
+    arr = col.combine_chunks()
+    width = arr.type.list_size
+    return torch.from_numpy(arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy())

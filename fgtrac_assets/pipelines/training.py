@@ -1,0 +1,52 @@
+"""A plain supervised SGD loop over tensors, traced per batch."""
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .base import EpochResult, TrainSettings
+
+
+def lr_at(settings: TrainSettings, epoch: int) -> float:
+    """Return the learning rate of an epoch under the run's schedule."""
+    if settings.schedule == "constant":
+        return settings.lr
+    return 0.5 * settings.lr * (1 + math.cos(math.pi * epoch / settings.epochs))
+
+
+@torch.no_grad()
+def mean_loss(model, loss_fn, inputs, targets, batch_size: int = 1024) -> float:
+    """Return the mean per-sample loss of a model over tensors."""
+    if len(inputs) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(inputs), batch_size):
+        total += float(loss_fn(model(inputs[i:i + batch_size]), targets[i:i + batch_size]).sum())
+    model.train(was_training)
+    return total / len(inputs)
+
+
+def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
+    """Train with SGD on (inputs, targets), one traced step per batch; yield each epoch's result."""
+    settings.validate()
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(TensorDataset(*train), batch_size=settings.batch_size, shuffle=True, generator=generator)
+    traced = tracer.wrap_loader(loader)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
+    step_opt = tracer.wrap_optimizer(optimizer)
+    model.train()
+    for epoch in range(settings.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(settings, epoch)
+        for x, y in traced:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y).mean()
+            loss.backward()
+            step_opt.step()
+        yield EpochResult(epoch=epoch, step=tracer.step, lr=optimizer.param_groups[0]["lr"],
+                          train_loss=mean_loss(model, loss_fn, *train), val_loss=mean_loss(model, loss_fn, *val),
+                          state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})

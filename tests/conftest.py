@@ -1,0 +1,54 @@
+"""Shared fixtures: a real FGTRAC_HOME with the digits chain materialised once per session."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SMALL_LIMIT = 400
+SMALL_EPOCHS = 3
+
+
+def small_run_config(limit: int = SMALL_LIMIT, epochs: int = SMALL_EPOCHS, pipeline: str = "digits_cnn"):
+    """Return a RunConfig that materialises a pipeline quickly on a subset."""
+    from dagster import RunConfig
+
+    from fgtrac_assets.assets.configs import RawSamplesConfig, TrainingConfig
+
+    return RunConfig(ops={f"{pipeline}__raw_samples": RawSamplesConfig(limit=limit),
+                          f"{pipeline}__training_checkpoints": TrainingConfig(epochs=epochs)})
+
+
+def materialize_digits(home: Path, **kwargs):
+    """Materialise the whole digits chain into home with Dagster's materialize(); return the result."""
+    from dagster import materialize
+
+    from fgtrac_assets.assets.resources import FgtracResource
+    from fgtrac_assets.definitions import all_assets
+
+    assets = [a for a in all_assets if a.key.path[0] == "digits_cnn"]
+    return materialize(assets, resources={"fgtrac": FgtracResource(home=str(home))},
+                       run_config=small_run_config(**kwargs))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """No test ever writes to the repository's ./data."""
+    monkeypatch.setenv("FGTRAC_HOME", str(tmp_path / "default-home"))
+
+
+@pytest.fixture(scope="session")
+def digits_home(tmp_path_factory) -> Path:
+    """A home holding one materialised digits chain (read it, or copy it before changing it)."""
+    home = tmp_path_factory.mktemp("digits-home")
+    result = materialize_digits(home)
+    assert result.success
+    return home
+
+
+@pytest.fixture
+def digits_copy(digits_home, tmp_path) -> Path:
+    """A private copy of the materialised home, safe to tamper with."""
+    dest = tmp_path / "home"
+    shutil.copytree(digits_home, dest)
+    return dest

@@ -1,0 +1,23 @@
+"""The lineage recorded in the ledger has exactly the edges of the Dagster asset graph."""
+
+from fgtrac_assets.definitions import defs
+from fgtrac_assets.ledger.store import Ledger
+
+
+def dagster_edges(group: str) -> set[tuple[str, str]]:
+    graph = defs.resolve_asset_graph()
+    edges = set()
+    for key in graph.get_all_asset_keys():
+        if key.path[0] != group:
+            continue
+        for parent in graph.get(key).parent_keys:
+            edges.add((parent.path[-1], key.path[-1]))
+    return edges
+
+
+def test_ledger_lineage_equals_asset_graph(digits_home):
+    recorded = {(r["upstream_asset"], r["asset"]) for r in
+                Ledger(digits_home).query("SELECT upstream_asset, asset FROM asset_lineage WHERE pipeline='digits_cnn'").to_pylist()}
+    expected = dagster_edges("digits_cnn")
+    assert expected, "the asset graph has edges"
+    assert recorded == expected

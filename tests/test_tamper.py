@@ -1,0 +1,105 @@
+"""`fgtrac verify` catches a changed row, a deleted row, a forged row and a changed artifact, naming them."""
+
+import duckdb
+import pytest
+
+from fgtrac_assets.ledger.store import Ledger
+from fgtrac_assets.ledger.verify import verify_ledger
+
+
+def tamper(home, sql):
+    con = duckdb.connect(str(home / "ledger.duckdb"))
+    con.execute(sql)
+    con.close()
+
+
+def findings(home) -> list[str]:
+    return [f.line() for f in verify_ledger(Ledger(home)).findings]
+
+
+def first_leaf(home, table, where="true"):
+    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
+    row = con.execute(f"SELECT min(leaf_index) FROM {table} WHERE {where}").fetchall()[0][0]
+    con.close()
+    return row
+
+
+@pytest.mark.parametrize("table,column,value", [
+    ("events", "lr", "lr * 2"),
+    ("events", "sample_id", "'0' || substr(sample_id, 2)"),
+    ("samples", "label", "(label + 1) % 10"),
+    ("checkpoints", "val_loss", "val_loss / 2"),
+    ("checkpoint_selections", "selected", "NOT selected"),
+    ("influence", "score", "-score"),
+    ("artifacts", "sha256", "'ab' || substr(sha256, 3)"),
+    ("materializations", "asset", "'something_else'"),
+])
+def test_changed_column_is_named(digits_copy, table, column, value):
+    where = "kind = 'batched'" if table == "events" and column == "lr" else "true"
+    i = first_leaf(digits_copy, table, where)
+    tamper(digits_copy, f"UPDATE {table} SET {column} = {value} WHERE leaf_index = {i}")
+    lines = findings(digits_copy)
+    assert any(line.startswith(f"{table} row leaf_index={i}") and "differs" in line for line in lines), lines
+
+
+def test_deleted_row_is_named(digits_copy):
+    i = first_leaf(digits_copy, "events", "kind = 'ingested'")
+    tamper(digits_copy, f"DELETE FROM events WHERE leaf_index = {i}")
+    assert f"log leaf {i}: logged, but no ledger row holds it (row deleted)" in findings(digits_copy)
+
+
+def test_forged_row_is_caught(digits_copy):
+    tamper(digits_copy, """INSERT INTO events SELECT 99999999, sample_id, pipeline, run_id, asset, 'batched',
+                           training_run, 0, 0, 0, 0.1, NULL, NULL FROM events LIMIT 1""")
+    assert any("leaf_index=99999999" in line and "outside the log" in line for line in findings(digits_copy))
+
+
+def test_swapped_rows_are_caught(digits_copy):
+    a = first_leaf(digits_copy, "influence", "kind = 'self'")
+    tamper(digits_copy, f"""UPDATE influence SET leaf_index = CASE WHEN leaf_index = {a} THEN {a + 1} ELSE {a} END
+                            WHERE leaf_index IN ({a}, {a + 1})""")
+    lines = findings(digits_copy)
+    assert any(f"leaf_index={a}" in line for line in lines) and any(f"leaf_index={a + 1}" in line for line in lines)
+
+
+def test_rewritten_log_without_the_key_is_caught(digits_copy):
+    """Changing a row and its leaf hash (and every node above) still fails: the signed root differs."""
+    from fgtrac_assets.integrity import merkle
+    from fgtrac_assets.ledger.leaves import row_leaf
+
+    i = first_leaf(digits_copy, "samples")
+    con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
+    con.execute(f"UPDATE samples SET label = (label + 1) % 10 WHERE leaf_index = {i}")
+    row = con.sql(f"SELECT * FROM samples WHERE leaf_index = {i}").to_arrow_table().to_pylist()[0]
+    con.execute("UPDATE log_nodes SET hash = ? WHERE level = 0 AND idx = ?", [merkle.leaf_hash(row_leaf("samples", row)), i])
+    con.execute("DELETE FROM log_nodes WHERE level > 0")
+    con.close()
+    lines = findings(digits_copy)
+    assert lines and all(line.startswith("tree_heads") for line in lines), lines
+    assert any("log rewritten" in line for line in lines)
+
+
+def test_artifact_byte_flip_is_named(digits_copy):
+    path = Ledger(digits_copy).query("SELECT path FROM artifacts WHERE kind = 'checkpoint' LIMIT 1").to_pylist()[0]["path"]
+    f = digits_copy / path
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert any(line.startswith(f"artifacts {path}") and "sha256" in line for line in findings(digits_copy))
+
+
+def test_deleted_artifact_is_named(digits_copy):
+    path = Ledger(digits_copy).query("SELECT path FROM artifacts WHERE kind = 'gradient_cache' LIMIT 1").to_pylist()[0]["path"]
+    (digits_copy / path).unlink()
+    assert any(line.startswith(f"artifacts {path}") and "missing" in line for line in findings(digits_copy))
+
+
+def test_forged_signature_is_caught(digits_copy):
+    con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
+    note = con.execute("SELECT note FROM tree_heads ORDER BY size DESC LIMIT 1").fetchall()[0][0]
+    body, sig = note.rsplit("— ", 1)
+    name, b64 = sig.split(" ")
+    forged = body + "— " + name + " " + b64[:10] + ("A" if b64[10] != "A" else "B") + b64[11:]
+    con.execute("UPDATE tree_heads SET note = ? WHERE note = ?", [forged, note])
+    con.close()
+    assert any(line.startswith("tree_heads") and "signature" in line for line in findings(digits_copy))
