@@ -1,9 +1,11 @@
 """One call builds a pipeline's whole asset chain: thin assets over the plain-Python stages."""
 
 import dataclasses
+import warnings
 
 from dagster import (
     AssetExecutionContext,
+    BetaWarning,
     AssetIn,
     AssetKey,
     AssetsDefinition,
@@ -24,6 +26,9 @@ CODE_VERSION = "1"
 ASSET_NAMES = ("raw_samples", "preprocessed_samples", "training_checkpoints", "selected_checkpoints",
                "gradient_cache", "influence_scores")
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+# DataVersion on Output is what records upstream roots on every downstream materialisation.
+warnings.filterwarnings("ignore", category=BetaWarning, message=".*data_version.*")
 
 
 def _output(result: StageResult, row_count: int | None = None) -> Output:
