@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import resolve_home
 from .ledger.lock import LedgerBusy
@@ -20,18 +21,24 @@ def cmd_verify(args) -> int:
     ledger = _ledger(args)
     if not ledger.exists():
         if ledger.home.keys.exists() or ledger.home.artifacts.exists():
-            msg = f"{ledger.home.ledger}: the ledger file is missing but keys/artifacts exist: history has been lost"
+            msg = f"{ledger.home.ledger}: the ledger file is missing but keys/artifacts exist: its history is lost"
             print(json.dumps({"ok": False, "findings": [{"table": "ledger", "row": "file", "what": msg}]}) if args.json
                   else f"FAIL {msg}")
             return 1
         print(json.dumps({"ok": True, "nothing_to_verify": True}) if args.json
               else f"nothing to verify: no ledger at {ledger.home.ledger}")
         return 0
-    report = verify_ledger(ledger)
+    witness = Path(args.witness) if args.witness else None
+    report = verify_ledger(ledger, witness=witness, trusted_keys=args.key or None)
     if args.json:
-        print(json.dumps({"ok": report.ok, "leaves": report.leaves, "tree_heads": report.tree_heads,
+        print(json.dumps({"ok": report.ok, "notices": report.notices, "leaves": report.leaves, "tree_heads": report.tree_heads,
                           "artifacts": report.artifacts, "rows": report.rows,
                           "findings": [f.to_dict() for f in report.findings]}, indent=2))
+    else:
+        for notice in report.notices:
+            print(f"NOTE {notice}")
+    if args.json:
+        pass
     elif report.ok:
         print(f"OK: {report.leaves} leaves over {sum((report.rows or {}).values())} rows, "
               f"{report.tree_heads} signed tree heads, {report.artifacts} artifacts verified")
@@ -65,18 +72,90 @@ def cmd_summary(args) -> int:
         print("latest signed tree head:")
         print("  " + head["note"].rstrip("\n").replace("\n", "\n  "))
     print("verify           ", end="", flush=True)
-    return cmd_verify(argparse.Namespace(home=args.home, json=False))
+    return cmd_verify(argparse.Namespace(home=args.home, json=False, witness=None, key=None))
 
 
 def cmd_key(args) -> int:
-    """Print the log's verifier key (public; safe to share)."""
+    """Print the log's verifier key (public; safe to share), or rotate to a new key."""
     ledger = _ledger(args)
-    keys = ledger.keystore.verifier_keys()
-    if not keys:
-        print(f"no keys under {ledger.home.keys}: nothing has been signed yet", file=sys.stderr)
+    if args.action == "rotate":
+        signer = ledger.keystore.rotate(ledger.origin)
+        print(signer.verifier_key)
+        print("rotated: new tree heads are signed with this key; older ones stay verifiable with the retired keys",
+              file=sys.stderr)
+        return 0
+    current = ledger.keystore.current_verifier_key(ledger.origin)
+    if current is None:
+        print(f"no key under {ledger.home.keys}: nothing has been signed yet", file=sys.stderr)
         return 1
-    for k in keys:
-        print(k)
+    if args.action == "list":
+        for k in ledger.keystore.verifier_keys():
+            print(f"{k}  {'current' if k == current else 'retired'}")
+    else:
+        print(current)
+    return 0
+
+
+def _write_json(obj, out: str | None) -> None:
+    text = json.dumps(obj, indent=2) + "\n"
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_prove(args) -> int:
+    """Write inclusion receipts for a sample's rows, or an absence receipt against a training run."""
+    from .ledger import proofs
+
+    ledger = _ledger(args)
+    try:
+        if args.absent:
+            if not args.run:
+                print("fgtrac prove --absent needs --run TRAINING_RUN", file=sys.stderr)
+                return 2
+            receipt = proofs.absence(ledger, args.sample_id, args.run)
+        else:
+            receipts = proofs.sample_receipts(ledger, args.sample_id, args.asset)
+            receipt = receipts[0] if len(receipts) == 1 else receipts
+    except proofs.ProofError as exc:
+        print(f"fgtrac prove: {exc}", file=sys.stderr)
+        return 1
+    _write_json(receipt, args.out)
+    return 0
+
+
+def cmd_verify_receipt(args) -> int:
+    """Check a receipt file offline: signature, inclusion (or absence) proof; no database needed."""
+    from .integrity.receipts import ReceiptError, verify_receipt
+
+    try:
+        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"FAIL {args.file}: cannot read a JSON receipt ({exc})")
+        return 1
+    items = data if isinstance(data, list) else [data]
+    failed = 0
+    for i, receipt in enumerate(items):
+        label = f"{args.file}[{i}]" if isinstance(data, list) else args.file
+        try:
+            print(f"OK {label}: {verify_receipt(receipt, args.key or None)}")
+        except (ReceiptError, TypeError, AttributeError) as exc:
+            failed += 1
+            print(f"FAIL {label}: {exc}")
+    return 1 if failed else 0
+
+
+def cmd_consistency(args) -> int:
+    """Print an RFC 6962 consistency proof between two signed tree heads."""
+    from .ledger import proofs
+
+    try:
+        _write_json(proofs.consistency(_ledger(args), args.old, args.new), None)
+    except proofs.ProofError as exc:
+        print(f"fgtrac log consistency: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -96,7 +175,7 @@ def cmd_sql(args) -> int:
     elif args.format == "csv":
         import csv
 
-        w = csv.writer(sys.stdout)
+        w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
         w.writerows(rows)
     else:
@@ -121,10 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("verify", help="recompute every leaf, tree head signature and artifact hash")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("--witness", help="the witness file (default: $FGTRAC_HOME/witness/<origin>.checkpoint)")
+    p.add_argument("--key", action="append", help="trust this verifier key instead of those under keys/ (repeatable)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("prove", help="write receipts for a sample (inclusion), or prove it absent from a training run")
+    p.add_argument("sample_id")
+    p.add_argument("--asset", help="only rows written by this asset")
+    p.add_argument("--absent", action="store_true", help="prove the sample is NOT in --run's training set")
+    p.add_argument("--run", help="the training run (model version) for --absent")
+    p.add_argument("--out", help="write the receipt(s) to this file instead of stdout")
+    p.set_defaults(func=cmd_prove)
+    p = sub.add_parser("verify-receipt", help="check a receipt offline with the public key alone")
+    p.add_argument("file")
+    p.add_argument("--key", action="append", help="the verifier key to trust (default: the receipt's own)")
+    p.set_defaults(func=cmd_verify_receipt)
+    p = sub.add_parser("log", help="log proofs")
+    log_sub = p.add_subparsers(dest="log_command", required=True)
+    c = log_sub.add_parser("consistency", help="RFC 6962 consistency proof between two signed tree heads")
+    c.add_argument("--old", type=int, required=True)
+    c.add_argument("--new", type=int, required=True)
+    c.set_defaults(func=cmd_consistency)
     p = sub.add_parser("summary", help="counts, the latest signed tree head, and a verify")
     p.set_defaults(func=cmd_summary)
-    p = sub.add_parser("key", help="print the verifier key")
+    p = sub.add_parser("key", help="print the verifier key; `key list` all; `key rotate` starts a new one")
+    p.add_argument("action", nargs="?", choices=["show", "list", "rotate"], default="show")
     p.set_defaults(func=cmd_key)
     p = sub.add_parser("sql", help="run read-only SQL against the ledger")
     p.add_argument("query")

@@ -291,13 +291,19 @@ class KeyStore:
         if not key_path.exists():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             signer = generate_signer(name)
+            # Write a private temp file, then link it into place: another process never sees a half-written key.
+            tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(signer.signer_key + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             try:
-                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(tmp, key_path)
             except FileExistsError:
-                pass  # created concurrently; load it below
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(signer.signer_key + "\n")
+                pass  # created concurrently; load that one below
+            finally:
+                tmp.unlink()
         signer = self._load(name, key_path)
         self._ensure_vkey(signer, vkey_path)
         return signer
@@ -322,7 +328,26 @@ class KeyStore:
             if vkey_path.read_text(encoding="utf-8").strip() != signer.verifier_key:
                 raise ValueError(f"verifier key file {vkey_path} does not match its signer key file")
         else:
-            vkey_path.write_text(signer.verifier_key + "\n", encoding="utf-8")
+            tmp = vkey_path.with_name(f".{vkey_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(signer.verifier_key + "\n", encoding="utf-8")
+            os.replace(tmp, vkey_path)
+
+    def rotate(self, name: str) -> Signer:
+        """Retire the current key (its verifier key stays, so old tree heads still verify); return a new signer."""
+        key_path, vkey_path = self._paths(name)
+        if key_path.exists():
+            old = self._load(name, key_path)
+            stem = key_path.stem
+            retired_vkey = self.directory / f"{stem}.{old.key_id:08x}.vkey"
+            retired_vkey.write_text(old.verifier_key + "\n", encoding="utf-8")
+            os.replace(key_path, self.directory / f"{stem}.{old.key_id:08x}.key.retired")
+            vkey_path.unlink(missing_ok=True)
+        return self.load_or_create(name)
+
+    def current_verifier_key(self, name: str) -> str | None:
+        """Return the verifier key of the current signer of name, or None if there is none yet."""
+        _, vkey_path = self._paths(name)
+        return vkey_path.read_text(encoding="utf-8").strip() if vkey_path.exists() else None
 
     def verifier_keys(self) -> list[str]:
         """Return every stored verifier key string (all *.vkey files, rotated keys included)."""

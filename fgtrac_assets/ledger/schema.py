@@ -69,6 +69,14 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
         ("rank", "BIGINT"),
         ("score", "DOUBLE"),
     ],
+    "training_sets": [
+        ("training_run", "VARCHAR"),
+        ("pipeline", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("asset", "VARCHAR"),
+        ("size", "BIGINT"),
+        ("root", "VARCHAR"),
+    ],
     "materializations": [
         ("pipeline", "VARCHAR"),
         ("asset", "VARCHAR"),
@@ -89,7 +97,7 @@ LEAF_ORDER = list(LEAF_TABLES)
 LOG_DDL = [
     # level 0 holds the leaf hashes; level k the perfect subtree hashes over 2**k leaves.
     "CREATE TABLE IF NOT EXISTS log_nodes (level SMALLINT NOT NULL, idx BIGINT NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (level, idx))",
-    "CREATE TABLE IF NOT EXISTS tree_heads (size BIGINT NOT NULL, root BLOB NOT NULL, note VARCHAR NOT NULL, key_id VARCHAR NOT NULL, pipeline VARCHAR, asset VARCHAR, run_id VARCHAR, created_at VARCHAR NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tree_heads (size BIGINT NOT NULL, root BLOB NOT NULL, note VARCHAR NOT NULL, verifier_key VARCHAR NOT NULL, pipeline VARCHAR, asset VARCHAR, run_id VARCHAR, created_at VARCHAR NOT NULL)",
 ]
 
 VIEW_DDL = [

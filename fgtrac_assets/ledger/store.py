@@ -14,6 +14,7 @@ from ..config import Home, log_origin, resolve_home
 from ..integrity import merkle, notes
 from .leaves import row_leaf, table_leaves, to_arrow
 from .lock import LedgerBusy, ledger_lock
+from .nodes import StoredNodes
 from .schema import LEAF_ORDER, all_ddl
 
 
@@ -101,8 +102,8 @@ class Ledger:
         for name, tbl in tables.items():
             leaves.extend(table_leaves(name, tbl))
         hashes = [merkle.leaf_hash(x) for x in leaves]
-        signer = self.keystore.load_or_create(self.origin)
         with self._connect(read_only=False) as con:
+            signer = self.keystore.load_or_create(self.origin)
             for ddl in all_ddl():
                 con.execute(ddl)
             con.execute("BEGIN TRANSACTION")
@@ -137,7 +138,7 @@ class Ledger:
         """Return the newest signed tree head as a dict, or None for an empty log."""
         if not self.exists():
             return None
-        rows = self.query("SELECT size, root, note, key_id, created_at FROM tree_heads ORDER BY size DESC, created_at DESC LIMIT 1").to_pylist()
+        rows = self.query("SELECT size, root, note, verifier_key, created_at FROM tree_heads ORDER BY size DESC, created_at DESC LIMIT 1").to_pylist()
         return rows[0] if rows else None
 
 
@@ -169,24 +170,6 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, tbl: pa.Table) -> None:
 
 def _tree_size(con: duckdb.DuckDBPyConnection) -> int:
     return con.execute("SELECT coalesce(max(size), 0) FROM tree_heads").fetchall()[0][0]
-
-
-class StoredNodes:
-    """perfect(level, index) over the log_nodes table, with an overlay of nodes not yet written."""
-
-    def __init__(self, con: duckdb.DuckDBPyConnection):
-        self.con = con
-        self.pending: dict[tuple[int, int], bytes] = {}
-
-    def __call__(self, level: int, index: int) -> bytes:
-        hit = self.pending.get((level, index))
-        if hit is not None:
-            return hit
-        rows = self.con.execute("SELECT hash FROM log_nodes WHERE level = ? AND idx = ?", [level, index]).fetchall()
-        row = rows[0] if rows else None
-        if row is None:
-            raise KeyError(f"log node (level {level}, index {index}) is missing")
-        return bytes(row[0])
 
 
 def _append_hashes(con: duckdb.DuckDBPyConnection, start: int, hashes: list[bytes]) -> tuple[int, bytes]:

@@ -1,12 +1,16 @@
 """Recompute every leaf, node, signature and artifact hash; report each difference found."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from pathlib import Path
 
 from ..integrity import merkle, notes
 from .artifacts import check_artifact
 from .leaves import row_leaf
-from .schema import LEAF_ORDER, LEAF_TABLES
+from .proofs import check_training_sets
+from .schema import LEAF_ORDER
 from .store import Ledger
+from .witness import check_witness, default_witness, write_witness
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Report:
     """The outcome of a full verify."""
 
     findings: list[Finding]
+    notices: list[str] = field(default_factory=list)
     leaves: int = 0
     tree_heads: int = 0
     artifacts: int = 0
@@ -46,9 +51,15 @@ class Report:
         return not self.findings
 
 
-def verify_ledger(ledger: Ledger) -> Report:
-    """Return a Report over the whole ledger: rows vs leaves, leaves vs tree, tree heads vs signatures, artifacts vs files."""
+def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: list[str] | None = None,
+                  update_witness: bool = True) -> Report:
+    """Return a Report over the whole ledger: rows vs leaves, leaves vs tree, tree heads vs signatures and witness, artifacts vs files.
+
+    witness: the file holding the last verified tree head (default $FGTRAC_HOME/witness/<origin>.checkpoint);
+    trusted_keys: verifier keys to trust instead of those stored under $FGTRAC_HOME/keys.
+    """
     findings: list[Finding] = []
+    notices: list[str] = []
     with ledger.reader() as con:
         existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         missing = [t for t in LEAF_ORDER + ["log_nodes", "tree_heads"] if t not in existing]
@@ -56,9 +67,11 @@ def verify_ledger(ledger: Ledger) -> Report:
             return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
         leaf_rows = con.execute("SELECT idx, hash FROM log_nodes WHERE level = 0 ORDER BY idx").fetchall()
         stored_nodes = con.execute("SELECT level, idx, hash FROM log_nodes WHERE level > 0").fetchall()
-        heads = con.execute("SELECT size, root, note, key_id, asset FROM tree_heads ORDER BY size, created_at").fetchall()
+        heads = con.execute("SELECT size, root, note, verifier_key, asset FROM tree_heads ORDER BY size, created_at").fetchall()
         tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table().to_pylist() for t in LEAF_ORDER}
         artifacts = tables["artifacts"]
+        for run, problem in check_training_sets(con):
+            findings.append(Finding("training_sets", f"training_run={run}", problem))
 
     logged = [bytes(h) for _, h in leaf_rows]
     size = len(logged)
@@ -102,8 +115,14 @@ def verify_ledger(ledger: Ledger) -> Report:
     def perfect(level: int, index: int) -> bytes:
         return levels[level][index]
 
-    verifiers = ledger.keystore.verifiers()
-    for head_size, root, note, key_id, asset in heads:
+    try:
+        verifiers = ([notes.parse_verifier_key(k) for k in trusted_keys] if trusted_keys
+                     else ledger.keystore.verifiers())
+    except ValueError as exc:
+        return Report([Finding("keys", "verifier keys", str(exc))])
+    if not verifiers and heads:
+        findings.append(Finding("keys", str(ledger.home.keys), "no verifier key: the tree heads cannot be checked"))
+    for head_size, root, note, _vkey, asset in heads:
         where = f"size={head_size}"
         try:
             text = notes.open_note(note, verifiers)
@@ -126,5 +145,23 @@ def verify_ledger(ledger: Ledger) -> Report:
         if problem:
             findings.append(Finding("artifacts", f"{art['path']}", problem, art.get("asset")))
 
-    return Report(findings, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
+    signed = max((h[0] for h in heads), default=0)
+    if size > signed:
+        findings.append(Finding("log leaves", f"{signed}..{size - 1}", "no signed tree head covers them "
+                                "(appended outside fgtrac, or a commit was interrupted)"))
+
+    witness_path = witness or default_witness(ledger.home.witness, ledger.origin)
+    if witness_path.exists():
+        problem = check_witness(witness_path, verifiers, perfect, size)
+        if problem:
+            findings.append(Finding("witness", str(witness_path), problem))
+    elif witness is not None:
+        findings.append(Finding("witness", str(witness_path), "the witness file is missing"))
+    elif heads:
+        notices.append(f"no witness at {witness_path} (first verify, or it was removed): rollback since the last "
+                       "verify cannot be checked; a new witness is written now")
+    if not findings and heads and update_witness:
+        write_witness(witness_path, max(heads, key=lambda h: h[0])[2])
+
+    return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
                   rows={t: len(tables[t]) for t in LEAF_ORDER})

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..ledger.artifacts import ArtifactFile, write_artifact
+from ..ledger.proofs import training_set_root
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
 from .base import Pipeline, TrainSettings
@@ -155,11 +156,14 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
         log(f"{ckpt_id} ({ep.epoch + 1}/{settings.epochs}): train loss {ep.train_loss:.4f}, val loss {ep.val_loss:.4f}, "
             f"lr {ep.lr:.4g}, {rate:,.0f} samples/s, ETA {eta:.0f}s")
     events = tracer.events.to_arrow()
-    meta = {"epochs": settings.epochs, "steps": tracer.step, "batched_events": events.num_rows,
+    used = sorted(set(tracer.events.columns["sample_id"]))
+    training_set = [{"size": len(used), "root": training_set_root(used).hex()}]
+    meta = {"epochs": settings.epochs, "steps": tracer.step, "training_set_root": training_set[0]["root"], "batched_events": events.num_rows,
             "train_samples": len(train_ids), "final_val_loss": checkpoints[-1]["val_loss"],
             "settings": settings.__dict__, "loss_history": history}
     extra = {"checkpoints": checkpoints, "settings": settings.__dict__}
-    return _finish(ledger, pipeline, "training_checkpoints", run_id, {"events": events, "checkpoints": checkpoints},
+    return _finish(ledger, pipeline, "training_checkpoints", run_id, {"events": events, "checkpoints": checkpoints,
+                                                                  "training_sets": training_set},
                    [prepared], arts, meta, training_run=training_run, extra=extra)
 
 
