@@ -101,3 +101,16 @@ class Pipeline(ABC):
     @abstractmethod
     def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
         """Train a model, recording batches through the tracer; yield each finished epoch."""
+
+    def gradient_factors(self, model, prepared: pa.Table, split: str):
+        """Return (sample_ids, Factors) of the influence layer for one split: output error and input activation per sample."""
+        from ..attribution.ghost import linear_factors
+
+        ids, x, y = self.tensors(prepared, split)
+        if not ids:
+            return [], None
+        return ids, linear_factors(model, [self.influence_layer], x, y, self.loss_fn())[0]
+
+    def evaluate(self, model, prepared: pa.Table) -> dict:
+        """Return test-split metrics of a trained model for the asset metadata (none by default)."""
+        return {}

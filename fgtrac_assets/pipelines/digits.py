@@ -86,6 +86,18 @@ class DigitsPipeline(Pipeline):
 
         return torch.nn.CrossEntropyLoss(reduction="none")
 
+    def evaluate(self, model, prepared: pa.Table) -> dict:
+        import torch
+
+        ids, x, y = self.tensors(prepared, "test")
+        if not ids:
+            return {}
+        with torch.no_grad():
+            model.eval()
+            logits = model(x)
+        return {"test_accuracy": float((logits.argmax(1) == y).float().mean()),
+                "test_loss": float(self.loss_fn()(logits, y).mean())}
+
     def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
         import torch
 

@@ -155,12 +155,18 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
         eta = elapsed / (ep.epoch + 1) * (settings.epochs - ep.epoch - 1)
         log(f"{ckpt_id} ({ep.epoch + 1}/{settings.epochs}): train loss {ep.train_loss:.4f}, val loss {ep.val_loss:.4f}, "
             f"lr {ep.lr:.4g}, {rate:,.0f} samples/s, ETA {eta:.0f}s")
+    final = pipeline.build_model(table)
+    final.load_state_dict(ep.state_dict)
+    metrics = pipeline.evaluate(final, table)
+    if metrics:
+        log("test metrics of the final model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     events = tracer.events.to_arrow()
     used = sorted(set(tracer.events.columns["sample_id"]))
     training_set = [{"size": len(used), "root": training_set_root(used).hex()}]
-    meta = {"epochs": settings.epochs, "steps": tracer.step, "training_set_root": training_set[0]["root"], "batched_events": events.num_rows,
+    meta = {"epochs": settings.epochs, "steps": tracer.step, "training_set_root": training_set[0]["root"],
+            "batched_events": events.num_rows,
             "train_samples": len(train_ids), "final_val_loss": checkpoints[-1]["val_loss"],
-            "settings": settings.__dict__, "loss_history": history}
+            "settings": settings.__dict__, "loss_history": history, **metrics}
     extra = {"checkpoints": checkpoints, "settings": settings.__dict__}
     return _finish(ledger, pipeline, "training_checkpoints", run_id, {"events": events, "checkpoints": checkpoints,
                                                                   "training_sets": training_set},
@@ -198,21 +204,17 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
     """Cache the influence layer's gradient factors (output error, input activation) per selected checkpoint."""
     import torch
 
-    from ..attribution.ghost import linear_factors
-
     table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
     model = pipeline.build_model(table)
-    loss_fn = pipeline.loss_fn()
     layer = pipeline.influence_layer
     parts, events = [], EventBuffer()
     for c in selected.extra["selected"]:
         path = ArtifactRef(c["path"], c["sha256"]).open_checked(ledger.home.root)
         model.load_state_dict(torch.load(path, weights_only=True))
         for split in ("train", "test"):
-            ids, x, y = pipeline.tensors(table, split)
+            ids, f = pipeline.gradient_factors(model, table, split)
             if not ids:
                 continue
-            f = linear_factors(model, [layer], x, y, loss_fn)[0]
             e, a = f.errors.detach().float().numpy(), f.activations.detach().float().numpy()
             norms = np.sqrt((e * e).sum(1) * ((a * a).sum(1) + 1.0))
             parts.append(pa.table({
