@@ -156,7 +156,7 @@ def rebuild_and_resign(home, keep_size=None):
     con.execute("DELETE FROM log_nodes")
     for lv, hashes in enumerate(levels):
         for i, h in enumerate(hashes):
-            con.execute("INSERT INTO log_nodes VALUES (?, ?, ?)", [lv, i, h])
+            con.execute("INSERT INTO log_nodes VALUES (?, ?)", [(lv << 48) | i, h])
     for (size,) in con.execute("SELECT size FROM tree_heads").fetchall():
         root = merkle.root_from(lambda lv, i: levels[lv][i], size)
         con.execute("UPDATE tree_heads SET root = ?, note = ? WHERE size = ?",
@@ -217,7 +217,7 @@ def test_replaced_tree_head_and_duplicated_leaf_are_caught(digits_copy):
     # duplicate a leaf: the same event row and leaf hash appended once more at the end of the log
     i = con.execute("SELECT min(leaf_index) FROM events").fetchall()[0][0]
     con.execute(f"INSERT INTO events SELECT {large}, * EXCLUDE (leaf_index) FROM events WHERE leaf_index = {i}")
-    con.execute(f"INSERT INTO log_nodes SELECT 0, {large}, hash FROM log_nodes WHERE level = 0 AND idx = {i}")
+    con.execute(f"INSERT INTO log_nodes SELECT {large}, hash FROM log_nodes WHERE pos = {i}")
     con.close()
     lines = findings(digits_copy, update_witness=False)
     assert any(line.startswith(f"tree_heads size={large}") for line in lines), lines

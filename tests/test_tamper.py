@@ -71,8 +71,8 @@ def test_rewritten_log_without_the_key_is_caught(digits_copy):
     con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
     con.execute(f"UPDATE samples SET label = (label + 1) % 10 WHERE leaf_index = {i}")
     row = con.sql(f"SELECT * FROM samples WHERE leaf_index = {i}").to_arrow_table().to_pylist()[0]
-    con.execute("UPDATE log_nodes SET hash = ? WHERE level = 0 AND idx = ?", [merkle.leaf_hash(row_leaf("samples", row)), i])
-    con.execute("DELETE FROM log_nodes WHERE level > 0")
+    con.execute("UPDATE log_nodes SET hash = ? WHERE pos = ?", [merkle.leaf_hash(row_leaf("samples", row)), i])
+    con.execute("DELETE FROM log_nodes WHERE pos >= 1::BIGINT << 48")
     con.close()
     lines = findings(digits_copy)
     assert lines and all(line.startswith(("tree_heads", "witness")) for line in lines), lines

@@ -25,7 +25,7 @@ def _latest(con) -> tuple[int, str, str]:
 def leaf_receipt(con: duckdb.DuckDBPyConnection, table: str, row: dict, head: tuple[int, str, str]) -> dict:
     """Return the inclusion receipt of one ledger row under the given tree head."""
     size, note, vkey = head
-    proof = merkle.inclusion_proof_from(StoredNodes(con), row["leaf_index"], size)
+    proof = StoredNodes(con).run(merkle.inclusion_proof_from, row["leaf_index"], size)
     return inclusion_receipt(row_leaf(table, row), row["leaf_index"], size, proof, note, vkey)
 
 
@@ -59,7 +59,7 @@ def consistency(ledger: Ledger, old_size: int, new_size: int) -> dict:
                              f"{'…' if len(sizes) > 10 else ''}{sizes[-5:] if len(sizes) > 5 else ''}")
         if old_size > new_size:
             raise ProofError(f"--old {old_size} is larger than --new {new_size}")
-        proof = merkle.consistency_proof_from(StoredNodes(con), old_size, new_size)
+        proof = StoredNodes(con).run(merkle.consistency_proof_from, old_size, new_size)
     return {"old_checkpoint": old[1], "new_checkpoint": new[1], "proof": [b64(h) for h in proof],
             "verifier_key": new[2]}
 
@@ -109,8 +109,3 @@ def check_training_sets(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]
         if len(ids) != size or training_set_root(ids).hex() != root:
             problems.append((run, f"the batched events give {len(ids)} samples with a different root than committed"))
     return problems
-
-
-def verifier_for(note_text: str, keys: list[str]) -> notes.Checkpoint:
-    """Return the checkpoint of a signed note under any of the given verifier keys."""
-    return notes.parse_checkpoint(notes.open_note(note_text, [notes.parse_verifier_key(k) for k in keys]))

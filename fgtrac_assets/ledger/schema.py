@@ -95,12 +95,15 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
 LEAF_ORDER = list(LEAF_TABLES)
 
 LOG_DDL = [
-    # level 0 holds the leaf hashes; level k the perfect subtree hashes over 2**k leaves.
-    "CREATE TABLE IF NOT EXISTS log_nodes (level SMALLINT NOT NULL, idx BIGINT NOT NULL, hash BLOB NOT NULL, PRIMARY KEY (level, idx))",
+    # pos = level << 48 | index: level 0 holds the leaf hashes, level k the perfect subtree hashes over 2**k
+    # leaves. One BIGINT key lets a proof fetch all its O(log n) nodes with one indexed IN-list query.
+    "CREATE TABLE IF NOT EXISTS log_nodes (pos BIGINT PRIMARY KEY, hash BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS tree_heads (size BIGINT NOT NULL, root BLOB NOT NULL, note VARCHAR NOT NULL, verifier_key VARCHAR NOT NULL, pipeline VARCHAR, asset VARCHAR, run_id VARCHAR, created_at VARCHAR NOT NULL)",
 ]
 
 VIEW_DDL = [
+    """CREATE OR REPLACE VIEW log_tree AS
+       SELECT pos >> 48 AS level, pos & ((1::BIGINT << 48) - 1) AS idx, hash FROM log_nodes""",
     """CREATE OR REPLACE VIEW checkpoint_summary AS
        SELECT c.checkpoint_id, c.pipeline, c.training_run, c.epoch, c.step, c.lr, c.train_loss, c.val_loss,
               coalesce(s.selected, false) AS selected, s.rank AS selection_rank, s.reason, c.path, c.sha256

@@ -14,7 +14,7 @@ from ..config import Home, log_origin, resolve_home
 from ..integrity import merkle, notes
 from .leaves import row_leaf, table_leaves, to_arrow
 from .lock import LedgerBusy, ledger_lock
-from .nodes import StoredNodes
+from .nodes import StoredNodes, node_pos
 from .schema import LEAF_ORDER, all_ddl
 
 
@@ -175,11 +175,11 @@ def _tree_size(con: duckdb.DuckDBPyConnection) -> int:
 def _append_hashes(con: duckdb.DuckDBPyConnection, start: int, hashes: list[bytes]) -> tuple[int, bytes]:
     """Store the new leaf hashes and every perfect node they complete; return (size, root)."""
     perfect = StoredNodes(con)
+    perfect.run(merkle.root_from, start)  # the right frontier: the only stored nodes an append reads
     nodes = merkle.new_perfect_nodes(start, hashes, perfect)
-    tbl = pa.table({"level": pa.array([n[0] for n in nodes], pa.int16()),
-                    "idx": pa.array([n[1] for n in nodes], pa.int64()),
-                    "hash": pa.array([n[2] for n in nodes], pa.binary())})
+    tbl = pa.table({"pos": pa.array([node_pos(lv, ix) for lv, ix, _ in nodes], pa.int64()),
+                    "hash": pa.array([h for _, _, h in nodes], pa.binary())})
     _insert(con, "log_nodes", tbl)
-    perfect.pending = {(lv, ix): h for lv, ix, h in nodes}
+    perfect.cache.update({(lv, ix): h for lv, ix, h in nodes})
     size = start + len(hashes)
     return size, merkle.root_from(perfect, size)

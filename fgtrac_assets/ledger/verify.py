@@ -65,8 +65,8 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
         missing = [t for t in LEAF_ORDER + ["log_nodes", "tree_heads"] if t not in existing]
         if missing:
             return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
-        leaf_rows = con.execute("SELECT idx, hash FROM log_nodes WHERE level = 0 ORDER BY idx").fetchall()
-        stored_nodes = con.execute("SELECT level, idx, hash FROM log_nodes WHERE level > 0").fetchall()
+        leaf_rows = con.execute("SELECT idx, hash FROM log_tree WHERE level = 0 ORDER BY idx").fetchall()
+        stored_nodes = con.execute("SELECT level, idx, hash FROM log_tree WHERE level > 0").fetchall()
         heads = con.execute("SELECT size, root, note, verifier_key, asset FROM tree_heads ORDER BY size, created_at").fetchall()
         tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table().to_pylist() for t in LEAF_ORDER}
         artifacts = tables["artifacts"]
