@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def cmd_verify(args) -> int:
         return 0
     witness = Path(args.witness) if args.witness else None
     report = verify_ledger(ledger, witness=witness, trusted_keys=args.key or None)
+    summary = "; ".join(f.line() for f in report.findings[:3])
+    ledger.record_verification(report.leaves, report.ok, len(report.findings), summary or "OK")
     if args.json:
         print(json.dumps({"ok": report.ok, "notices": report.notices, "leaves": report.leaves, "tree_heads": report.tree_heads,
                           "artifacts": report.artifacts, "rows": report.rows,
@@ -159,20 +162,36 @@ def cmd_consistency(args) -> int:
     return 0
 
 
-def cmd_sql(args) -> int:
-    """Run a read-only SQL query against the ledger and print the result."""
+def cmd_audit(args) -> int:
+    """Run a named audit or read-only SQL and print the result as a table, CSV or JSON."""
+    from .ledger import audit
+
     ledger = _ledger(args)
-    with ledger.reader() as con:
-        try:
-            rel = con.execute(args.query)
-        except Exception as exc:  # duckdb raises many error types; the message is what matters
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
-        cols = [d[0] for d in rel.description or []]
-        rows = rel.fetchall()
-    if args.format == "json":
+    what = args.audit
+    try:
+        if what == "sample":
+            cols, rows = audit.sample_history(ledger, args.sample_id)
+        elif what == "used":
+            cols, rows = audit.sample_used(ledger, args.sample_id, args.run, args.test)
+        elif what == "run":
+            cols, rows = audit.training_run(ledger, args.run)
+        elif what == "lineage":
+            cols, rows = audit.lineage(ledger)
+        elif what == "influence":
+            cols, rows = audit.influence(ledger, args.test_id, args.run)
+        else:
+            cols, rows = audit.sql(ledger, args.query)
+    except audit.AuditError as exc:
+        print(f"fgtrac audit: {exc}", file=sys.stderr)
+        return 2
+    _print_result(cols, rows, args.format)
+    return 0
+
+
+def _print_result(cols: list[str], rows: list[tuple], fmt: str) -> None:
+    if fmt == "json":
         print(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=2))
-    elif args.format == "csv":
+    elif fmt == "csv":
         import csv
 
         w = csv.writer(sys.stdout, lineterminator="\n")
@@ -180,11 +199,18 @@ def cmd_sql(args) -> int:
         w.writerows(rows)
     else:
         _print_table(cols, rows)
-    return 0
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
 
 
 def _print_table(cols: list[str], rows: list[tuple]) -> None:
-    cells = [[("" if v is None else str(v)) for v in r] for r in rows]
+    cells = [[_cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [min(len(r[i]), 64) for r in cells]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("  ".join("-" * w for w in widths))
@@ -225,10 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", help="print the verifier key; `key list` all; `key rotate` starts a new one")
     p.add_argument("action", nargs="?", choices=["show", "list", "rotate"], default="show")
     p.set_defaults(func=cmd_key)
-    p = sub.add_parser("sql", help="run read-only SQL against the ledger")
-    p.add_argument("query")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.set_defaults(func=cmd_sql)
+    p = sub.add_parser("audit", help="named audits and read-only SQL over the ledger")
+    audits = p.add_subparsers(dest="audit", required=True)
+
+    def audit_parser(name, help_text):
+        a = audits.add_parser(name, help=help_text)
+        a.add_argument("--format", choices=["table", "csv", "json"], default="table")
+        a.set_defaults(func=cmd_audit)
+        return a
+
+    audit_parser("sample", "every event of a sample, in order").add_argument("sample_id", help="id or unique prefix")
+    a = audit_parser("used", "was the sample used by a training run (epochs, steps, lr), and its influence on --test")
+    a.add_argument("sample_id")
+    a.add_argument("--run", required=True, help="training run id, unique prefix, or 'latest'")
+    a.add_argument("--test", help="a test sample: show the sample's recorded influence on it")
+    audit_parser("run", "a training run: checkpoints, losses, lrs, selection, committed training set").add_argument(
+        "run", help="training run id, unique prefix, or 'latest'")
+    audit_parser("lineage", "asset lineage edges as recorded in the ledger")
+    a = audit_parser("influence", "proponents and opponents of a test sample")
+    a.add_argument("test_id")
+    a.add_argument("--run", help="training run (default: the latest that scored it)")
+    audit_parser("sql", "arbitrary read-only SQL (tables and views: see README)").add_argument("query")
     return parser
 
 
@@ -237,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `fgtrac audit ... | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (LedgerMissing, LedgerBusy, ValueError, OSError) as exc:
         print(f"fgtrac: {exc}", file=sys.stderr)
         return 2

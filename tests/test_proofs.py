@@ -245,3 +245,24 @@ def test_verify_json(digits_copy, capsys):
     assert fgtrac(["--home", str(digits_copy), "verify", "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and doc["findings"][0]["table"] == "influence"
+
+
+def test_real_receipts_and_consistency_verify_in_go(digits_home, capsys):
+    """fgtrac's receipts and consistency proofs from a pipeline run verify with Go's sumdb/note and sumdb/tlog."""
+    from tests.interop.build import go_unavailable_reason, go_verify
+
+    if go_unavailable_reason():
+        pytest.skip(go_unavailable_reason())
+    ledger = Ledger(digits_home)
+    key = ledger.keystore.current_verifier_key(ledger.origin)
+    receipts = proofs.sample_receipts(ledger, trained_sample(digits_home)["sample_id"])
+    proc = go_verify("receipt", receipts, key=key)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout + proc.stderr
+    bad = copy.deepcopy(receipts[0])
+    bad["leaf_index"] += 1
+    assert go_verify("receipt", bad, key=key).returncode == 1
+    sizes = [r["size"] for r in ledger.query("SELECT size FROM tree_heads ORDER BY size").to_pylist()]
+    for old in sizes[:-1]:
+        doc = proofs.consistency(ledger, old, sizes[-1])
+        proc = go_verify("consistency", doc, key=key)
+        assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout + proc.stderr

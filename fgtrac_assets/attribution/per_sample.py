@@ -16,7 +16,7 @@ batch.  That fallback is exact but costs one backward pass per sample (roughly
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -207,6 +207,7 @@ class _ForwardWrapper(nn.Module):
         self._fn = forward
 
     def forward(self, x: Any) -> Tensor:
+        """Return ``forward(model, x)``."""
         return self._fn(self.model, x)
 
 

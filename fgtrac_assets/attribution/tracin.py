@@ -52,6 +52,10 @@ class TracInCP:
       (looping per sample when vmap is impossible), optionally projected to
       ``projection_dim`` with a Gaussian projection seeded by ``seed``.
 
+    Data arguments are either tensors ``(inputs, targets)`` (``inputs`` may be a tuple of
+    tensors), batched internally by ``batch_size``, or an iterable of ``(inputs, targets)``
+    batches (e.g. a DataLoader) with ``targets=None``; one-shot iterables are buffered.
+
     ``method`` ("auto", "ghost", "per_sample") forces a path; "ghost" with a custom
     ``forward`` asserts that sample i's loss depends only on row i of each layer.
     Gradients are taken in eval mode; afterwards the model's parameters/buffers,
@@ -150,7 +154,7 @@ class TracInCP:
             for i in range(len(self.checkpoints)):
                 lr = self._load(i)
                 test_t = self._grads_all(test_inputs, test_targets).T
-                if out is None:
+                if out is None:  # first pass: the row count is known only from the gradients
                     out = torch.cat([g @ test_t * lr for g in self._grads(train_inputs, train_targets)])
                     continue
                 row = 0

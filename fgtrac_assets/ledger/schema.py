@@ -95,6 +95,8 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
 LEAF_ORDER = list(LEAF_TABLES)
 
 LOG_DDL = [
+    # Results of `fgtrac verify`: not log leaves (they describe the log), kept for integrity_status.
+    "CREATE TABLE IF NOT EXISTS verifications (verified_at VARCHAR NOT NULL, tree_size BIGINT NOT NULL, ok BOOLEAN NOT NULL, findings BIGINT NOT NULL, summary VARCHAR)",
     # pos = level << 48 | index: level 0 holds the leaf hashes, level k the perfect subtree hashes over 2**k
     # leaves. One BIGINT key lets a proof fetch all its O(log n) nodes with one indexed IN-list query.
     "CREATE TABLE IF NOT EXISTS log_nodes (pos BIGINT PRIMARY KEY, hash BLOB NOT NULL)",
@@ -111,6 +113,39 @@ VIEW_DDL = [
        LEFT JOIN (SELECT * FROM checkpoint_selections
                   QUALIFY row_number() OVER (PARTITION BY checkpoint_id ORDER BY leaf_index DESC) = 1) s
          USING (checkpoint_id)""",
+    """CREATE OR REPLACE VIEW sample_history AS
+       SELECT e.sample_id, e.leaf_index, e.kind, e.pipeline, e.asset, e.run_id, e.training_run, e.epoch, e.step,
+              e.position, e.lr, e.checkpoint_id, e.detail
+       FROM events e WHERE e.sample_id IS NOT NULL""",
+    """CREATE OR REPLACE VIEW sample_usage AS
+       WITH used AS (
+           SELECT sample_id, training_run, count(DISTINCT epoch) AS epochs, count(*) AS steps,
+                  min(step) AS first_step, max(step) AS last_step, min(epoch) AS first_epoch,
+                  max(epoch) AS last_epoch, min(lr) AS min_lr, max(lr) AS max_lr
+           FROM events WHERE kind = 'batched' GROUP BY ALL),
+       runs AS (SELECT DISTINCT pipeline, training_run FROM training_sets),
+       samples_of AS (SELECT DISTINCT pipeline, sample_id FROM samples)
+       SELECT s.sample_id, r.pipeline, r.training_run, u.sample_id IS NOT NULL AS used,
+              coalesce(u.epochs, 0) AS epochs, coalesce(u.steps, 0) AS steps, u.first_step, u.last_step,
+              u.first_epoch, u.last_epoch, u.min_lr, u.max_lr
+       FROM samples_of s JOIN runs r USING (pipeline)
+       LEFT JOIN used u ON u.sample_id = s.sample_id AND u.training_run = r.training_run""",
+    """CREATE OR REPLACE VIEW model_training_set AS
+       SELECT t.pipeline, t.training_run, t.size AS committed_size, t.root AS committed_root, e.sample_id
+       FROM training_sets t
+       JOIN (SELECT DISTINCT training_run, sample_id FROM events WHERE kind = 'batched') e USING (training_run)""",
+    """CREATE OR REPLACE VIEW influence_top AS
+       SELECT pipeline, training_run, method, test_sample_id, kind, rank, train_sample_id, score, leaf_index
+       FROM influence WHERE kind IN ('proponent', 'opponent')""",
+    """CREATE OR REPLACE VIEW integrity_status AS
+       WITH last AS (SELECT * FROM verifications ORDER BY verified_at DESC LIMIT 1)
+       SELECT m.pipeline, m.asset, max(m.leaf_start + m.leaf_count) AS committed_through,
+              (SELECT max(size) FROM tree_heads) AS latest_tree_head,
+              any_value(last.verified_at) AS last_verified_at, any_value(last.tree_size) AS verified_tree_size,
+              CASE WHEN any_value(last.ok) IS NULL THEN 'never verified'
+                   WHEN max(m.leaf_start + m.leaf_count) > any_value(last.tree_size) THEN 'not yet verified'
+                   WHEN any_value(last.ok) THEN 'ok' ELSE 'FAILED' END AS status
+       FROM materializations m LEFT JOIN last ON true GROUP BY m.pipeline, m.asset""",
     """CREATE OR REPLACE VIEW asset_lineage AS
        SELECT DISTINCT m.pipeline, u.key AS upstream_asset, m.asset
        FROM materializations m, json_each(m.upstream) u""",

@@ -80,6 +80,9 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
+                if not read_only:
+                    for ddl in all_ddl():
+                        con.execute(ddl)
                 yield con
             finally:
                 con.close()
@@ -104,8 +107,6 @@ class Ledger:
         hashes = [merkle.leaf_hash(x) for x in leaves]
         with self._connect(read_only=False) as con:
             signer = self.keystore.load_or_create(self.origin)
-            for ddl in all_ddl():
-                con.execute(ddl)
             con.execute("BEGIN TRANSACTION")
             try:
                 start = _tree_size(con)
@@ -133,6 +134,11 @@ class Ledger:
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
                             checkpoint=note, rows=counts)
+
+    def record_verification(self, tree_size: int, ok: bool, findings: int, summary: str) -> None:
+        """Append one `fgtrac verify` outcome (shown by the integrity_status view)."""
+        with self._connect(read_only=False) as con:
+            con.execute("INSERT INTO verifications VALUES (?, ?, ?, ?, ?)", [utc_now(), tree_size, ok, findings, summary])
 
     def latest_tree_head(self) -> dict | None:
         """Return the newest signed tree head as a dict, or None for an empty log."""

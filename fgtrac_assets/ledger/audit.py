@@ -1,0 +1,119 @@
+"""Named audits over the ledger's views; every one is a read-only query."""
+
+import duckdb
+
+from .store import Ledger
+
+
+class AuditError(ValueError):
+    """An audit that cannot be answered as asked (unknown or ambiguous id, a write attempted)."""
+
+
+def resolve_sample(con: duckdb.DuckDBPyConnection, prefix: str) -> str:
+    """Return the full sample id that starts with prefix; raise AuditError if none or several do."""
+    prefix = prefix.strip().lower()
+    if len(prefix) == 64:
+        return prefix
+    if len(prefix) < 6:
+        raise AuditError(f"sample id {prefix!r}: give at least 6 hex characters")
+    rows = con.execute("SELECT DISTINCT sample_id FROM samples WHERE starts_with(sample_id, ?) LIMIT 3",
+                       [prefix]).fetchall()
+    if not rows:
+        raise AuditError(f"no sample id starts with {prefix}")
+    if len(rows) > 1:
+        raise AuditError(f"sample id prefix {prefix} is ambiguous ({', '.join(r[0][:16] for r in rows)}, …)")
+    return rows[0][0]
+
+
+def resolve_run(con: duckdb.DuckDBPyConnection, prefix: str) -> str:
+    """Return the full training run id that starts with prefix ('latest' = the newest run)."""
+    if prefix == "latest":
+        rows = con.execute("SELECT training_run FROM training_sets ORDER BY leaf_index DESC LIMIT 1").fetchall()
+    else:
+        rows = con.execute("SELECT DISTINCT training_run FROM training_sets WHERE starts_with(training_run, ?) LIMIT 3",
+                           [prefix]).fetchall()
+    if not rows:
+        raise AuditError(f"no training run {prefix!r}")
+    if len(rows) > 1:
+        raise AuditError(f"training run prefix {prefix} is ambiguous")
+    return rows[0][0]
+
+
+Result = tuple[list[str], list[tuple]]
+
+
+def _q(con, sql: str, params: list | None = None) -> Result:
+    rel = con.execute(sql, params or [])
+    return [d[0] for d in rel.description], rel.fetchall()
+
+
+def sample_history(ledger: Ledger, sample: str) -> Result:
+    """Return every event of a sample in log order."""
+    with ledger.reader() as con:
+        sid = resolve_sample(con, sample)
+        return _q(con, "SELECT leaf_index, kind, asset, training_run, epoch, step, position, lr, checkpoint_id, detail "
+                       "FROM sample_history WHERE sample_id = ? ORDER BY leaf_index", [sid])
+
+
+def sample_used(ledger: Ledger, sample: str, run: str, test: str | None = None) -> Result:
+    """Return whether a sample was used by a training run (epochs, steps, lrs) and, with test, its influence on it."""
+    with ledger.reader() as con:
+        sid, rid = resolve_sample(con, sample), resolve_run(con, run)
+        cols, rows = _q(con, "SELECT sample_id, training_run, used, epochs, steps, first_step, last_step, min_lr, max_lr "
+                             "FROM sample_usage WHERE sample_id = ? AND training_run = ?", [sid, rid])
+        if not rows:
+            rows = [(sid, rid, False, 0, 0, None, None, None, None)]
+        if test is None:
+            return cols, rows
+        tid = resolve_sample(con, test)
+        score = con.execute("SELECT kind, rank, score FROM influence WHERE training_run = ? AND test_sample_id = ? "
+                            "AND train_sample_id = ? ORDER BY leaf_index DESC LIMIT 1", [rid, tid, sid]).fetchall()
+    influence = f"{score[0][0]} #{score[0][1]}: {score[0][2]:+.6g}" if score else "not among the recorded top-k"
+    return cols + ["test_sample_id", "influence"], [rows[0] + (tid, influence)]
+
+
+def training_run(ledger: Ledger, run: str) -> Result:
+    """Return a training run's checkpoints with losses, learning rates and selection, and its committed set."""
+    with ledger.reader() as con:
+        rid = resolve_run(con, run)
+        return _q(con, "SELECT c.checkpoint_id, c.epoch, c.step, c.lr, c.train_loss, c.val_loss, c.selected, "
+                       "c.reason, t.size AS training_set_size, t.root AS training_set_root "
+                       "FROM checkpoint_summary c JOIN training_sets t USING (training_run) "
+                       "WHERE c.training_run = ? ORDER BY c.epoch", [rid])
+
+
+def lineage(ledger: Ledger) -> Result:
+    """Return the asset lineage edges recorded in the ledger."""
+    with ledger.reader() as con:
+        return _q(con, "SELECT pipeline, upstream_asset, asset FROM asset_lineage ORDER BY ALL")
+
+
+def influence(ledger: Ledger, test: str, run: str | None = None) -> Result:
+    """Return the proponents and opponents of a test sample (latest training run unless given)."""
+    with ledger.reader() as con:
+        tid = resolve_sample(con, test)
+        if run:
+            rid = resolve_run(con, run)
+        else:
+            rows = con.execute("SELECT training_run FROM influence_top WHERE test_sample_id = ? "
+                               "ORDER BY leaf_index DESC LIMIT 1", [tid]).fetchall()
+            if not rows:
+                raise AuditError(f"sample {tid[:16]}… has no influence scores (is it a test sample?)")
+            rid = rows[0][0]
+        return _q(con, "SELECT i.kind, i.rank, i.train_sample_id, i.score, s.label, s.source "
+                       "FROM influence_top i LEFT JOIN (SELECT DISTINCT ON (sample_id) sample_id, label, source "
+                       "FROM samples) s ON s.sample_id = i.train_sample_id "
+                       "WHERE i.test_sample_id = ? AND i.training_run = ? ORDER BY i.kind DESC, i.rank", [tid, rid])
+
+
+def sql(ledger: Ledger, statement: str) -> Result:
+    """Return the result of arbitrary SQL run on a read-only connection; writes fail with AuditError."""
+    with ledger.reader() as con:
+        try:
+            return _q(con, statement)
+        except duckdb.Error as exc:
+            msg = str(exc).splitlines()[0]
+            if "read-only" in msg or "read only" in msg:
+                raise AuditError("audits open the ledger read-only: statements that write are refused; "
+                                 "nothing was changed") from None
+            raise AuditError(msg) from None
