@@ -87,3 +87,28 @@ def test_a_second_run_extends_the_log(digits_copy):
     assert after > before
     assert scalar(digits_copy, "SELECT count(DISTINCT training_run) FROM checkpoints") == 2
     assert fgtrac(["--home", str(digits_copy), "verify"]) == 0
+
+
+def test_every_check_of_every_asset_passed(tmp_path):
+    result = materialize_digits(tmp_path / "h", limit=200, epochs=2)
+    evaluations = result.get_asset_check_evaluations()
+    names = {(e.asset_key.path[-1], e.check_name) for e in evaluations}
+    assert {(a, "tree_head_verifies") for a in ASSET_NAMES} <= names
+    assert {(a, "lineage_complete") for a in ASSET_NAMES} <= names
+    assert ("influence_scores", "numbers_sane") in names and ("training_checkpoints", "numbers_sane") in names
+    failed = [(e.asset_key.path[-1], e.check_name, e.description) for e in evaluations if not e.passed]
+    assert failed == []
+
+
+def test_lineage_check_fails_when_a_batched_event_is_missing(digits_copy):
+    """The lineage check reads the committed ledger, so a lost event is seen (not just trusted from memory)."""
+    from fgtrac_assets.ledger.checks import run_checks
+
+    ledger = Ledger(digits_copy)
+    tr = ledger.query("SELECT training_run, run_id FROM checkpoints LIMIT 1").to_pylist()[0]
+    note = ledger.latest_tree_head()["note"]
+    con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
+    con.execute("DELETE FROM events WHERE leaf_index = (SELECT max(leaf_index) FROM events WHERE kind = 'batched')")
+    con.close()
+    outcome = {c.name: c for c in run_checks(ledger, "training_checkpoints", tr["run_id"], tr["training_run"], note)}
+    assert not outcome["lineage_complete"].passed and "1 training samples missing" in outcome["lineage_complete"].description

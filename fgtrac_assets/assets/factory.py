@@ -4,6 +4,9 @@ import dataclasses
 import warnings
 
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     BetaWarning,
     AssetIn,
@@ -15,6 +18,7 @@ from dagster import (
     asset,
 )
 
+from ..ledger.checks import check_names
 from ..pipelines import stages
 from ..pipelines.base import Pipeline, TrainSettings
 from ..pipelines.handles import Handle, StageResult
@@ -31,11 +35,25 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 warnings.filterwarnings("ignore", category=BetaWarning, message=".*data_version.*")
 
 
-def _output(result: StageResult, row_count: int | None = None) -> Output:
+def _output(result: StageResult, row_count: int | None = None):
+    """Yield the asset's output (value, metadata, data version = its root) and its check results."""
     meta = to_dagster(result.metadata)
     if row_count is not None:
         meta["dagster/row_count"] = row_count
-    return Output(result.handle, metadata=meta, data_version=DataVersion(result.handle.root_hex))
+    yield Output(result.handle, metadata=meta, data_version=DataVersion(result.handle.root_hex))
+    for c in result.checks:
+        yield AssetCheckResult(check_name=c.name, passed=c.passed, description=c.description,
+                               metadata=to_dagster(c.metadata),
+                               severity=AssetCheckSeverity.ERROR)
+
+
+def _check_specs(pipeline: str, asset: str) -> list[AssetCheckSpec]:
+    """Every asset's checks; a failed tree head or incomplete lineage blocks the assets downstream."""
+    descriptions = {"tree_head_verifies": "the signed tree head of this commit verifies and matches the stored tree",
+                    "lineage_complete": "every sample has the lifecycle events this asset must record",
+                    "numbers_sane": "losses and scores are finite and of the expected sign"}
+    return [AssetCheckSpec(name, asset=AssetKey([pipeline, asset]), description=descriptions[name],
+                           blocking=name != "numbers_sane") for name in check_names(asset)]
 
 
 def _run(context: AssetExecutionContext, fn, *args, **kwargs) -> StageResult:
@@ -51,57 +69,57 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings) -> list[A
     """Return the six assets raw_samples -> ... -> influence_scores for a pipeline, in group pipeline.name."""
     p = pipeline.name
 
-    def ins(*names: str) -> dict:
-        return {n: AssetIn(key=AssetKey([p, n])) for n in names}
+    def chain_asset(name: str, description: str, upstream: tuple[str, ...] = ()):
+        return asset(name=name, key_prefix=[p], group_name=p, code_version=CODE_VERSION, description=description,
+                     ins={n: AssetIn(key=AssetKey([p, n])) for n in upstream}, check_specs=_check_specs(p, name))
 
-    common = {"key_prefix": [p], "group_name": p, "code_version": CODE_VERSION}
-
-    @asset(name="raw_samples", description=f"Raw samples of {p}, each identified by the SHA-256 of its content; "
-           "`ingested` and `rejected` events with reasons.", **common)
-    def raw_samples(context: AssetExecutionContext, config: RawSamplesConfig, fgtrac: FgtracResource) -> Output:
+    @chain_asset("raw_samples", f"Raw samples of {p}, each identified by the SHA-256 of its content; "
+                 "`ingested` and `rejected` events with reasons.")
+    def raw_samples(context: AssetExecutionContext, config: RawSamplesConfig, fgtrac: FgtracResource):
         r = _run(context, stages.ingest, fgtrac.ledger(), pipeline, context.run.run_id, source=config.source,
                  limit=config.limit, strict=config.strict)
-        return _output(r, r.metadata["samples"])
+        yield from _output(r, r.metadata["samples"])
 
-    @asset(name="preprocessed_samples", ins=ins("raw_samples"), description="Normalised samples with a deterministic "
-           "train/val/test split; events link each input hash to its output hash.", **common)
-    def preprocessed_samples(context: AssetExecutionContext, fgtrac: FgtracResource, raw_samples: Handle) -> Output:
+    @chain_asset("preprocessed_samples", "Normalised samples with a deterministic train/val/test split; "
+                 "events link each input hash to its output hash.", upstream=("raw_samples",))
+    def preprocessed_samples(context: AssetExecutionContext, fgtrac: FgtracResource, raw_samples: Handle):
         r = _run(context, stages.preprocess, fgtrac.ledger(), pipeline, context.run.run_id, raw_samples)
-        return _output(r, r.metadata["samples"])
+        yield from _output(r, r.metadata["samples"])
 
-    @asset(name="training_checkpoints", ins=ins("preprocessed_samples"), description="A new model version: one "
-           "checkpoint per epoch (file sha256 in the ledger) and a `batched` event per sample per step.", **common)
+    @chain_asset("training_checkpoints", "A new model version: one checkpoint per epoch (file sha256 in the "
+                 "ledger) and a `batched` event per sample per step.", upstream=("preprocessed_samples",))
     def training_checkpoints(context: AssetExecutionContext, config: TrainingConfig, fgtrac: FgtracResource,
-                             preprocessed_samples: Handle) -> Output:
+                             preprocessed_samples: Handle):
         chosen = {k: v for k, v in config.model_dump().items() if v is not None}
         settings = dataclasses.replace(defaults, **chosen)
         r = _run(context, stages.train, fgtrac.ledger(), pipeline, context.run.run_id, preprocessed_samples, settings)
-        return _output(r, r.metadata["epochs"])
+        yield from _output(r, r.metadata["epochs"])
 
-    @asset(name="selected_checkpoints", ins=ins("training_checkpoints"), description="Checkpoints where validation "
-           "loss improved substantially (FG-Trac), the final one always kept.", **common)
+    @chain_asset("selected_checkpoints", "Checkpoints where validation loss improved substantially (FG-Trac), "
+                 "the final one always kept.", upstream=("training_checkpoints",))
     def selected_checkpoints(context: AssetExecutionContext, config: SelectionConfig, fgtrac: FgtracResource,
-                             training_checkpoints: Handle) -> Output:
+                             training_checkpoints: Handle):
         r = _run(context, stages.select, fgtrac.ledger(), pipeline, context.run.run_id, training_checkpoints,
                  min_rel_improvement=config.min_rel_improvement, max_checkpoints=config.max_checkpoints,
                  always_keep_last=config.always_keep_last)
-        return _output(r, len(r.metadata["selected"]))
+        yield from _output(r, len(r.metadata["selected"]))
 
-    @asset(name="gradient_cache", ins=ins("preprocessed_samples", "training_checkpoints", "selected_checkpoints"),
-           description=f"Per-sample gradient factors of layer `{pipeline.influence_layer}` at each selected "
-           "checkpoint (output error and input activation), as a Parquet artifact.", **common)
+    @chain_asset("gradient_cache", f"Per-sample gradient factors of layer `{pipeline.influence_layer}` at each "
+                 "selected checkpoint (output error and input activation), as a Parquet artifact.",
+                 upstream=("preprocessed_samples", "training_checkpoints", "selected_checkpoints"))
     def gradient_cache(context: AssetExecutionContext, fgtrac: FgtracResource, preprocessed_samples: Handle,
-                       training_checkpoints: Handle, selected_checkpoints: Handle) -> Output:
+                       training_checkpoints: Handle, selected_checkpoints: Handle):
         r = _run(context, stages.gradients, fgtrac.ledger(), pipeline, context.run.run_id, preprocessed_samples,
                  training_checkpoints, selected_checkpoints)
-        return _output(r, r.metadata["rows"])
+        yield from _output(r, r.metadata["rows"])
 
-    @asset(name="influence_scores", ins=ins("gradient_cache"), description="Signed TracInCP scores: top-k "
-           "proponents and opponents per test sample and the self-influence of every training sample.", **common)
+    @chain_asset("influence_scores", "Signed TracInCP scores: top-k proponents and opponents per test sample "
+                 "and the self-influence of every training sample.", upstream=("gradient_cache",))
     def influence_scores(context: AssetExecutionContext, config: InfluenceConfig, fgtrac: FgtracResource,
-                         gradient_cache: Handle) -> Output:
-        r = _run(context, stages.influence, fgtrac.ledger(), pipeline, context.run.run_id, gradient_cache, k=config.top_k)
-        return _output(r, r.metadata["influence_rows"])
+                         gradient_cache: Handle):
+        r = _run(context, stages.influence, fgtrac.ledger(), pipeline, context.run.run_id, gradient_cache,
+                 k=config.top_k)
+        yield from _output(r, r.metadata["influence_rows"])
 
     return [raw_samples, preprocessed_samples, training_checkpoints, selected_checkpoints, gradient_cache,
             influence_scores]

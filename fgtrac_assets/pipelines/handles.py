@@ -54,3 +54,4 @@ class StageResult:
     handle: Handle
     metadata: dict
     checkpoint: str
+    checks: list = field(default_factory=list)

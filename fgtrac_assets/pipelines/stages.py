@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..ledger.artifacts import ArtifactFile, write_artifact
+from ..ledger.checks import run_checks
 from ..ledger.proofs import training_set_root
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
@@ -51,7 +52,8 @@ def _finish(ledger: Ledger, pipeline: Pipeline, asset: str, run_id: str, rows: d
             "leaf_end": result.leaf_start + result.leaf_count - 1, "tree_size": result.tree_size,
             "root": result.root_hex, "signed_tree_head": result.checkpoint,
             "upstream_roots": {h.asset: h.root_hex for h in upstream}}
-    return StageResult(handle=handle, metadata=meta, checkpoint=result.checkpoint)
+    checks = run_checks(ledger, asset, run_id, training_run, result.checkpoint)
+    return StageResult(handle=handle, metadata=meta, checkpoint=result.checkpoint, checks=checks)
 
 
 def _with_constants(rows, common: dict, table: str):
