@@ -114,3 +114,8 @@ class Pipeline(ABC):
     def evaluate(self, model, prepared: pa.Table) -> dict:
         """Return test-split metrics of a trained model for the asset metadata (none by default)."""
         return {}
+
+    def pictures(self, prepared: pa.Table, sample_ids: list[str]) -> dict[str, tuple]:
+        """Return {sample_id: (picture, caption)} for plots: a 2-D array (image) or a short text."""
+        labels = dict(zip(prepared.column("sample_id").to_pylist(), prepared.column("label").to_pylist()))
+        return {s: (f"{s[:10]}…", f"label {labels.get(s)}") for s in sample_ids}

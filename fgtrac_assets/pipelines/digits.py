@@ -86,6 +86,15 @@ class DigitsPipeline(Pipeline):
 
         return torch.nn.CrossEntropyLoss(reduction="none")
 
+    def pictures(self, prepared: pa.Table, sample_ids: list[str]) -> dict[str, tuple]:
+        wanted = set(sample_ids)
+        out = {}
+        for r in prepared.to_pylist():
+            if r["sample_id"] in wanted:
+                img = np.frombuffer(r["x"], np.float32).reshape(r["height"], r["width"])
+                out[r["sample_id"]] = (img, str(r["label"]))
+        return out
+
     def evaluate(self, model, prepared: pa.Table) -> dict:
         import torch
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from ..ledger.artifacts import ArtifactFile, write_artifact
 from ..ledger.checks import run_checks
 from ..ledger.proofs import training_set_root
+from ..report import plots
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
 from .base import Pipeline, TrainSettings
@@ -169,7 +170,8 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
             "batched_events": events.num_rows,
             "train_samples": len(train_ids), "final_val_loss": checkpoints[-1]["val_loss"],
             "settings": settings.__dict__, "loss_history": history, **metrics}
-    extra = {"checkpoints": checkpoints, "settings": settings.__dict__}
+    meta["loss_curve_md"] = plots.markdown_image(plots.loss_curve(history), "training and validation loss")
+    extra = {"checkpoints": checkpoints, "settings": settings.__dict__, "history": history}
     return _finish(ledger, pipeline, "training_checkpoints", run_id, {"events": events, "checkpoints": checkpoints,
                                                                   "training_sets": training_set},
                    [prepared], arts, meta, training_run=training_run, extra=extra)
@@ -194,7 +196,9 @@ def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, mi
     selected = [ckpts[i] for i in chosen]
     log("selected checkpoints: " + ", ".join(f"{c['checkpoint_id']} (val loss {c['val_loss']:.4f}, lr {c['lr']:.4g})"
                                          for c in selected))
+    curve = plots.loss_curve(training.extra["history"], [c["epoch"] for c in selected])
     meta = {"selected": [c["checkpoint_id"] for c in selected], "selected_epochs": [c["epoch"] for c in selected],
+            "loss_curve_md": plots.markdown_image(curve, "loss per epoch, selected checkpoints circled"),
             "rule": {"min_rel_improvement": min_rel_improvement, "max_checkpoints": max_checkpoints,
                      "always_keep_last": always_keep_last}}
     return _finish(ledger, pipeline, "selected_checkpoints", run_id, {"checkpoint_selections": rows}, [training], {},
@@ -233,7 +237,8 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
     meta = {"layer": layer, "checkpoints": len(selected.extra["selected"]), "rows": cache.num_rows,
             "gradient_events": len(events)}
     return _finish(ledger, pipeline, "gradient_cache", run_id, {"events": events.to_arrow()},
-                   [prepared, training, selected], {"gradient_cache": art}, meta, training_run=training.training_run)
+                   [prepared, training, selected], {"gradient_cache": art}, meta, training_run=training.training_run,
+                   extra={"prepared": prepared.artifacts["prepared"]})
 
 
 def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k: int = 10,
@@ -284,8 +289,25 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k:
     art = _write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
                          "influence_scores", rows)
     meta = {"method": "TracInCP (last layer, selected checkpoints)", "checkpoints": ckpt_ids, "top_k": k,
+            "self_influence_md": plots.markdown_image(
+                plots.histogram(selfinf.tolist(), "self-influence of training samples", "TracInCP(z, z)"),
+                "distribution of self-influence"),
             "test_samples": len(test_ids or []), "train_samples": len(train_ids), "influence_rows": rows.num_rows,
             "top_self_influence": [(train_ids[i], float(selfinf[i])) for i in order[:10]]}
+    if top is not None and "prepared" in cache.extra:
+        prepared_table = cache.extra["prepared"].read_parquet(ledger.home.root)
+        shown = list(range(min(4, len(test_ids))))
+        wanted = {test_ids[j] for j in shown}
+        for j in shown:
+            wanted |= {train_ids[int(i)] for i in top.proponent_idx[j, :4]} | {train_ids[int(i)] for i in top.opponent_idx[j, :4]}
+        pics = pipeline.pictures(prepared_table, sorted(wanted))
+        grid = [{"test": pics[test_ids[j]][0], "test_label": pics[test_ids[j]][1],
+                 "proponents": [(pics[train_ids[int(i)]][0], f"{pics[train_ids[int(i)]][1]} {float(v):+.3g}")
+                                for i, v in zip(top.proponent_idx[j, :4], top.proponent_score[j, :4])],
+                 "opponents": [(pics[train_ids[int(i)]][0], f"{pics[train_ids[int(i)]][1]} {float(v):+.3g}")
+                               for i, v in zip(top.opponent_idx[j, :4], top.opponent_score[j, :4])]} for j in shown]
+        meta["proponents_opponents_md"] = plots.markdown_image(plots.proponents_opponents(grid),
+                                                               "test samples with their top proponents and opponents")
     return _finish(ledger, pipeline, "influence_scores", run_id, {"influence": rows}, [cache],
                    {"influence": art}, meta, training_run=cache.training_run)
 

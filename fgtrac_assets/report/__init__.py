@@ -1,0 +1,1 @@
+"""Pictures and the static HTML audit report (matplotlib; no Dagster)."""
