@@ -2,6 +2,7 @@
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
+from .assets.automation import daily_retraining, inbox_sensor
 from .assets.factory import build_pipeline_assets
 from .assets.resources import FgtracResource
 from .pipelines.base import TrainSettings
@@ -19,4 +20,8 @@ jobs = [define_asset_job(f"{pipeline.name}_job", selection=AssetSelection.groups
                          description=f"Materialise the whole {pipeline.name} chain.")
         for pipeline, _ in PIPELINES]
 
-defs = Definitions(assets=all_assets, jobs=jobs, resources={"fgtrac": FgtracResource()})
+schedules = [daily_retraining(job, pipeline.name) for job, (pipeline, _) in zip(jobs, PIPELINES)]
+sensors = [inbox_sensor(job, pipeline.name) for job, (pipeline, _) in zip(jobs, PIPELINES)]
+
+defs = Definitions(assets=all_assets, jobs=jobs, schedules=schedules, sensors=sensors,
+                   resources={"fgtrac": FgtracResource()})

@@ -12,6 +12,7 @@ class RawSamplesConfig(Config):
     source: str = Field(default="", description="'' = the pipeline's bundled data; else an ImageFolder directory or a Parquet file")
     limit: int = Field(default=0, description="read at most this many items (0 = all)")
     strict: bool = Field(default=False, description="fail the run if any item is rejected")
+    inbox: bool = Field(default=False, description="also ingest everything in $FGTRAC_HOME/inbox/<pipeline>/")
 
 
 class TrainingConfig(Config):

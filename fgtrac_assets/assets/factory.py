@@ -77,7 +77,7 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings) -> list[A
                  "`ingested` and `rejected` events with reasons.")
     def raw_samples(context: AssetExecutionContext, config: RawSamplesConfig, fgtrac: FgtracResource):
         r = _run(context, stages.ingest, fgtrac.ledger(), pipeline, context.run.run_id, source=config.source,
-                 limit=config.limit, strict=config.strict)
+                 limit=config.limit, strict=config.strict, inbox=config.inbox)
         yield from _output(r, r.metadata["samples"])
 
     @chain_asset("preprocessed_samples", "Normalised samples with a deterministic train/val/test split; "

@@ -47,7 +47,13 @@ class DigitsPipeline(Pipeline):
         if not path.exists():
             raise FileNotFoundError(f"source {source}: no such file or directory")
         if path.is_dir():
-            return collect_images(image_folder(path, limit), 255.0, self.num_classes)
+            # class folders of images, plus any Parquet files at the top (the inbox takes both)
+            items = [] if not any(p.is_dir() for p in path.iterdir()) else list(image_folder(path, limit))
+            for f in sorted(path.glob("*.parquet")):
+                items.extend(parquet_images(f, limit))
+            if not items:
+                items = list(image_folder(path, limit))  # reports "no class folders"
+            return collect_images(items, 255.0, self.num_classes)
         return collect_images(parquet_images(path, limit), 255.0, self.num_classes)
 
     def preprocess(self, raw: pa.Table) -> Preprocessed:

@@ -73,21 +73,33 @@ def _with_constants(rows, common: dict, table: str):
 
 
 def ingest(ledger: Ledger, pipeline: Pipeline, run_id: str, source: str = "", limit: int = 0,
-           strict: bool = False, log: Log = _noop) -> StageResult:
-    """Read the raw source, record `ingested` and `rejected` events, and store the accepted samples."""
+           strict: bool = False, inbox: bool = False, log: Log = _noop) -> StageResult:
+    """Read the source (and the pipeline's inbox), record `ingested` events for new content and `rejected` ones.
+
+    The raw artifact is this run's whole snapshot; a sample whose content the pipeline ingested before gets no
+    second `ingested` event (ids are content hashes), so its history shows where it first came from.
+    """
     got = pipeline.ingest(source, limit)
+    inbox_dir = ledger.home.inbox / pipeline.name
+    if inbox and inbox_dir.is_dir() and any(inbox_dir.iterdir()):
+        more = pipeline.ingest(str(inbox_dir), 0)
+        got = type(got)(pa.concat_tables([got.table, more.table]), got.rejected + more.rejected)
     for r in got.rejected[:20]:
         log(r.message())
     if len(got.rejected) > 20:
         log(f"... and {len(got.rejected) - 20} more rejected items (see events with kind='rejected')")
-    events = EventBuffer()
     table = got.table
-    events.add(table.column("sample_id").to_pylist(), "ingested",
-               detail=[{"source": s, "label": y} for s, y in zip(table.column("source").to_pylist(), table.column("label").to_pylist())])
+    ids = table.column("sample_id").to_pylist()
+    known = _known_samples(ledger, pipeline.name, ids)
+    new = pa.array([sid not in known for sid in ids], type=pa.bool_())
+    fresh = table.filter(new)
+    events = EventBuffer()
+    events.add(fresh.column("sample_id").to_pylist(), "ingested",
+               detail=[{"source": s, "label": y} for s, y in zip(fresh.column("source").to_pylist(),
+                                                                 fresh.column("label").to_pylist())])
     events.add([r.sample_id for r in got.rejected], "rejected",
                detail=[{"source": r.source, "reason": r.reason} for r in got.rejected])
-    samples = table.select(["sample_id", "source", "label"])
-    rows = {"samples": samples, "events": events.to_arrow()}
+    rows = {"samples": fresh.select(["sample_id", "source", "label"]), "events": events.to_arrow()}
     if strict and got.rejected:
         # Record what was rejected, then stop: nothing is trained on a partially bad source.
         _finish(ledger, pipeline, "raw_samples", run_id, {"events": events.to_arrow()}, [], {}, {})
@@ -97,10 +109,26 @@ def ingest(ledger: Ledger, pipeline: Pipeline, run_id: str, source: str = "", li
         raise NothingToTrain(f"source {source or '(bundled default)'}: every item was rejected "
                              f"({len(got.rejected)} rejected, 0 accepted); nothing to train on")
     art = _write_parquet(ledger, f"{pipeline.name}/raw/{run_id}.parquet", "raw_samples", table)
-    meta = {"samples": table.num_rows, "unique_samples": len(set(table.column("sample_id").to_pylist())),
-            "rejected": len(got.rejected), "source": source or "(bundled default)",
+    meta = {"samples": table.num_rows, "unique_samples": len(set(ids)), "new_samples": fresh.num_rows,
+            "already_ingested": table.num_rows - fresh.num_rows, "rejected": len(got.rejected),
+            "source": source or "(bundled default)" + (" + inbox" if inbox else ""),
             "rejections": [r.message() for r in got.rejected[:50]]}
+    log(f"{table.num_rows} samples ({fresh.num_rows} new, {table.num_rows - fresh.num_rows} already ingested), "
+        f"{len(got.rejected)} rejected")
     return _finish(ledger, pipeline, "raw_samples", run_id, rows, [], {"raw": art}, meta)
+
+
+def _known_samples(ledger: Ledger, pipeline: str, ids: list[str]) -> set[str]:
+    """Return which of these sample ids the pipeline has ingested before."""
+    if not ledger.exists() or not ids:
+        return set()
+    with ledger.reader() as con:
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'").fetchall()[0][0]:
+            return set()
+        con.register("_ids", pa.table({"sample_id": ids}))
+        rows = con.execute("SELECT DISTINCT s.sample_id FROM samples s JOIN _ids USING (sample_id) "
+                           "WHERE s.pipeline = ?", [pipeline]).fetchall()
+    return {r[0] for r in rows}
 
 
 def preprocess(ledger: Ledger, pipeline: Pipeline, run_id: str, raw: Handle, log: Log = _noop) -> StageResult:
