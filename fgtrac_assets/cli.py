@@ -188,6 +188,19 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Write the static HTML audit report."""
+    from .report.html import write_report
+
+    ledger = _ledger(args)
+    if not ledger.exists():
+        print(f"fgtrac report: no ledger at {ledger.home.ledger}: nothing to report", file=sys.stderr)
+        return 1
+    path = write_report(ledger, Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
 def _print_result(cols: list[str], rows: list[tuple], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=2))
@@ -251,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", help="print the verifier key; `key list` all; `key rotate` starts a new one")
     p.add_argument("action", nargs="?", choices=["show", "list", "rotate"], default="show")
     p.set_defaults(func=cmd_key)
+    p = sub.add_parser("report", help="write a static HTML audit report")
+    p.add_argument("--out", default="report", help="output folder (default ./report)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("audit", help="named audits and read-only SQL over the ledger")
     audits = p.add_subparsers(dest="audit", required=True)
 

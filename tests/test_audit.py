@@ -74,3 +74,10 @@ def test_integrity_status_after_verify(digits_copy, capsys):
     fgtrac(["--home", str(digits_copy), "verify"])
     rows = run_json(capsys, "--home", str(digits_copy), "audit", "sql", "SELECT DISTINCT status FROM integrity_status")
     assert rows == [{"status": "FAILED"}]
+
+
+def test_static_report(digits_home, tmp_path, capsys):
+    assert fgtrac(["--home", str(digits_home), "report", "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "Integrity: OK" in page and page.count("data:image/png;base64,") >= 2
+    assert "Highest self-influence" in page
