@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import resolve_home
 from .ledger.lock import LedgerBusy
-from .ledger.store import Ledger, LedgerMissing
+from .ledger.store import Ledger, LedgerDamaged, LedgerMissing
 
 
 def _ledger(args) -> Ledger:
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fgtrac audit ... | head`
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (LedgerMissing, LedgerBusy, ValueError, OSError) as exc:
+    except (LedgerMissing, LedgerDamaged, LedgerBusy, ValueError, OSError) as exc:
         print(f"fgtrac: {exc}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,8 @@ from dagster import (
 )
 
 from ..ledger.checks import check_names
+from ..ledger.lock import LedgerBusy
+from ..ledger.store import LedgerDamaged
 from ..pipelines import stages
 from ..pipelines.base import Pipeline, TrainSettings
 from ..pipelines.handles import Handle, StageResult
@@ -29,7 +31,7 @@ from .resources import FgtracResource
 CODE_VERSION = "1"
 ASSET_NAMES = ("raw_samples", "preprocessed_samples", "training_checkpoints", "selected_checkpoints",
                "gradient_cache", "influence_scores")
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+EXPECTED_ERRORS = (ValueError, OSError, LedgerBusy, LedgerDamaged)
 
 # DataVersion on Output is what records upstream roots on every downstream materialisation.
 warnings.filterwarnings("ignore", category=BetaWarning, message=".*data_version.*")

@@ -22,6 +22,10 @@ class LedgerMissing(FileNotFoundError):
     """There is no ledger file where one was expected."""
 
 
+class LedgerDamaged(RuntimeError):
+    """The ledger, its key or its files are not in a state fgtrac can safely continue from."""
+
+
 @dataclass
 class Commit:
     """What one materialisation commits: rows per leaf table plus its provenance."""
@@ -105,8 +109,9 @@ class Ledger:
         for name, tbl in tables.items():
             leaves.extend(table_leaves(name, tbl))
         hashes = [merkle.leaf_hash(x) for x in leaves]
+        self._refuse_fresh_start()
         with self._connect(read_only=False) as con:
-            signer = self.keystore.load_or_create(self.origin)
+            signer = self._signer(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 start = _tree_size(con)
@@ -135,6 +140,24 @@ class Ledger:
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
                             checkpoint=note, rows=counts)
 
+    def _refuse_fresh_start(self) -> None:
+        """Refuse to start a new, empty ledger where one existed: that would silently forget history."""
+        if self.exists():
+            return
+        leftovers = [p for p in (self.home.keys, self.home.artifacts, self.home.witness) if p.is_dir() and any(p.iterdir())]
+        if leftovers:
+            raise LedgerDamaged(f"{self.home.ledger} is missing but {', '.join(p.name + '/' for p in leftovers)} "
+                                "exist: the ledger was lost or moved; restore it rather than start a new history")
+
+    def _signer(self, con: duckdb.DuckDBPyConnection) -> notes.Signer:
+        """Return the signing key; refuse to create a new one for a log that was signed before."""
+        has_heads = con.execute("SELECT count(*) FROM tree_heads").fetchall()[0][0] > 0
+        if has_heads and self.keystore.current_verifier_key(self.origin) is None:
+            raise LedgerDamaged(f"the signing key for {self.origin} is missing under {self.home.keys} although the log "
+                                "has signed tree heads: restore the key (or start a new key deliberately with "
+                                "`fgtrac key rotate`)")
+        return self.keystore.load_or_create(self.origin)
+
     def record_verification(self, tree_size: int, ok: bool, findings: int, summary: str) -> None:
         """Append one `fgtrac verify` outcome (shown by the integrity_status view)."""
         with self._connect(read_only=False) as con:
@@ -156,6 +179,9 @@ def _connect_retrying(path: str, read_only: bool, timeout_s: float | None) -> du
         try:
             return duckdb.connect(path, read_only=read_only)
         except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() and ("not a valid" in str(exc).lower() or "corrupt" in str(exc).lower()):
+                raise LedgerDamaged(f"{path} is not a readable DuckDB ledger ({str(exc).splitlines()[0]}); "
+                                    "restore it from a backup") from None
             if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
                 if "lock" in str(exc).lower():
                     raise LedgerBusy(f"{path}: held by another process outside fgtrac ({exc})") from None

@@ -145,6 +145,15 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
         if problem:
             findings.append(Finding("artifacts", f"{art['path']}", problem, art.get("asset")))
 
+    committed = {a["path"] for a in artifacts}
+    if ledger.home.artifacts.is_dir():
+        stray = [p.relative_to(ledger.home.root).as_posix() for p in ledger.home.artifacts.rglob("*")
+                 if p.is_file() and p.relative_to(ledger.home.root).as_posix() not in committed]
+        partial = [p for p in stray if ".partial-" in p]
+        if stray:
+            notices.append(f"{len(stray)} file(s) under artifacts/ were never committed ({len(partial)} partial "
+                           f"writes), left by interrupted runs; they are not part of the record, e.g. {stray[0]}")
+
     signed = max((h[0] for h in heads), default=0)
     if size > signed:
         findings.append(Finding("log leaves", f"{signed}..{size - 1}", "no signed tree head covers them "
