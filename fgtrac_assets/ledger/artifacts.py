@@ -42,6 +42,8 @@ def write_artifact(root: Path, relpath: str, kind: str, write: Callable[[Path], 
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+        raise OSError(f"writing artifact {relpath} failed (disk full or not writable?): {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return ArtifactFile(path=relpath, sha256=sha256_file(final), bytes=final.stat().st_size, kind=kind)

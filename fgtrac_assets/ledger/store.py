@@ -2,6 +2,7 @@
 
 import datetime as _dt
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -80,7 +81,8 @@ class Ledger:
     def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.exists():
             raise LedgerMissing(f"no ledger at {self.home.ledger}: nothing has been materialised yet")
-        self.home.root.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.ensure_home()
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
@@ -139,6 +141,16 @@ class Ledger:
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
                             checkpoint=note, rows=counts)
+
+    def ensure_home(self) -> "Home":
+        """Return the home after making sure it is a writable directory; raise LedgerDamaged saying why not."""
+        try:
+            self.home.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerDamaged(f"FGTRAC_HOME {self.home.root} is not a usable directory ({exc.strerror or exc})") from None
+        if not os.access(self.home.root, os.W_OK):
+            raise LedgerDamaged(f"FGTRAC_HOME {self.home.root} is not writable")
+        return self.home
 
     def _refuse_fresh_start(self) -> None:
         """Refuse to start a new, empty ledger where one existed: that would silently forget history."""

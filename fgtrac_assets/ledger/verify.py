@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..integrity import merkle, notes
 from .artifacts import check_artifact
-from .leaves import row_leaf
+from .leaves import row_leaf, table_leaves
 from .proofs import check_training_sets
 from .schema import LEAF_ORDER
 from .store import Ledger
@@ -68,8 +68,8 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
         leaf_rows = con.execute("SELECT idx, hash FROM log_tree WHERE level = 0 ORDER BY idx").fetchall()
         stored_nodes = con.execute("SELECT level, idx, hash FROM log_tree WHERE level > 0").fetchall()
         heads = con.execute("SELECT size, root, note, verifier_key, asset FROM tree_heads ORDER BY size, created_at").fetchall()
-        tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table().to_pylist() for t in LEAF_ORDER}
-        artifacts = tables["artifacts"]
+        tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table() for t in LEAF_ORDER}
+        artifacts = tables["artifacts"].to_pylist()
         for run, problem in check_training_sets(con):
             findings.append(Finding("training_sets", f"training_run={run}", problem))
 
@@ -80,31 +80,36 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
             findings.append(Finding("log_nodes", f"level 0 index {idx}", f"leaf indexes are not contiguous (expected {expected})"))
             break
 
-    claimed: dict[int, str] = {}
+    claimed = bytearray(size)  # how many rows claim each leaf (saturating at 2)
     for table in LEAF_ORDER:
-        for row in tables[table]:
-            i = row["leaf_index"]
+        tbl = tables[table]
+        indexes = tbl.column("leaf_index").to_pylist()
+        try:
+            leaves = table_leaves(table, tbl)
+        except ValueError:  # a value no leaf can hold: find the row(s) one by one
+            leaves = [_leaf_or_none(table, r) for r in tbl.to_pylist()]
+        for row_no, (i, leaf) in enumerate(zip(indexes, leaves)):
+            if i is not None and 0 <= i < size and claimed[i] == 0 and leaf is not None \
+                    and merkle.leaf_hash(leaf) == logged[i]:
+                claimed[i] = 1
+                continue
+            row = tbl.slice(row_no, 1).to_pylist()[0]
             where = f"row leaf_index={i}"
             asset, sample = row.get("asset"), row.get("sample_id") or row.get("test_sample_id")
             if i is None or not 0 <= i < size:
                 findings.append(Finding(table, where, f"claims a leaf outside the log (size {size}): a row added "
                                         "outside fgtrac", asset, sample))
-                continue
-            if i in claimed:
-                findings.append(Finding(table, where, f"leaf {i} is also claimed by {claimed[i]}: a duplicated row",
+            elif claimed[i]:
+                findings.append(Finding(table, where, f"leaf {i} is claimed by another row too: a duplicated row",
                                         asset, sample))
-                continue
-            claimed[i] = f"{table} row leaf_index={i}"
-            try:
-                leaf = row_leaf(table, row)
-            except ValueError as exc:
-                findings.append(Finding(table, where, f"cannot be encoded ({exc})", asset, sample))
-                continue
-            if merkle.leaf_hash(leaf) != logged[i]:
+            elif leaf is None:
+                claimed[i] = 1
+                findings.append(Finding(table, where, "holds a value no leaf can encode (row changed)", asset, sample))
+            else:
+                claimed[i] = 1
                 findings.append(Finding(table, where, "content differs from the logged leaf (row changed)", asset, sample))
-    for i in range(size):
-        if i not in claimed:
-            findings.append(Finding("log", f"leaf {i}", "logged, but no ledger row holds it (row deleted)"))
+    for i in (j for j in range(size) if not claimed[j]):
+        findings.append(Finding("log", f"leaf {i}", "logged, but no ledger row holds it (row deleted)"))
 
     levels = merkle.build_levels(logged)
     for level, idx, h in stored_nodes:
@@ -174,3 +179,10 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
 
     return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
                   rows={t: len(tables[t]) for t in LEAF_ORDER})
+
+
+def _leaf_or_none(table: str, row: dict) -> bytes | None:
+    try:
+        return row_leaf(table, row)
+    except ValueError:
+        return None

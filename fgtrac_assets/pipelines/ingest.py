@@ -51,7 +51,7 @@ def image_folder(root: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray |
     labels = _class_labels([c.name for c in classes])
     count = 0
     for cls in classes:
-        files = sorted(p for p in cls.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in cls.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
         if not files:
             yield f"imagefolder:{cls.name}/", None, None, "empty class folder"
             continue
@@ -60,6 +60,9 @@ def image_folder(root: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray |
                 return
             count += 1
             source = f"imagefolder:{f.relative_to(root).as_posix()}"
+            if f.is_symlink():
+                yield source, None, None, "symbolic link: not followed (files must lie inside the source folder)"
+                continue
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 yield source, None, None, f"not an image file (suffix {f.suffix or 'none'})"
                 continue

@@ -30,7 +30,7 @@ def _noop(_: str) -> None:
 
 
 def _write_parquet(ledger: Ledger, relpath: str, kind: str, table: pa.Table) -> ArtifactFile:
-    return write_artifact(ledger.home.root, relpath, kind, lambda p: pq.write_table(table, p))
+    return write_artifact(ledger.ensure_home().root, relpath, kind, lambda p: pq.write_table(table, p))
 
 
 def _finish(ledger: Ledger, pipeline: Pipeline, asset: str, run_id: str, rows: dict, upstream: list[Handle],
@@ -175,7 +175,7 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
         def save(path, state=ep.state_dict):
             torch.save(state, path)
 
-        art = write_artifact(ledger.home.root, rel, "checkpoint", save)
+        art = write_artifact(ledger.ensure_home().root, rel, "checkpoint", save)
         ckpt_id = f"{training_run}/epoch-{ep.epoch:03d}"
         arts[ckpt_id] = art
         checkpoints.append({"checkpoint_id": ckpt_id, "epoch": ep.epoch, "step": ep.step, "lr": ep.lr,

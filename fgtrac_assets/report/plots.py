@@ -39,9 +39,14 @@ def loss_curve(history: Sequence[tuple[int, float, float]], selected_epochs: Seq
     if chosen:
         ax.scatter([h[0] + 1 for h in chosen], [h[2] for h in chosen], s=90, facecolors="none",
                    edgecolors="crimson", linewidths=2, zorder=5, label="selected checkpoint")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean loss")
-    ax.set_yscale("log")
+    losses = [v for h in history for v in h[1:] if v > 0]
+    if losses and max(losses) / min(losses) > 20:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
