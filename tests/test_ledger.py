@@ -60,5 +60,6 @@ def test_private_key_is_0600_and_never_in_the_ledger(tmp_path):
     key_files = list((tmp_path / "keys").glob("*.key"))
     assert len(key_files) == 1
     assert key_files[0].stat().st_mode & 0o777 == 0o600
-    secret = key_files[0].read_text().strip().rsplit("+", 1)[1]
+    secret = key_files[0].read_text().strip().split("+", 4)[4]  # PRIVATE+KEY+name+keyid+base64(seed)
+    assert len(secret) == 44
     assert secret.encode() not in (tmp_path / "ledger.duckdb").read_bytes()

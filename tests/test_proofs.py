@@ -154,9 +154,12 @@ def rebuild_and_resign(home, keep_size=None):
     rows.sort()
     levels = merkle.build_levels([merkle.leaf_hash(leaf) for _, leaf in rows])
     con.execute("DELETE FROM log_nodes")
-    for lv, hashes in enumerate(levels):
-        for i, h in enumerate(hashes):
-            con.execute("INSERT INTO log_nodes VALUES (?, ?)", [(lv << 48) | i, h])
+    import pyarrow as pa
+
+    nodes = pa.table({"pos": [(lv << 48) | i for lv, hs in enumerate(levels) for i in range(len(hs))],
+                      "hash": [h for hs in levels for h in hs]})
+    con.register("nodes", nodes)
+    con.execute("INSERT INTO log_nodes SELECT * FROM nodes")
     for (size,) in con.execute("SELECT size FROM tree_heads").fetchall():
         root = merkle.root_from(lambda lv, i: levels[lv][i], size)
         con.execute("UPDATE tree_heads SET root = ?, note = ? WHERE size = ?",

@@ -14,7 +14,9 @@ from fgtrac_assets.ledger.store import Ledger
 def secret_of(home: Path) -> str:
     key = next((home / "keys").glob("*.key")).read_text().strip()
     assert key.startswith("PRIVATE+KEY+")
-    return key.rsplit("+", 1)[1]
+    secret = key.split("+", 4)[4]  # PRIVATE+KEY+name+keyid+base64(0x01 || seed)
+    assert len(secret) == 44
+    return secret
 
 
 def test_private_key_appears_nowhere_else(digits_copy, tmp_path, capsys):

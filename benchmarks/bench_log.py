@@ -1,0 +1,120 @@
+"""Log and verify benchmarks (issue 3 targets): append rate, proof time on a 10M-leaf log, receipt check, full verify.
+
+    .venv/bin/python benchmarks/bench_log.py [--leaves 10000000] [--events 1000000]
+
+Prints a table and writes the "Log and verify" section of benchmarks/RESULTS.md.
+"""
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import machine, table, write_section  # noqa: E402
+from fgtrac_assets.integrity import merkle  # noqa: E402
+from fgtrac_assets.integrity.receipts import verify_receipt  # noqa: E402
+from fgtrac_assets.ledger import proofs  # noqa: E402
+from fgtrac_assets.ledger.nodes import StoredNodes  # noqa: E402
+from fgtrac_assets.ledger.store import Commit, Ledger, _append_hashes  # noqa: E402
+from fgtrac_assets.ledger.verify import verify_ledger  # noqa: E402
+
+
+def synthetic_events(n: int, seed: int = 0) -> pa.Table:
+    """Return n events shaped like a training run's `batched` events."""
+    rnd = random.Random(seed)
+    ids = [f"{rnd.getrandbits(256):064x}" for _ in range(min(n, 50_000))]
+    run = str(uuid.UUID(int=rnd.getrandbits(128)))
+    return pa.table({
+        "sample_id": [ids[i % len(ids)] for i in range(n)], "kind": ["batched"] * n, "training_run": [run] * n,
+        "epoch": [i // len(ids) for i in range(n)], "step": [i // 32 for i in range(n)],
+        "position": [i % 32 for i in range(n)], "lr": [0.1 * (1 - i / n) + 1e-4 for i in range(n)],
+        "pipeline": ["bench"] * n, "run_id": [run] * n, "asset": ["training_checkpoints"] * n})
+
+
+def bench_commit(home: Path, n: int) -> tuple[float, Ledger]:
+    ledger = Ledger(home)
+    events = synthetic_events(n)
+    t = time.perf_counter()
+    ledger.commit(Commit(pipeline="bench", asset="training_checkpoints", run_id="bench", rows={"events": events}))
+    return time.perf_counter() - t, ledger
+
+
+def bench_big_log(home: Path, leaves: int, chunk: int = 1_000_000) -> tuple[float, float, list[float]]:
+    """Append `leaves` synthetic leaf hashes through the real append path; return (append s, size, proof times)."""
+    import duckdb
+
+    ledger = Ledger(home)
+    ledger.commit(Commit(pipeline="bench", asset="x", run_id="x", rows={}))  # creates the schema and key
+    con = duckdb.connect(str(home / "ledger.duckdb"))
+    size = con.execute("SELECT max(size) FROM tree_heads").fetchall()[0][0]
+    t = time.perf_counter()
+    done = 0
+    while done < leaves:
+        m = min(chunk, leaves - done)
+        hashes = [merkle.leaf_hash(i.to_bytes(8, "big")) for i in range(done, done + m)]
+        con.execute("BEGIN TRANSACTION")
+        size, _ = _append_hashes(con, size, hashes)
+        con.execute("COMMIT")
+        done += m
+    append_s = time.perf_counter() - t
+    con.close()
+    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
+    rnd = random.Random(1)
+    times = []
+    for _ in range(300):
+        i = rnd.randrange(size)
+        s = time.perf_counter()
+        proof = StoredNodes(con).run(merkle.inclusion_proof_from, i, size)
+        times.append(time.perf_counter() - s)
+        assert len(proof) > 0
+    con.close()
+    return append_s, size, times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--leaves", type=int, default=10_000_000, help="size of the big log for proof timing")
+    ap.add_argument("--events", type=int, default=1_000_000, help="events in the ledger for append and verify")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        commit_s, ledger = bench_commit(Path(tmp) / "a", args.events)
+        rows.append(["commit events (rows + leaves + log + signed head, one transaction)",
+                     f"{args.events:,}", f"{commit_s:.2f} s", f"{args.events / commit_s:,.0f} leaves/s", ">= 500,000 /s"])
+        t = time.perf_counter()
+        report = verify_ledger(ledger, update_witness=False)
+        verify_s = time.perf_counter() - t
+        assert report.ok, report.findings[:3]
+        rows.append(["full verify (recompute every leaf, node, signature)", f"{report.leaves:,} leaves",
+                     f"{verify_s:.2f} s", f"{verify_s / report.leaves * 1e6:.2f} s per million", "<= 10 s per million"])
+        sample = ledger.query("SELECT sample_id FROM events LIMIT 1").to_pylist()[0]["sample_id"]
+        receipts = proofs.sample_receipts(ledger, sample)
+        t = time.perf_counter()
+        for r in receipts:
+            verify_receipt(r)
+        per = (time.perf_counter() - t) / len(receipts)
+        rows.append(["receipt verification (signature + inclusion proof)", f"{len(receipts)} receipts",
+                     f"{per * 1e3:.3f} ms each", "", "<= 1 ms"])
+        append_s, size, times = bench_big_log(Path(tmp) / "b", args.leaves)
+        rows.append(["append leaf hashes to the stored tree (nodes + storage)", f"{size:,}",
+                     f"{append_s:.1f} s", f"{size / append_s:,.0f} leaves/s", ">= 500,000 /s"])
+        times.sort()
+        rows.append([f"inclusion proof from the stored tree (median / p99 of {len(times)})", f"{size:,} leaves",
+                     f"{statistics.median(times) * 1e3:.2f} / {times[int(len(times) * 0.99)] * 1e3:.2f} ms", "",
+                     "<= 10 ms"])
+    header = ["what", "size", "time", "rate", "target"]
+    print(table(header, rows))
+    write_section("Log and verify", f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_log.py "
+                  f"--leaves {args.leaves} --events {args.events}`\n\n" + table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
