@@ -52,7 +52,7 @@ def sample_history(ledger: Ledger, sample: str) -> Result:
     with ledger.reader() as con:
         sid = resolve_sample(con, sample)
         return _q(con, "SELECT leaf_index, kind, asset, training_run, epoch, step, position, lr, checkpoint_id, detail "
-                       "FROM sample_history WHERE sample_id = ? ORDER BY leaf_index", [sid])
+                       "FROM sample_history_of(?)", [sid])
 
 
 def sample_used(ledger: Ledger, sample: str, run: str, test: str | None = None) -> Result:
@@ -60,9 +60,7 @@ def sample_used(ledger: Ledger, sample: str, run: str, test: str | None = None) 
     with ledger.reader() as con:
         sid, rid = resolve_sample(con, sample), resolve_run(con, run)
         cols, rows = _q(con, "SELECT sample_id, training_run, used, epochs, steps, first_step, last_step, min_lr, max_lr "
-                             "FROM sample_usage WHERE sample_id = ? AND training_run = ?", [sid, rid])
-        if not rows:
-            rows = [(sid, rid, False, 0, 0, None, None, None, None)]
+                             "FROM sample_usage_of(?, ?)", [sid, rid])
         if test is None:
             return cols, rows
         tid = resolve_sample(con, test)
