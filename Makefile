@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export FGTRAC_HOME  ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(FGTRAC_HOME)/dagster
 
-.PHONY: install run test ui verify clean-data
+.PHONY: install run test ui verify bench clean-data
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 ## ui: the Dagster UI on http://127.0.0.1:3000
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
+
+## bench: every benchmark, side by side with the peers; writes benchmarks/RESULTS.md
+bench: install
+	$(BIN)/python benchmarks/run.py
 
 verify: install
 	$(BIN)/fgtrac verify
