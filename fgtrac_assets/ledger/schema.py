@@ -141,9 +141,10 @@ VIEW_DDL = [
               checkpoint_id, detail
        FROM events WHERE sample_id = sid ORDER BY leaf_index""",
     """CREATE OR REPLACE MACRO sample_usage_of(sid, run) AS TABLE
+       WITH s AS MATERIALIZED (SELECT * FROM events WHERE sample_id = sid)  -- the index lookup, alone
        SELECT sid AS sample_id, run AS training_run, count(*) > 0 AS used, count(DISTINCT epoch) AS epochs,
               count(*) AS steps, min(step) AS first_step, max(step) AS last_step, min(lr) AS min_lr, max(lr) AS max_lr
-       FROM (SELECT * FROM events WHERE sample_id = sid) WHERE kind = 'batched' AND training_run = run""",
+       FROM s WHERE kind = 'batched' AND training_run = run""",
     """CREATE OR REPLACE VIEW model_training_set AS
        SELECT t.pipeline, t.training_run, t.size AS committed_size, t.root AS committed_root, e.sample_id
        FROM training_sets t
