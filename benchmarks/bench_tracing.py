@@ -43,13 +43,22 @@ def plain_loop(x, y, settings: TrainSettings) -> None:
             opt.step()
 
 
-def traced_loop(x, y, ids, settings: TrainSettings, home: Path) -> None:
+def traced_loop(x, y, ids, settings: TrainSettings, home: Path) -> float:
     """The same loop through fgtrac's tracer, with the events committed to an existing ledger (leaves, log, signed head)."""
     torch.manual_seed(settings.seed)
     model = build_cnn(10)
     loader = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(settings.seed))
     tracer = Tracer(ids, "bench")
+    own = [0.0]  # seconds spent inside fgtrac: recording batches and committing
+    record = tracer.record_batch
+
+    def timed_record(indices, lr):
+        t = time.perf_counter()
+        record(indices, lr)
+        own[0] += time.perf_counter() - t
+
+    tracer.record_batch = timed_record
     traced, opt = tracer.wrap_loader(loader), torch.optim.SGD(model.parameters(), lr=settings.lr)
     step = tracer.wrap_optimizer(opt)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
@@ -60,9 +69,11 @@ def traced_loop(x, y, ids, settings: TrainSettings, home: Path) -> None:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), yb).mean().backward()
             step.step()
+    t = time.perf_counter()
     Ledger(home).commit(Commit(pipeline="bench", asset="training_checkpoints", run_id="bench",
                                rows={"events": tracer.events.to_arrow(pipeline="bench", run_id="bench",
                                                                       asset="training_checkpoints")}))
+    return own[0] + time.perf_counter() - t
 
 
 def main() -> None:
@@ -77,21 +88,23 @@ def main() -> None:
         prep = stages.preprocess(ledger, p, "p", raw.handle)
         table_ = prep.handle.artifacts["prepared"].read_parquet(ledger.home.root)
         ids, x, y = p.tensors(table_, "train")
-        plain, traced = [], []
+        plain, traced, own = [], [], []
         for rep in range(args.reps):  # interleaved so drift hits both alike
             t = time.perf_counter()
             plain_loop(x, y, settings)
             plain.append(time.perf_counter() - t)
             t = time.perf_counter()
-            traced_loop(x, y, ids, settings, ledger.home.root)
+            own.append(traced_loop(x, y, ids, settings, ledger.home.root))
             traced.append(time.perf_counter() - t)
-    a, b = statistics.median(plain), statistics.median(traced)
+    a, b, c = statistics.median(plain), statistics.median(traced), statistics.median(own)
     rows = [["digits CNN, 12 epochs, 1,249 samples (14,988 batched events)", f"{a:.2f} s", f"{b:.2f} s",
-             f"{(b - a) / a * 100:+.1f}%", "<= 5%"]]
-    header = ["training loop", "without fgtrac (median)", "with tracing + ledger commit (median)", "overhead", "target"]
+             f"{(b - a) / a * 100:+.1f}%", f"{c:.3f} s = {c / a * 100:.1f}%", "<= 5%"]]
+    header = ["training loop", "without fgtrac (median)", "with tracing + ledger commit (median)",
+              "wall-clock difference", "time inside fgtrac (record + commit) / plain loop", "target"]
     print(table(header, rows))
     write_section("Tracing overhead", f"Machine: {machine()}. Command: `.venv/bin/python benchmarks/bench_tracing.py "
-                  f"--reps {args.reps}` (medians of {args.reps} interleaved repetitions).\n\n" + table(header, rows))
+                  f"--reps {args.reps}` (medians of {args.reps} interleaved repetitions). The wall-clock difference is noisy on a "
+                  "shared 2-core machine; the time spent inside fgtrac's own calls is measured directly.\n\n" + table(header, rows))
 
 
 if __name__ == "__main__":
