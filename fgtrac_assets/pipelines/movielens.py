@@ -47,22 +47,26 @@ Lineage roles (``training_checkpoints``)
 
     * ``batched`` (via the Tracer): one per supervised rating per step, with
       ``detail = {"role": "target", "hops": 2, "khop_edges": n, "khop_hash": h}``;
-    * ``message_passing``: one per training rating per epoch (every step of the epoch
-      passes messages over the same edges), ``step`` NULL and
-      ``detail = {"role": "message_passing", "user": ..., "movie": ..., "steps": [first, last]}``.
+    * ``message_passing``: one per training rating per epoch, ``step`` NULL: every step of
+      that epoch (the steps of its ``batched`` events) passed messages over these edges;
+      ``detail = {"role": "message_passing", "user": ..., "movie": ...}``.
 
     The 2-hop receptive field of a prediction for (u, m) under the two-layer encoder is the
     set of message-passing ratings (u', m') with u rated m' or u' rated m (the ratings of
     the movies u rated and of the users who rated m).  ``khop_edges`` is its exact size
     and ``khop_hash`` commits to it: SHA-256 of the text
-    ``"fgtrac/khop/v1\\n" + graph_root + "\\n" + incident(u) + "\\n" + incident(m) + "\\n"``
-    where ``graph_root`` is the Merkle root of the message-passing ratings (computed like a
-    committed training set root: it equals the run's ``training_sets.root``) and
-    ``incident(v)`` the hex SHA-256 of the sorted sample ids of v's message-passing
-    ratings joined by newlines: the graph and the two 1-hop sets determine the 2-hop set.
-    :func:`khop_edges` and :func:`khop_hash` recompute both from the ledger's
+    ``"fgtrac/khop/v1\\n" + ids_digest(graph) + "\\n" + ids_digest(E(u)) + "\\n" + ids_digest(E(m)) + "\\n"``
+    where ``ids_digest(S)`` is the hex SHA-256 of the sorted sample ids of a set of
+    ratings joined by newlines, ``graph`` the epoch's message-passing ratings and E(v) those
+    at node v: the graph and the two 1-hop sets determine the 2-hop set exactly.
+    :func:`khop_edges` and :func:`khop_hash_of` recompute both from the ledger's
     ``message_passing`` events; :data:`ROLE_STEPS_SQL` answers "which steps did rating X
     feed, as a target or as a neighbour?".
+
+Model and training
+    :func:`graph_model.build_rating_gnn`: GraphSAGE (2 layers, ``to_hetero``) + an edge MLP
+    whose last layer ``decoder.out`` is the influence layer; MSE per rating; Adam at the
+    run's lr schedule (the checkpoint's lr is Adam's step size, which TracInCP weights by).
 """
 
 import hashlib
@@ -77,9 +81,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..integrity import merkle
 from ..integrity.canonical import content_id
-from ..integrity.receipts import set_leaf
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings
 
 BUNDLED = ("dslabs", "movielens")
@@ -293,11 +295,11 @@ def collect_ratings(cols: dict[str, list], rejected: list[Rejection], limit: int
         sid = content_id({"user": user, "movie": movie, "rating": rating, "timestamp": ts})
         rows.append((sid, source, int(round(rating * 2)), user, movie, rating, ts, cols["title"][i], cols["year"][i],
                      cols["genres"][i]))
-    # one rating per (user, movie): the latest (then the later row) wins, the others are rejected
+    # one rating per (user, movie): the latest wins (the first row among equally late ones), the others are rejected
     latest: dict[tuple[str, str], int] = {}
     for k, r in enumerate(rows):
         key = (r[3], r[4])
-        if key not in latest or r[6] >= rows[latest[key]][6]:
+        if key not in latest or r[6] > rows[latest[key]][6]:
             latest[key] = k
     kept = []
     for k, r in enumerate(rows):
@@ -307,7 +309,7 @@ def collect_ratings(cols: dict[str, list], rejected: list[Rejection], limit: int
         elif winner[0] == r[0]:
             rejected.append(Rejection(r[1], f"duplicate of {winner[1]} (same user, movie, rating and timestamp)", r[0]))
         else:
-            rejected.append(Rejection(r[1], f"{r[3]} rated {r[4]} again later ({winner[1]}); only the latest rating "
+            rejected.append(Rejection(r[1], f"{r[3]} rated {r[4]} again at {winner[1]}; only the latest rating "
                                       "of a (user, movie) pair is kept", r[0]))
     table = pa.Table.from_arrays([pa.array([r[c] for r in kept], type=f.type) for c, f in enumerate(RAW_SCHEMA)],
                                  schema=RAW_SCHEMA)
@@ -380,9 +382,9 @@ SPLIT_RULE = (f"per user, by (timestamp, sample_id): latest max(1, round({TEST_F
 # ---------------------------------------------------------------- neighbourhoods
 
 
-def graph_root(sample_ids) -> str:
-    """Return the hex Merkle root of a set of ratings (sorted sample ids, as a committed training set root)."""
-    return merkle.merkle_root([set_leaf(s) for s in sorted(sample_ids)]).hex()
+def ids_digest(sample_ids) -> str:
+    """Return the hex SHA-256 of a set of ratings: their sorted sample ids joined by newlines."""
+    return hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
 
 
 def khop_sizes(mp_users: np.ndarray, mp_movies: np.ndarray, num_users: int, num_movies: int,
@@ -390,15 +392,28 @@ def khop_sizes(mp_users: np.ndarray, mp_movies: np.ndarray, num_users: int, num_
     """Return, per (user, movie) pair, the number of message-passing edges in its 2-hop receptive field.
 
     |E(N(u)) u E(N(m))| = sum of deg(m') over m' in N(u) + sum of deg(u') over u' in N(m)
-    - #(u', m') with m' in N(u) and u' in N(m), the last term being (A A^T A)[u, m].
+    - #(u', m') with m' in N(u) and u' in N(m), the last term being (A A^T A)[u, m]
+    = sum over u' in N(m) of (A A^T)[u, u'] (movies u and u' both rated).
     """
-    a = np.zeros((num_users, num_movies), np.float64)
-    a[mp_users, mp_movies] = 1.0
-    deg_u, deg_m = a.sum(1), a.sum(0)
+    from scipy.sparse import csr_matrix
+
+    mp_users, mp_movies = np.asarray(mp_users, np.int64), np.asarray(mp_movies, np.int64)
+    users, movies = np.asarray(users, np.int64), np.asarray(movies, np.int64)
+    a = csr_matrix((np.ones(len(mp_users), np.int64), (mp_users, mp_movies)), shape=(num_users, num_movies))
+    deg_u = np.bincount(mp_users, minlength=num_users)
+    deg_m = np.bincount(mp_movies, minlength=num_movies)
     via_movies = a @ deg_m            # edges at the movies each user rated
     via_users = a.T @ deg_u           # edges at the users who rated each movie
-    both = (a @ a.T) @ a              # edges counted twice
-    return (via_movies[users] + via_users[movies] - both[users, movies]).round().astype(np.int64)
+    common = (a @ a.T).toarray()      # (U, U): movies both users rated
+    # sum common[u, u'] over the raters u' of m, for every pair at once (segments of the movie-sorted edge list)
+    order = np.argsort(mp_movies, kind="stable")
+    raters = mp_users[order]
+    first = np.concatenate([[0], np.cumsum(deg_m)[:-1]])
+    lens = deg_m[movies]
+    pair = np.repeat(np.arange(len(users)), lens)
+    offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    both = np.bincount(pair, weights=common[users[pair], raters[first[movies][pair] + offset]], minlength=len(users))
+    return (via_movies[users] + via_users[movies] - np.rint(both).astype(np.int64)).astype(np.int64)
 
 
 def khop_edges(mp_users: np.ndarray, mp_movies: np.ndarray, user, movie) -> np.ndarray:
@@ -410,16 +425,28 @@ def khop_edges(mp_users: np.ndarray, mp_movies: np.ndarray, user, movie) -> np.n
 
 
 def incident_digests(mp_ids: list[str], nodes) -> dict:
-    """Return {node: hex SHA-256 of its message-passing ratings' sorted sample ids joined by newlines}."""
+    """Return {node: ids_digest of the message-passing ratings at that node}."""
     groups: dict = {}
     for sid, v in zip(mp_ids, nodes):
         groups.setdefault(v, []).append(sid)
-    return {v: hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest() for v, ids in groups.items()}
+    return {v: ids_digest(ids) for v, ids in groups.items()}
 
 
-def khop_hash(root: str, user_digest: str, movie_digest: str) -> str:
-    """Return the commitment to a prediction's 2-hop neighbourhood (see the module docstring)."""
-    text = f"{KHOP_VERSION}\n{root}\n{user_digest}\n{movie_digest}\n"
+def _digests_by_node(sorted_ids: list[str], node_of: np.ndarray, num_nodes: int) -> list[str | None]:
+    """Return ids_digest of each node's ratings, given the sample ids in sorted order and each one's node index."""
+    order = np.argsort(node_of, kind="stable")  # stable: ids stay sorted within a node
+    ends = np.cumsum(np.bincount(node_of, minlength=num_nodes)).tolist()
+    ordered = [sorted_ids[i] for i in order.tolist()]
+    out, start = [], 0
+    for end in ends:
+        out.append(hashlib.sha256("\n".join(ordered[start:end]).encode()).hexdigest() if end > start else None)
+        start = end
+    return out
+
+
+def khop_hash(graph: str, user_digest: str, movie_digest: str) -> str:
+    """Return the commitment to a prediction's 2-hop neighbourhood from the three ids_digest values (module docstring)."""
+    text = f"{KHOP_VERSION}\n{graph}\n{user_digest}\n{movie_digest}\n"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -427,8 +454,7 @@ def khop_hash_of(mp_ids: list[str], mp_users: list, mp_movies: list, user, movie
     """Return khop_hash of one (user, movie) prediction recomputed from the message-passing ratings alone."""
     ids_u = [s for s, u in zip(mp_ids, mp_users) if u == user]
     ids_m = [s for s, m in zip(mp_ids, mp_movies) if m == movie]
-    digest = lambda ids: hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()  # noqa: E731
-    return khop_hash(graph_root(mp_ids), digest(ids_u), digest(ids_m))
+    return khop_hash(ids_digest(mp_ids), ids_digest(ids_u), ids_digest(ids_m))
 
 
 # ---------------------------------------------------------------------- pipeline
@@ -546,20 +572,33 @@ class MovieLensPipeline(Pipeline):
         return torch.nn.MSELoss(reduction="none")
 
     # -- training with roles
-    def role_details(self, prepared: pa.Table) -> tuple[list[str], list[tuple[str, str]]]:
-        """Return per training rating its target detail (2-hop size and hash) and its message-passing detail around `steps`."""
+    def role_details(self, prepared: pa.Table) -> tuple[list[str], list[str]]:
+        """Return per training rating its target detail (2-hop size and hash) and its message-passing detail."""
         g = self._graph(prepared)
         ids, pairs, _, user_keys, movie_keys = g.splits["train"]
         sizes = khop_sizes(pairs[:, 0], pairs[:, 1], g.num_users, g.num_movies, pairs[:, 0], pairs[:, 1])
-        root = graph_root(ids)
-        du, dm = incident_digests(ids, user_keys), incident_digests(ids, movie_keys)
-        targets = [json.dumps({"hops": HOPS, "khop_edges": int(n), "khop_hash": khop_hash(root, du[u], dm[m]),
-                               "role": "target"}, sort_keys=True)
-                   for n, u, m in zip(sizes.tolist(), user_keys, movie_keys)]
-        # json.dumps(sort_keys=True) of {"movie", "role", "steps", "user"}, split around the per-epoch "steps"
-        heads = [f'{{"movie": {json.dumps(m)}, "role": "message_passing", "steps": ' for m in movie_keys]
-        tails = [f', "user": {json.dumps(u)}}}' for u in user_keys]
-        return targets, list(zip(heads, tails))
+        by_id = np.argsort(np.array(ids))
+        sorted_ids = [ids[i] for i in by_id]
+        graph = hashlib.sha256("\n".join(sorted_ids).encode()).hexdigest()  # ids_digest(ids)
+        du = _digests_by_node(sorted_ids, pairs[by_id, 0], g.num_users)
+        dm = _digests_by_node(sorted_ids, pairs[by_id, 1], g.num_movies)
+        # khop_hash(graph, du[u], dm[m]) per target, sharing the hash state of the common prefix
+        prefix = hashlib.sha256(f"{KHOP_VERSION}\n{graph}\n".encode())
+        per_user = {}
+        for u in np.unique(pairs[:, 0]).tolist():
+            per_user[u] = prefix.copy()
+            per_user[u].update(f"{du[u]}\n".encode())
+        movie_tail = {m: f"{dm[m]}\n".encode() for m in np.unique(pairs[:, 1]).tolist()}
+        targets = []
+        for n, u, m in zip(sizes.tolist(), pairs[:, 0].tolist(), pairs[:, 1].tolist()):
+            h = per_user[u].copy()
+            h.update(movie_tail[m])
+            # the text json.dumps(..., sort_keys=True) gives, formatted directly
+            targets.append(f'{{"hops": {HOPS}, "khop_edges": {n}, "khop_hash": "{h.hexdigest()}", "role": "target"}}')
+        quoted = {k: json.dumps(k) for k in {*user_keys, *movie_keys}}
+        passing = [f'{{"movie": {quoted[m]}, "role": "message_passing", "user": {quoted[u]}}}'
+                   for u, m in zip(user_keys, movie_keys)]
+        return targets, passing
 
     def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
         import torch
@@ -577,17 +616,16 @@ class MovieLensPipeline(Pipeline):
         n = len(ids)
         steps_per_epoch = math.ceil(n / settings.batch_size)
         if tracer is not None:
-            target_detail, mp_template = self.role_details(prepared)
+            target_detail, passing_detail = self.role_details(prepared)
+            target_detail = np.array(target_detail, dtype=object)
         for epoch in range(settings.epochs):
             lr = lr_at(settings, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if tracer is not None:
                 tracer.epoch = epoch
-                first = tracer.step
-                steps = f"[{first}, {first + steps_per_epoch - 1}]"
                 tracer.events.add(ids, "message_passing", training_run=tracer.training_run, epoch=epoch,
-                                  detail=[head + steps + tail for head, tail in mp_template])
+                                  detail=passing_detail)
             model.train()
             for batch in torch.randperm(n, generator=generator).split(settings.batch_size):
                 optimizer.zero_grad(set_to_none=True)
@@ -597,7 +635,7 @@ class MovieLensPipeline(Pipeline):
                     idx = batch.tolist()
                     tracer.record_batch(idx, lr)
                     # the Tracer wrote one `batched` row per target just now: give each its role and 2-hop neighbourhood
-                    tracer.events.columns["detail"][-len(idx):] = [target_detail[i] for i in idx]
+                    tracer.events.columns["detail"][-len(idx):] = target_detail[batch.numpy()].tolist()
                 optimizer.step()
             model.eval()
             with torch.no_grad():

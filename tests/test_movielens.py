@@ -1,0 +1,236 @@
+"""The multimodal_graph chain on a small MovieLens subgraph: role events, k-hop commitments, verify, influence, prove."""
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fgtrac_assets.cli import main as fgtrac
+from fgtrac_assets.pipelines import movielens
+from fgtrac_assets.pipelines.movielens import ROLE_STEPS_SQL, MovieLensPipeline
+
+from .conftest import small_run_config
+
+PIPELINE = "multimodal_graph"
+LIMIT = 3000   # whole users in id order: the first 20 users, 2,691 ratings
+EPOCHS = 2
+
+
+def rows(home, sql, params=None):
+    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
+    try:
+        rel = con.execute(sql, params or [])
+        cols = [d[0] for d in rel.description]
+        return [dict(zip(cols, r)) for r in rel.fetchall()]
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    """A home holding one materialised multimodal_graph chain, and the materialisation metadata by asset."""
+    from dagster import materialize
+
+    from fgtrac_assets.assets.resources import FgtracResource
+    from fgtrac_assets.definitions import all_assets
+
+    home = tmp_path_factory.mktemp("graph-home")
+    assets = [a for a in all_assets if a.key.path[0] == PIPELINE]
+    result = materialize(assets, resources={"fgtrac": FgtracResource(home=str(home))},
+                         run_config=small_run_config(LIMIT, EPOCHS, pipeline=PIPELINE))
+    assert result.success
+    meta = {ev.event_specific_data.materialization.asset_key.path[-1]: ev.event_specific_data.materialization.metadata
+            for ev in result.get_asset_materialization_events()}
+    return home, meta
+
+
+def split_ids(home, split):
+    return {r["sample_id"] for r in rows(home, "SELECT sample_id FROM events WHERE kind='split' "
+                                               "AND json_extract_string(detail, '$.split') = ?", [split])}
+
+
+def message_passing(home, epoch):
+    got = rows(home, """SELECT sample_id, json_extract_string(detail, '$.user') u, json_extract_string(detail, '$.movie') m
+                        FROM events WHERE kind='message_passing' AND epoch = ? ORDER BY leaf_index""", [epoch])
+    return [r["sample_id"] for r in got], np.array([r["u"] for r in got]), np.array([r["m"] for r in got])
+
+
+def test_chain_materialises_with_rmse_next_to_baselines(graph_run):
+    home, meta = graph_run
+    assert set(meta) == {"raw_samples", "preprocessed_samples", "training_checkpoints", "selected_checkpoints",
+                         "gradient_cache", "influence_scores"}
+    assert meta["raw_samples"]["samples"].value == 2691
+    train = meta["training_checkpoints"]
+    for key in ("test_rmse", "baseline_movie_mean_rmse", "baseline_global_mean_rmse"):
+        assert 0 < train[key].value < 5, key
+    assert train["test_ratings"].value == len(split_ids(home, "test"))
+
+
+def test_split_is_time_aware_per_user(graph_run):
+    home, _ = graph_run
+    ids, _, _ = message_passing(home, 0)
+    assert set(ids) == split_ids(home, "train")  # only training ratings pass messages
+    p = MovieLensPipeline()
+    prepared = p.preprocess(p.ingest("", LIMIT).table).table.to_pylist()
+    by_user: dict = {}
+    for r in prepared:
+        by_user.setdefault(r["user"], {}).setdefault(r["split"], []).append(r["timestamp"])
+    for user, s in by_user.items():
+        assert max(s["train"]) <= min(s["val"]) <= max(s["val"]) <= min(s["test"]), user
+        assert len(s["test"]) == max(1, round(0.1 * sum(map(len, s.values()))))
+
+
+def test_role_events_targets_and_message_passing(graph_run):
+    home, _ = graph_run
+    n_train = len(split_ids(home, "train"))
+    counts = {r["kind"]: r["n"] for r in rows(home, "SELECT kind, count(*) n FROM events GROUP BY kind")}
+    assert counts["batched"] == n_train * EPOCHS
+    assert counts["message_passing"] == n_train * EPOCHS
+    # every supervised prediction carries its role and its 2-hop neighbourhood's size and hash
+    bad = rows(home, """SELECT count(*) n FROM events WHERE kind='batched' AND NOT (
+                            json_extract_string(detail, '$.role') = 'target'
+                            AND CAST(json_extract(detail, '$.khop_edges') AS BIGINT) > 0
+                            AND length(json_extract_string(detail, '$.khop_hash')) = 64
+                            AND CAST(json_extract(detail, '$.hops') AS BIGINT) = 2)""")
+    assert bad[0]["n"] == 0
+    # message passing: step NULL, one row per training rating per epoch, naming the edge's two nodes
+    for epoch in range(EPOCHS):
+        mp = rows(home, """SELECT count(DISTINCT sample_id) n, count(step) with_step,
+                                  count(*) FILTER (WHERE json_extract_string(detail, '$.role') = 'message_passing'
+                                                   AND detail->>'$.user' LIKE 'user:%' AND detail->>'$.movie' LIKE 'movie:%') ok
+                           FROM events WHERE kind='message_passing' AND epoch=?""", [epoch])[0]
+        assert mp == {"n": n_train, "with_step": 0, "ok": n_train}
+
+
+def test_khop_size_and_hash_recompute_from_the_ledger(graph_run):
+    home, _ = graph_run
+    ids, users, movies = message_passing(home, 1)
+    pos = {s: i for i, s in enumerate(ids)}
+    targets = rows(home, """SELECT sample_id, detail FROM events WHERE kind='batched' AND epoch=1
+                            ORDER BY hash(sample_id) LIMIT 25""")
+    for t in targets:
+        d = json.loads(t["detail"])
+        u, m = users[pos[t["sample_id"]]], movies[pos[t["sample_id"]]]
+        field = movielens.khop_edges(users, movies, u, m)
+        assert len(field) == d["khop_edges"]
+        assert pos[t["sample_id"]] in set(field.tolist())  # a training rating is in its own receptive field
+        assert movielens.khop_hash_of(ids, list(users), list(movies), u, m) == d["khop_hash"]
+
+
+def test_role_steps_sql_answers_target_and_neighbour(graph_run):
+    home, _ = graph_run
+    ids, users, movies = message_passing(home, 0)
+    x = ids[len(ids) // 2]
+    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
+    got = con.execute(ROLE_STEPS_SQL, {"sample_id": x}).fetchall()
+    batched = con.execute("SELECT epoch, step, sample_id FROM events WHERE kind='batched'").fetchall()
+    con.close()
+    as_target = {(r[1], r[2]) for r in got if r[3] == "target"}
+    assert as_target == {(e, s) for e, s, sid in batched if sid == x}
+    # brute force: X fed the prediction of t when X lies in t's 2-hop receptive field
+    pos = {s: i for i, s in enumerate(ids)}
+    field_of = {}
+    expected: dict = {}
+    for epoch, step, sid in batched:
+        if sid not in field_of:
+            field_of[sid] = pos[x] in set(movielens.khop_edges(users, movies, users[pos[sid]], movies[pos[sid]]).tolist())
+        if field_of[sid]:
+            expected[(epoch, step)] = expected.get((epoch, step), 0) + 1
+    as_neighbour = {(r[1], r[2]): r[4] for r in got if r[3] == "neighbour"}
+    assert as_neighbour == expected and expected
+
+
+def test_influence_for_every_test_rating_and_verify(graph_run, capsys):
+    home, _ = graph_run
+    test = split_ids(home, "test")
+    prop = rows(home, "SELECT test_sample_id, count(*) n, min(score) lo FROM influence WHERE kind='proponent' GROUP BY 1")
+    assert {r["test_sample_id"] for r in prop} == test
+    assert all(r["n"] == 10 and r["lo"] > 0 for r in prop)
+    assert rows(home, "SELECT max(score) s FROM influence WHERE kind='opponent'")[0]["s"] < 0
+    n_self = rows(home, "SELECT count(*) n FROM influence WHERE kind='self'")[0]["n"]
+    assert n_self == len(split_ids(home, "train"))
+    assert fgtrac(["--home", str(home), "verify"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("OK")
+
+
+def test_prove_a_rating(graph_run, tmp_path, capsys):
+    home, _ = graph_run
+    x = rows(home, "SELECT sample_id FROM events WHERE kind='batched' LIMIT 1")[0]["sample_id"]
+    out = tmp_path / "receipts.json"
+    assert fgtrac(["--home", str(home), "prove", x, "--out", str(out)]) == 0
+    receipts = json.loads(out.read_text())
+    import base64
+
+    kinds = {json.loads(base64.b64decode(r["leaf"])).get("kind") for r in receipts}
+    assert {"ingested", "preprocessed", "split", "message_passing", "batched", "gradient"} <= kinds
+    capsys.readouterr()
+    assert fgtrac(["verify-receipt", str(out)]) == 0
+    assert capsys.readouterr().out.count("OK ") == len(receipts)
+
+
+# ------------------------------------------------------------------ a user's graph
+
+
+def write_graph(root):
+    nodes = [{"node_id": "u1", "type": "user", "title": None, "year": None, "genres": None},
+             {"node_id": "u2", "type": "user", "title": None, "year": None, "genres": None},
+             {"node_id": "m1", "type": "movie", "title": "Heat", "year": 1995, "genres": "Action|Crime"},
+             {"node_id": "m2", "type": "movie", "title": None, "year": None, "genres": None},
+             {"node_id": "m1", "type": "movie", "title": "Heat again", "year": 1995, "genres": "Action"},
+             {"node_id": "x9", "type": "actor", "title": None, "year": None, "genres": None}]
+    edges = [("u1", "m1", 4.0, 10), ("u1", "m2", 3.5, 20), ("u2", "m1", 5.0, 30),
+             ("u2", "m9", 3.0, 40),          # unknown movie
+             ("m1", "u1", 3.0, 50),          # endpoints swapped
+             ("u2", "m2", 7.0, 60),          # out of range
+             ("u2", "m2", float("nan"), 70),  # not finite
+             ("u1", "m1", 2.0, 80),          # same pair rated again later: supersedes row 0
+             ("u2", "m1", 5.0, 30),          # exact duplicate of row 2
+             ("u2", "m2", 2.5, None)]        # no timestamp
+    root.mkdir()
+    pq.write_table(pa.Table.from_pylist(nodes), root / "nodes.parquet")
+    pq.write_table(pa.table({"user_id": [e[0] for e in edges], "movie_id": [e[1] for e in edges],
+                             "rating": [e[2] for e in edges], "timestamp": pa.array([e[3] for e in edges], pa.int64())}),
+                   root / "edges.parquet")
+
+
+def test_user_graph_rejections_have_reasons(tmp_path):
+    write_graph(tmp_path / "g")
+    got = MovieLensPipeline().ingest(str(tmp_path / "g"), 0)
+    kept = got.table.to_pylist()
+    assert sorted((r["user"], r["movie"], r["rating"]) for r in kept) == [("u1", "m1", 2.0), ("u1", "m2", 3.5),
+                                                                          ("u2", "m1", 5.0)]
+    assert {r["label"] for r in kept} == {4, 7, 10}
+    assert all(r["source"].startswith("g/edges.parquet#row=") for r in kept)
+    reasons = {r.source: r.reason for r in got.rejected}
+    assert "duplicate node_id 'm1'" in reasons["g/nodes.parquet#row=4"]
+    assert "neither 'user' nor 'movie'" in reasons["g/nodes.parquet#row=5"]
+    assert "'m9' is not a node" in reasons["g/edges.parquet#row=3"]
+    assert "is a movie node, not a user" in reasons["g/edges.parquet#row=4"]
+    assert "outside 0.5..5.0" in reasons["g/edges.parquet#row=5"]
+    assert "not finite" in reasons["g/edges.parquet#row=6"]
+    assert "only the latest rating" in reasons["g/edges.parquet#row=0"]
+    assert "duplicate of g/edges.parquet#row=2" in reasons["g/edges.parquet#row=8"]
+    assert "timestamp is missing" in reasons["g/edges.parquet#row=9"]
+    assert len(got.rejected) == 9
+
+
+def test_limit_takes_whole_users_in_id_order():
+    p = MovieLensPipeline()
+    got = p.ingest("", 1000).table
+    users = sorted({int(u.split(":")[1]) for u in got.column("user").to_pylist()})
+    assert users == list(range(1, len(users) + 1))
+    def per_user(table):
+        counts: dict = {}
+        for u in table.column("user").to_pylist():
+            counts[u] = counts.get(u, 0) + 1
+        return counts
+
+    everything = per_user(p.ingest("", 0).table)
+    assert sum(everything.values()) == 100_004
+    taken = per_user(p.ingest("", 5000).table)
+    # every rating of each taken user, and no more users than fit
+    assert all(taken[u] == everything[u] for u in taken)
+    assert sum(taken.values()) <= 5000 < sum(taken.values()) + everything[f"user:{len(taken) + 1}"]
