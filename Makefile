@@ -18,9 +18,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
-## run: install, materialise the digits pipeline into $FGTRAC_HOME, print a summary and verify
+## run: install, materialise both pipelines into $FGTRAC_HOME, print a summary and verify
 run: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster job execute -m fgtrac_assets.definitions -j digits_cnn_job
+	$(BIN)/dagster job execute -m fgtrac_assets.definitions -j multimodal_graph_job
 	$(BIN)/fgtrac summary
 
 ## test: install and run the test suite
