@@ -188,6 +188,26 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Run pipelines' whole chains from plain Python (no Dagster), with progress, then verify."""
+    from .cli_run import Progress, run_pipeline
+    from .pipelines.registry import DEFAULT_LIMITS, PIPELINES
+
+    known = {p.name: (p, d) for p, d in PIPELINES}
+    names = args.pipelines or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"fgtrac run: unknown pipeline(s) {unknown}; known: {sorted(known)}", file=sys.stderr)
+        return 2
+    ledger = _ledger(args)
+    for name in names:
+        pipeline, defaults = known[name]
+        limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(name, 0)
+        roots = run_pipeline(ledger, pipeline, defaults, limit, args.epochs, Progress())
+        print(f"{name}: influence_scores root {roots['influence_scores']}")
+    return cmd_verify(argparse.Namespace(home=args.home, json=False, witness=None, key=None))
+
+
 def cmd_report(args) -> int:
     """Write the static HTML audit report."""
     from .report.html import write_report
@@ -264,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", help="print the verifier key; `key list` all; `key rotate` starts a new one")
     p.add_argument("action", nargs="?", choices=["show", "list", "rotate"], default="show")
     p.set_defaults(func=cmd_key)
+    p = sub.add_parser("run", help="run pipelines' whole chains from plain Python (no Dagster), with progress")
+    p.add_argument("pipelines", nargs="*", help="pipeline names (default: all)")
+    p.add_argument("--limit", type=int, help="read at most this many raw items (default: the pipeline's)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the pipeline's)")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="write a static HTML audit report")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
     p.set_defaults(func=cmd_report)

@@ -5,17 +5,7 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from .assets.automation import daily_retraining, inbox_sensor
 from .assets.factory import build_pipeline_assets
 from .assets.resources import FgtracResource
-from .pipelines.base import TrainSettings
-from .pipelines.digits import DigitsPipeline
-from .pipelines.movielens import MovieLensPipeline
-
-PIPELINES = [(DigitsPipeline(), TrainSettings(epochs=12, lr=0.1, batch_size=32, seed=0, schedule="cosine")),
-             (MovieLensPipeline(), TrainSettings(epochs=5, lr=0.005, batch_size=512, seed=0, schedule="cosine"))]
-
-# A job's default raw_samples limit where it is not 0 (= everything). The graph job takes the first
-# 200 users' ratings (27,944 of 100,004) so that its chain runs in about a minute on 2 cores;
-# `limit: 0` in its run config (launchpad or -c) takes the whole of MovieLens.
-DEFAULT_LIMITS = {"multimodal_graph": 28_000}
+from .pipelines.registry import DEFAULT_LIMITS, PIPELINES
 
 all_assets = [a for pipeline, defaults in PIPELINES for a in build_pipeline_assets(pipeline, defaults)]
 

@@ -21,3 +21,14 @@ def test_ledger_lineage_equals_asset_graph(digits_home):
     expected = dagster_edges("digits_cnn")
     assert expected, "the asset graph has edges"
     assert recorded == expected
+
+
+def test_plain_python_run_records_the_same_lineage(tmp_path, capsys):
+    """`fgtrac run` drives the same stages without Dagster: same edges, and everything verifies."""
+    from fgtrac_assets.cli import main as fgtrac
+
+    assert fgtrac(["--home", str(tmp_path), "run", "digits_cnn", "--limit", "150", "--epochs", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("OK")
+    recorded = {(r["upstream_asset"], r["asset"]) for r in
+                Ledger(tmp_path).query("SELECT upstream_asset, asset FROM asset_lineage").to_pylist()}
+    assert recorded == dagster_edges("digits_cnn")
