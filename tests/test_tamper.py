@@ -103,3 +103,14 @@ def test_forged_signature_is_caught(digits_copy):
     con.execute("UPDATE tree_heads SET note = ? WHERE note = ?", [forged, note])
     con.close()
     assert any(line.startswith("tree_heads") and "signature" in line for line in findings(digits_copy))
+
+
+def test_artifact_replaced_by_another_valid_file_is_named(digits_copy):
+    rows = Ledger(digits_copy).query("SELECT path, kind FROM artifacts WHERE kind IN ('influence_scores', "
+                                     "'gradient_cache')").to_pylist()
+    paths = {r["kind"]: r["path"] for r in rows}
+    import shutil
+
+    shutil.copyfile(digits_copy / paths["gradient_cache"], digits_copy / paths["influence_scores"])  # valid Parquet
+    lines = findings(digits_copy)
+    assert any(line.startswith(f"artifacts {paths['influence_scores']}") and "sha256" in line for line in lines)
