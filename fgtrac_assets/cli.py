@@ -21,8 +21,8 @@ def cmd_verify(args) -> int:
 
     ledger = _ledger(args)
     if not ledger.exists():
-        if ledger.home.keys.exists() or ledger.home.artifacts.exists():
-            msg = f"{ledger.home.ledger}: the ledger file is missing but keys/artifacts exist: its history is lost"
+        if ledger.home.keys.exists() or ledger.home.witness.exists():
+            msg = f"{ledger.home.ledger}: the ledger file is missing but keys/witness exist: its history is lost"
             print(json.dumps({"ok": False, "findings": [{"table": "ledger", "row": "file", "what": msg}]}) if args.json
                   else f"FAIL {msg}")
             return 1

@@ -86,9 +86,11 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
-                if not read_only:
+                if not read_only:  # one transaction: a kill leaves all the tables or none
+                    con.execute("BEGIN TRANSACTION")
                     for ddl in all_ddl():
                         con.execute(ddl)
+                    con.execute("COMMIT")
                 yield con
             finally:
                 con.close()
@@ -156,7 +158,9 @@ class Ledger:
         """Refuse to start a new, empty ledger where one existed: that would silently forget history."""
         if self.exists():
             return
-        leftovers = [p for p in (self.home.keys, self.home.artifacts, self.home.witness) if p.is_dir() and any(p.iterdir())]
+        # keys are made inside the first commit, the witness by a verify: either means a ledger existed
+        # (artifacts alone do not: a stage writes its files before its first commit)
+        leftovers = [p for p in (self.home.keys, self.home.witness) if p.is_dir() and any(p.iterdir())]
         if leftovers:
             raise LedgerDamaged(f"{self.home.ledger} is missing but {', '.join(p.name + '/' for p in leftovers)} "
                                 "exist: the ledger was lost or moved; restore it rather than start a new history")

@@ -63,6 +63,8 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
     with ledger.reader() as con:
         existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         missing = [t for t in LEAF_ORDER + ["log_nodes", "tree_heads"] if t not in existing]
+        if missing and not existing & set(LEAF_ORDER + ["log_nodes", "tree_heads"]):
+            return Report([], ["the ledger file holds no tables: nothing was ever committed (an interrupted first run)"])
         if missing:
             return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
         leaf_rows = con.execute("SELECT idx, hash FROM log_tree WHERE level = 0 ORDER BY idx").fetchall()

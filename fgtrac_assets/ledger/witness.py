@@ -33,6 +33,6 @@ def check_witness(path: Path, verifiers: list[notes.Verifier], perfect: PerfectH
 def write_witness(path: Path, note: str) -> None:
     """Atomically replace the witness with a signed tree head."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # two verifies may finish together
     tmp.write_text(note, encoding="utf-8")
     os.replace(tmp, path)

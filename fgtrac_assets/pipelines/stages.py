@@ -30,7 +30,8 @@ def _noop(_: str) -> None:
 
 
 def _write_parquet(ledger: Ledger, relpath: str, kind: str, table: pa.Table) -> ArtifactFile:
-    return write_artifact(ledger.ensure_home().root, relpath, kind, lambda p: pq.write_table(table, p))
+    """Write a Parquet artifact under $FGTRAC_HOME/artifacts/ (its recorded path is relative to FGTRAC_HOME)."""
+    return write_artifact(ledger.ensure_home().root, f"artifacts/{relpath}", kind, lambda p: pq.write_table(table, p))
 
 
 def _finish(ledger: Ledger, pipeline: Pipeline, asset: str, run_id: str, rows: dict, upstream: list[Handle],
@@ -170,7 +171,7 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     checkpoints, arts, history = [], {}, []
     started = time.monotonic()
     for ep in pipeline.train(table, settings, tracer):
-        rel = f"{pipeline.name}/runs/{training_run}/checkpoints/epoch-{ep.epoch:03d}.pt"
+        rel = f"artifacts/{pipeline.name}/runs/{training_run}/checkpoints/epoch-{ep.epoch:03d}.pt"
 
         def save(path, state=ep.state_dict):
             torch.save(state, path)
