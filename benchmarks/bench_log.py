@@ -23,7 +23,8 @@ from fgtrac_assets.integrity import merkle  # noqa: E402
 from fgtrac_assets.integrity.receipts import verify_receipt  # noqa: E402
 from fgtrac_assets.ledger import proofs  # noqa: E402
 from fgtrac_assets.ledger.nodes import StoredNodes  # noqa: E402
-from fgtrac_assets.ledger.store import Commit, Ledger, _append_hashes  # noqa: E402
+from fgtrac_assets.ledger.nodes import append_hashes  # noqa: E402
+from fgtrac_assets.ledger.store import Commit, Ledger  # noqa: E402
 from fgtrac_assets.ledger.verify import verify_ledger  # noqa: E402
 
 
@@ -59,9 +60,9 @@ def bench_big_log(home: Path, leaves: int, chunk: int = 1_000_000) -> tuple[floa
     done = 0
     while done < leaves:
         m = min(chunk, leaves - done)
-        hashes = [merkle.leaf_hash(i.to_bytes(8, "big")) for i in range(done, done + m)]
+        hashes = merkle.leaf_hashes([i.to_bytes(8, "big") for i in range(done, done + m)])
         con.execute("BEGIN TRANSACTION")
-        size, _ = _append_hashes(con, size, hashes)
+        size, _ = append_hashes(con, size, hashes)
         con.execute("COMMIT")
         done += m
     append_s = time.perf_counter() - t

@@ -13,6 +13,7 @@ from fgtrac_assets.integrity import merkle, notes
 from fgtrac_assets.integrity.receipts import ReceiptError, verify_receipt
 from fgtrac_assets.ledger import proofs
 from fgtrac_assets.ledger.leaves import row_leaf
+from fgtrac_assets.ledger.nodes import append_hashes, rebuild_tiles
 from fgtrac_assets.ledger.schema import LEAF_ORDER
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
@@ -153,13 +154,7 @@ def rebuild_and_resign(home, keep_size=None):
         rows += [(r["leaf_index"], row_leaf(t, r)) for r in con.sql(f"SELECT * FROM {t}").to_arrow_table().to_pylist()]
     rows.sort()
     levels = merkle.build_levels([merkle.leaf_hash(leaf) for _, leaf in rows])
-    con.execute("DELETE FROM log_nodes")
-    import pyarrow as pa
-
-    nodes = pa.table({"pos": [(lv << 48) | i for lv, hs in enumerate(levels) for i in range(len(hs))],
-                      "hash": [h for hs in levels for h in hs]})
-    con.register("nodes", nodes)
-    con.execute("INSERT INTO log_nodes SELECT * FROM nodes")
+    rebuild_tiles(con, levels[0])
     for (size,) in con.execute("SELECT size FROM tree_heads").fetchall():
         root = merkle.root_from(lambda lv, i: levels[lv][i], size)
         con.execute("UPDATE tree_heads SET root = ?, note = ? WHERE size = ?",
@@ -220,7 +215,8 @@ def test_replaced_tree_head_and_duplicated_leaf_are_caught(digits_copy):
     # duplicate a leaf: the same event row and leaf hash appended once more at the end of the log
     i = con.execute("SELECT min(leaf_index) FROM events").fetchall()[0][0]
     con.execute(f"INSERT INTO events SELECT {large}, * EXCLUDE (leaf_index) FROM events WHERE leaf_index = {i}")
-    con.execute(f"INSERT INTO log_nodes SELECT {large}, hash FROM log_nodes WHERE pos = {i}")
+    duplicate = con.execute(f"SELECT hash FROM log_tree WHERE level = 0 AND idx = {i}").fetchall()[0][0]
+    append_hashes(con, large, [bytes(duplicate)])
     con.close()
     lines = findings(digits_copy, update_witness=False)
     assert any(line.startswith(f"tree_heads size={large}") for line in lines), lines

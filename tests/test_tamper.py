@@ -66,13 +66,15 @@ def test_rewritten_log_without_the_key_is_caught(digits_copy):
     """Changing a row and its leaf hash (and every node above) still fails: the signed root differs."""
     from fgtrac_assets.integrity import merkle
     from fgtrac_assets.ledger.leaves import row_leaf
+    from fgtrac_assets.ledger.nodes import rebuild_tiles
 
     i = first_leaf(digits_copy, "samples")
     con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
     con.execute(f"UPDATE samples SET label = (label + 1) % 10 WHERE leaf_index = {i}")
     row = con.sql(f"SELECT * FROM samples WHERE leaf_index = {i}").to_arrow_table().to_pylist()[0]
-    con.execute("UPDATE log_nodes SET hash = ? WHERE pos = ?", [merkle.leaf_hash(row_leaf("samples", row)), i])
-    con.execute("DELETE FROM log_nodes WHERE pos >= 1::BIGINT << 48")
+    hashes = [bytes(h) for (h,) in con.execute("SELECT hash FROM log_tree WHERE level = 0 ORDER BY idx").fetchall()]
+    hashes[i] = merkle.leaf_hash(row_leaf("samples", row))
+    rebuild_tiles(con, hashes)
     con.close()
     lines = findings(digits_copy)
     assert lines and all(line.startswith(("tree_heads", "witness")) for line in lines), lines

@@ -24,6 +24,12 @@ def leaf_hash(leaf: bytes) -> bytes:
     return _sha256(b"\x00" + leaf).digest()
 
 
+def leaf_hashes(leaves: Sequence[bytes]) -> list[bytes]:
+    """Return the RFC 6962 leaf hash of every leaf, in order."""
+    sha = _sha256
+    return [sha(b"\x00" + x).digest() for x in leaves]
+
+
 def node_hash(left: bytes, right: bytes) -> bytes:
     """Return the RFC 6962 interior node hash SHA-256(0x01 || left || right)."""
     return _sha256(b"\x01" + left + right).digest()

@@ -101,15 +101,18 @@ INDEX_DDL = [
 LOG_DDL = [
     # Results of `fgtrac verify`: not log leaves (they describe the log), kept for integrity_status.
     "CREATE TABLE IF NOT EXISTS verifications (verified_at VARCHAR NOT NULL, tree_size BIGINT NOT NULL, ok BOOLEAN NOT NULL, findings BIGINT NOT NULL, summary VARCHAR)",
-    # pos = level << 48 | index: level 0 holds the leaf hashes, level k the perfect subtree hashes over 2**k
-    # leaves. One BIGINT key lets a proof fetch all its O(log n) nodes with one indexed IN-list query.
-    "CREATE TABLE IF NOT EXISTS log_nodes (pos BIGINT PRIMARY KEY, hash BLOB NOT NULL)",
+    # The Merkle tree as tiles (see ledger/nodes.py): tile = tile level << 48 | tile index; 256 hashes of the
+    # perfect subtrees at level 8 * tile level per full tile, concatenated. One row per 256 hashes keeps appends cheap.
+    "CREATE TABLE IF NOT EXISTS log_tiles (tile BIGINT PRIMARY KEY, width INTEGER NOT NULL, hashes BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS tree_heads (size BIGINT NOT NULL, root BLOB NOT NULL, note VARCHAR NOT NULL, verifier_key VARCHAR NOT NULL, pipeline VARCHAR, asset VARCHAR, run_id VARCHAR, created_at VARCHAR NOT NULL)",
 ]
 
 VIEW_DDL = [
+    # Every stored hash as (level, idx, hash): the leaf hashes (level 0) and the tile roots (levels 8, 16, ...).
     """CREATE OR REPLACE VIEW log_tree AS
-       SELECT pos >> 48 AS level, pos & ((1::BIGINT << 48) - 1) AS idx, hash FROM log_nodes""",
+       SELECT (tile >> 48) * 8 AS level, (tile & ((1::BIGINT << 48) - 1)) * 256 + i AS idx,
+              hashes[i * 32 + 1 : i * 32 + 32] AS hash
+       FROM (SELECT tile, hashes, unnest(range(width)) AS i FROM log_tiles)""",
     """CREATE OR REPLACE VIEW checkpoint_summary AS
        SELECT c.checkpoint_id, c.pipeline, c.training_run, c.epoch, c.step, c.lr, c.train_loss, c.val_loss,
               coalesce(s.selected, false) AS selected, s.rank AS selection_rank, s.reason, c.path, c.sha256

@@ -15,7 +15,7 @@ from ..config import Home, log_origin, resolve_home
 from ..integrity import merkle, notes
 from .leaves import row_leaf, table_leaves, to_arrow
 from .lock import LedgerBusy, ledger_lock
-from .nodes import StoredNodes, node_pos
+from .nodes import append_hashes, migrate_log_nodes
 from .schema import LEAF_ORDER, all_ddl
 
 
@@ -90,6 +90,7 @@ class Ledger:
                     con.execute("BEGIN TRANSACTION")
                     for ddl in all_ddl():
                         con.execute(ddl)
+                    migrate_log_nodes(con)
                     con.execute("COMMIT")
                 yield con
             finally:
@@ -112,7 +113,7 @@ class Ledger:
         leaves: list[bytes] = []
         for name, tbl in tables.items():
             leaves.extend(table_leaves(name, tbl))
-        hashes = [merkle.leaf_hash(x) for x in leaves]
+        hashes = merkle.leaf_hashes(leaves)
         self._refuse_fresh_start()
         with self._connect(read_only=False) as con:
             signer = self._signer(con)
@@ -131,7 +132,7 @@ class Ledger:
                 mat_tbl = to_arrow("materializations", [mat])
                 _insert(con, "materializations", mat_tbl.add_column(0, "leaf_index", pa.array([offset], pa.int64())))
                 hashes.append(merkle.leaf_hash(row_leaf("materializations", mat)))
-                size, root = _append_hashes(con, start, hashes)
+                size, root = append_hashes(con, start, hashes)
                 text = notes.format_checkpoint(self.origin, size, root)
                 note = signer.sign(text)
                 con.execute("INSERT INTO tree_heads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -218,16 +219,3 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, tbl: pa.Table) -> None:
 
 def _tree_size(con: duckdb.DuckDBPyConnection) -> int:
     return con.execute("SELECT coalesce(max(size), 0) FROM tree_heads").fetchall()[0][0]
-
-
-def _append_hashes(con: duckdb.DuckDBPyConnection, start: int, hashes: list[bytes]) -> tuple[int, bytes]:
-    """Store the new leaf hashes and every perfect node they complete; return (size, root)."""
-    perfect = StoredNodes(con)
-    perfect.run(merkle.root_from, start)  # the right frontier: the only stored nodes an append reads
-    nodes = merkle.new_perfect_nodes(start, hashes, perfect)
-    tbl = pa.table({"pos": pa.array([node_pos(lv, ix) for lv, ix, _ in nodes], pa.int64()),
-                    "hash": pa.array([h for _, _, h in nodes], pa.binary())})
-    _insert(con, "log_nodes", tbl)
-    perfect.cache.update({(lv, ix): h for lv, ix, h in nodes})
-    size = start + len(hashes)
-    return size, merkle.root_from(perfect, size)

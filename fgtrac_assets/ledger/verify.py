@@ -7,6 +7,7 @@ from pathlib import Path
 from ..integrity import merkle, notes
 from .artifacts import check_artifact
 from .leaves import row_leaf, table_leaves
+from .nodes import TILE_HEIGHT, TILE_WIDTH, all_tiles
 from .proofs import check_training_sets
 from .schema import LEAF_ORDER
 from .store import Ledger
@@ -62,25 +63,22 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
     notices: list[str] = []
     with ledger.reader() as con:
         existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        missing = [t for t in LEAF_ORDER + ["log_nodes", "tree_heads"] if t not in existing]
-        if missing and not existing & set(LEAF_ORDER + ["log_nodes", "tree_heads"]):
+        missing = [t for t in LEAF_ORDER + ["log_tiles", "tree_heads"] if t not in existing]
+        if missing and not existing & set(LEAF_ORDER + ["log_tiles", "tree_heads"]):
             return Report([], ["the ledger file holds no tables: nothing was ever committed (an interrupted first run)"])
         if missing:
             return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
-        leaf_rows = con.execute("SELECT idx, hash FROM log_tree WHERE level = 0 ORDER BY idx").fetchall()
-        stored_nodes = con.execute("SELECT level, idx, hash FROM log_tree WHERE level > 0").fetchall()
+        tiles = all_tiles(con)
         heads = con.execute("SELECT size, root, note, verifier_key, asset FROM tree_heads ORDER BY size, created_at").fetchall()
         tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table() for t in LEAF_ORDER}
         artifacts = tables["artifacts"].to_pylist()
         for run, problem in check_training_sets(con):
             findings.append(Finding("training_sets", f"training_run={run}", problem))
 
-    logged = [bytes(h) for _, h in leaf_rows]
+    logged, problem = _leaf_hashes(tiles.pop(0, []))
+    if problem:
+        findings.append(Finding("log_tiles", problem[0], problem[1]))
     size = len(logged)
-    for expected, (idx, _) in enumerate(leaf_rows):
-        if idx != expected:
-            findings.append(Finding("log_nodes", f"level 0 index {idx}", f"leaf indexes are not contiguous (expected {expected})"))
-            break
 
     claimed = bytearray(size)  # how many rows claim each leaf (saturating at 2)
     for table in LEAF_ORDER:
@@ -90,9 +88,10 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
             leaves = table_leaves(table, tbl)
         except ValueError:  # a value no leaf can hold: find the row(s) one by one
             leaves = [_leaf_or_none(table, r) for r in tbl.to_pylist()]
-        for row_no, (i, leaf) in enumerate(zip(indexes, leaves)):
-            if i is not None and 0 <= i < size and claimed[i] == 0 and leaf is not None \
-                    and merkle.leaf_hash(leaf) == logged[i]:
+        hashed = [None if x is None else merkle.leaf_hash(x) for x in leaves] if None in leaves \
+            else merkle.leaf_hashes(leaves)
+        for row_no, (i, leaf, h) in enumerate(zip(indexes, leaves, hashed)):
+            if i is not None and 0 <= i < size and claimed[i] == 0 and h is not None and h == logged[i]:
                 claimed[i] = 1
                 continue
             row = tbl.slice(row_no, 1).to_pylist()[0]
@@ -114,10 +113,14 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
         findings.append(Finding("log", f"leaf {i}", "logged, but no ledger row holds it (row deleted)"))
 
     levels = merkle.build_levels(logged)
-    for level, idx, h in stored_nodes:
-        if level >= len(levels) or idx >= len(levels[level]) or levels[level][idx] != bytes(h):
-            findings.append(Finding("log_nodes", f"level {level} index {idx}", "stored interior hash differs from "
-                                    "the hash recomputed from the leaves"))
+    for t, stored in tiles.items():
+        level = t * TILE_HEIGHT
+        for k, hashes in stored:
+            first = k * TILE_WIDTH
+            expect = levels[level][first:first + len(hashes)] if level < len(levels) else []
+            if hashes != expect:
+                findings.append(Finding("log_tiles", f"level {level} tile {k}", "stored hashes differ from the "
+                                        "hashes recomputed from the leaves"))
 
     def perfect(level: int, index: int) -> bytes:
         return levels[level][index]
@@ -181,6 +184,18 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
 
     return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
                   rows={t: len(tables[t]) for t in LEAF_ORDER})
+
+
+def _leaf_hashes(tiles: list[tuple[int, list[bytes]]]) -> tuple[list[bytes], tuple[str, str] | None]:
+    """Return the leaf hashes held by the level-0 tiles, up to the first gap or short tile, and what is wrong."""
+    logged: list[bytes] = []
+    for k, hashes in tiles:
+        if k * TILE_WIDTH != len(logged):
+            return logged, (f"level 0 tile {k}", f"tiles are not contiguous (expected leaf {len(logged)})")
+        logged.extend(hashes)
+        if len(hashes) < TILE_WIDTH and k != tiles[-1][0]:
+            return logged, (f"level 0 tile {k}", f"a partial tile ({len(hashes)} hashes) before the last one")
+    return logged, None
 
 
 def _leaf_or_none(table: str, row: dict) -> bytes | None:
