@@ -5,9 +5,10 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from .assets.automation import daily_retraining, inbox_sensor
 from .assets.factory import build_pipeline_assets
 from .assets.resources import FgtracResource
-from .pipelines.registry import DEFAULT_LIMITS, PIPELINES
+from .pipelines.registry import DEFAULT_LIMITS, PIPELINES, STUDIES
 
-all_assets = [a for pipeline, defaults in PIPELINES for a in build_pipeline_assets(pipeline, defaults)]
+all_assets = [a for pipeline, defaults in PIPELINES
+              for a in build_pipeline_assets(pipeline, defaults, tuple(STUDIES.get(pipeline.name, ())))]
 
 # One in-process job per pipeline: a torch chain runs ~3x faster without a process per step.
 # Their default run config keeps the console at INFO: progress lines, not every engine event.

@@ -20,13 +20,14 @@ def small_run_config(limit: int = SMALL_LIMIT, epochs: int = SMALL_EPOCHS, pipel
 
 
 def materialize_digits(home: Path, **kwargs):
-    """Materialise the whole digits chain into home with Dagster's materialize(); return the result."""
+    """Materialise the whole digits chain (not its studies) into home with Dagster's materialize(); return the result."""
     from dagster import materialize
 
+    from fgtrac_assets.assets.factory import ASSET_NAMES
     from fgtrac_assets.assets.resources import FgtracResource
     from fgtrac_assets.definitions import all_assets
 
-    assets = [a for a in all_assets if a.key.path[0] == "digits_cnn"]
+    assets = [a for a in all_assets if a.key.path[0] == "digits_cnn" and a.key.path[-1] in ASSET_NAMES]
     return materialize(assets, resources={"fgtrac": FgtracResource(home=str(home))},
                        run_config=small_run_config(**kwargs))
 

@@ -31,9 +31,18 @@ class SelectionConfig(Config):
     min_rel_improvement: float = Field(default=0.05, description="relative validation-loss improvement that counts as substantial")
     max_checkpoints: int = 3
     always_keep_last: bool = True
+    consider_from: float = Field(default=0.5, description="apply the rule to checkpoints from this fraction of training "
+                                 "on: late checkpoints find mislabelled samples best (see the mislabel_evaluation asset)")
 
 
 class InfluenceConfig(Config):
     """How many proponents and opponents to keep per test sample."""
 
     top_k: int = 10
+
+
+class StudyConfig(Config):
+    """Which of a study's settings to run, and its seed."""
+
+    preset: str = Field(default="default", description="'default' (minutes on 2 cores) or 'large' (a real study)")
+    seed: int = 0

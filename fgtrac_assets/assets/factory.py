@@ -24,7 +24,8 @@ from ..ledger.store import LedgerDamaged
 from ..pipelines import stages
 from ..pipelines.base import Pipeline, TrainSettings
 from ..pipelines.handles import Handle, StageResult
-from .configs import InfluenceConfig, RawSamplesConfig, SelectionConfig, TrainingConfig
+from ..pipelines.studies import Study, run_study
+from .configs import InfluenceConfig, RawSamplesConfig, SelectionConfig, StudyConfig, TrainingConfig
 from .metadata import to_dagster
 from .resources import FgtracResource
 
@@ -67,8 +68,9 @@ def _run(context: AssetExecutionContext, fn, *args, **kwargs) -> StageResult:
         raise Failure(description=str(exc), allow_retries=False) from None
 
 
-def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings) -> list[AssetsDefinition]:
-    """Return the six assets raw_samples -> ... -> influence_scores for a pipeline, in group pipeline.name."""
+def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings,
+                          studies: tuple[Study, ...] = ()) -> list[AssetsDefinition]:
+    """Return the six assets raw_samples -> ... -> influence_scores for a pipeline, and its study assets, in group pipeline.name."""
     p = pipeline.name
 
     def chain_asset(name: str, description: str, upstream: tuple[str, ...] = ()):
@@ -103,7 +105,7 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings) -> list[A
                              training_checkpoints: Handle):
         r = _run(context, stages.select, fgtrac.ledger(), pipeline, context.run.run_id, training_checkpoints,
                  min_rel_improvement=config.min_rel_improvement, max_checkpoints=config.max_checkpoints,
-                 always_keep_last=config.always_keep_last)
+                 always_keep_last=config.always_keep_last, consider_from=config.consider_from)
         yield from _output(r, len(r.metadata["selected"]))
 
     @chain_asset("gradient_cache", f"Per-sample gradient factors of layer `{pipeline.influence_layer}` at each "
@@ -124,4 +126,18 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings) -> list[A
         yield from _output(r, r.metadata["influence_rows"])
 
     return [raw_samples, preprocessed_samples, training_checkpoints, selected_checkpoints, gradient_cache,
-            influence_scores]
+            influence_scores] + [_study_asset(pipeline, study) for study in studies]
+
+
+def _study_asset(pipeline: Pipeline, study: Study) -> AssetsDefinition:
+    """Return the asset that runs one evaluation study of a pipeline and commits its table and plot."""
+    p = pipeline.name
+
+    @asset(name=study.name, key_prefix=[p], group_name=p, code_version=CODE_VERSION, description=study.description,
+           check_specs=_check_specs(p, study.name))
+    def _study(context: AssetExecutionContext, config: StudyConfig, fgtrac: FgtracResource):
+        r = _run(context, run_study, fgtrac.ledger(), pipeline, context.run.run_id, study, preset=config.preset,
+                 seed=config.seed)
+        yield from _output(r)
+
+    return _study

@@ -80,8 +80,7 @@ def _fgtrac_late(val_losses: Sequence[float]) -> list[int]:
     """FG-Trac's rule applied to the second half of training only (the final checkpoint kept)."""
     from ..attribution.selection import select_checkpoints
 
-    start = len(val_losses) // 2
-    return [start + i for i in select_checkpoints(list(val_losses)[start:])]
+    return select_checkpoints(list(val_losses), consider_from=0.5)
 
 
 def _final(val_losses: Sequence[float]) -> list[int]:

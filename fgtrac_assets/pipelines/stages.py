@@ -207,13 +207,15 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
 
 
 def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, min_rel_improvement: float = 0.05,
-           max_checkpoints: int = 3, always_keep_last: bool = True, log: Log = _noop) -> StageResult:
+           max_checkpoints: int = 3, always_keep_last: bool = True, consider_from: float = 0.5,
+           log: Log = _noop) -> StageResult:
     """Choose the checkpoints influence is taken at (FG-Trac's validation-loss rule, final checkpoint kept)."""
     from ..attribution.selection import select_checkpoints
 
     ckpts = training.extra["checkpoints"]
     chosen = select_checkpoints([c["val_loss"] for c in ckpts], min_rel_improvement=min_rel_improvement,
-                                max_checkpoints=max_checkpoints, always_keep_last=always_keep_last)
+                                max_checkpoints=max_checkpoints, always_keep_last=always_keep_last,
+                                consider_from=consider_from)
     rank = {i: r + 1 for r, i in enumerate(chosen)}
     rows, best = [], float("inf")
     for i, c in enumerate(ckpts):
@@ -229,7 +231,7 @@ def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, mi
     meta = {"selected": [c["checkpoint_id"] for c in selected], "selected_epochs": [c["epoch"] for c in selected],
             "loss_curve_md": plots.markdown_image(curve, "loss per epoch, selected checkpoints circled"),
             "rule": {"min_rel_improvement": min_rel_improvement, "max_checkpoints": max_checkpoints,
-                     "always_keep_last": always_keep_last}}
+                     "always_keep_last": always_keep_last, "consider_from": consider_from}}
     return _finish(ledger, pipeline, "selected_checkpoints", run_id, {"checkpoint_selections": rows}, [training], {},
                    meta, training_run=training.training_run, extra={"selected": selected})
 

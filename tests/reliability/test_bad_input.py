@@ -11,13 +11,14 @@ from PIL import Image
 
 from fgtrac_assets.assets.configs import RawSamplesConfig, TrainingConfig
 from fgtrac_assets.assets.resources import FgtracResource
+from fgtrac_assets.assets.factory import ASSET_NAMES
 from fgtrac_assets.definitions import all_assets
 from fgtrac_assets.ledger.store import Ledger, LedgerDamaged
 from fgtrac_assets.ledger.verify import verify_ledger
 from fgtrac_assets.pipelines import stages
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 
-DIGITS = [a for a in all_assets if a.key.path[0] == "digits_cnn"]
+DIGITS = [a for a in all_assets if a.key.path[0] == "digits_cnn" and a.key.path[-1] in ASSET_NAMES]
 
 
 def png(arr) -> bytes:

@@ -1,0 +1,64 @@
+"""Evaluation studies run as assets of a pipeline: a study trains its own models and commits its table and plot.
+
+A study is a plain function returning ``{"table": [row dicts], "plot_png": bytes, "best": str, ...}``
+(``mislabel_eval.mislabel_evaluation``, ``final_model_eval.final_model_comparison``). Running
+one here commits the table (Parquet) and the plot (PNG) as artifacts with a signed tree head,
+like every other materialisation, so a published figure can be traced to its exact bytes.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from ..ledger.artifacts import write_artifact
+from ..ledger.store import Ledger
+from ..report import plots
+from .base import Pipeline
+from .handles import StageResult
+from .stages import Log, _finish, _noop, _write_parquet
+
+
+@dataclass(frozen=True)
+class Study:
+    """An evaluation asset: its name, what it shows, the function and its named settings."""
+
+    name: str
+    description: str
+    run: Callable[..., dict]
+    table_markdown: Callable[[list[dict]], str]
+    presets: dict[str, dict] = field(default_factory=lambda: {"default": {}})
+    headline: Callable[[dict], dict] = lambda result: {}
+
+
+def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, preset: str = "default",
+              seed: int = 0, log: Log = _noop) -> StageResult:
+    """Run a study with one of its presets and commit its table and plot; return the asset's metadata."""
+    if preset not in study.presets:
+        raise ValueError(f"{study.name}: unknown preset {preset!r} (choose from {', '.join(study.presets)})")
+    kwargs = {**study.presets[preset], "seed": seed}
+    log(f"{study.name}: running with {json.dumps(kwargs)}")
+    started = time.monotonic()
+    result = study.run(**kwargs)
+    seconds = time.monotonic() - started
+    table = pa.Table.from_pylist([{k: _cell(v) for k, v in row.items()} for row in result["table"]])
+    base = f"{pipeline.name}/studies/{study.name}-{run_id}"
+    arts = {"table": _write_parquet(ledger, f"{base}.parquet", "study_table", table)}
+    if result.get("plot_png"):
+        png = result["plot_png"]
+        arts["plot"] = write_artifact(ledger.ensure_home().root, f"artifacts/{base}.png", "study_plot",
+                                      lambda p: p.write_bytes(png))
+    meta = {"study": study.description, "preset": preset, "settings": kwargs, "best": result.get("best"),
+            "seconds": round(seconds, 2), "table_md": study.table_markdown(result["table"]),
+            **study.headline(result)}
+    if result.get("plot_png"):
+        meta["plot_md"] = plots.markdown_image(result["plot_png"], study.name)
+    log(f"{study.name}: best {result.get('best')} ({seconds:.1f}s)")
+    return _finish(ledger, pipeline, study.name, run_id, {}, [], arts, meta, extra={"best": result.get("best")})
+
+
+def _cell(value):
+    """Return a table cell Parquet can hold with one type per column (lists and dicts as JSON text)."""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
