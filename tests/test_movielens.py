@@ -249,6 +249,46 @@ def test_user_graph_csv_keeps_ids_as_text_and_rejects_bad_rows(tmp_path):
         MovieLensPipeline().ingest(str(root), 0)
 
 
+def _bad_title_graph(root, how: str):
+    """A graph whose movie m1 has a title that is not UTF-8 (Latin-1 'Léon'), stored `how`."""
+    title = "Léon".encode("latin-1")
+    root.mkdir()
+    ids, kinds = ["u1", "u2", "m1", "m2"], ["user", "user", "movie", "movie"]
+    titles = [None, None, title, b"Heat"]
+    edges = pa.table({"user_id": ["u1", "u2", "u1", "u2"], "movie_id": ["m1", "m1", "m2", "m2"],
+                      "rating": [4.0, 2.5, 3.0, 5.0], "timestamp": [1, 2, 3, 4]})
+    if how == "csv":
+        write_csv(root / "nodes.csv", pa.table({"node_id": ids, "type": kinds, "title": pa.array(titles, pa.binary())}))
+        write_csv(root / "edges.csv", edges)
+        return
+    column = pa.array(titles, pa.binary())
+    if how == "parquet-string":  # a string column holding invalid UTF-8, as some writers produce
+        column = column.view(pa.string())
+    pq.write_table(pa.table({"node_id": ids, "type": kinds, "title": column}), root / "nodes.parquet")
+    pq.write_table(edges, root / "edges.parquet")
+
+
+@pytest.mark.parametrize("how", ["parquet-binary", "parquet-string", "csv"])
+def test_title_that_is_not_utf8_is_dropped_with_a_rejection_and_the_ratings_stay(tmp_path, how):
+    from fgtrac_assets.ledger.store import Ledger
+    from fgtrac_assets.pipelines import stages
+
+    _bad_title_graph(tmp_path / "g", how)
+    ledger = Ledger(tmp_path / "home")
+    raw = stages.ingest(ledger, MovieLensPipeline(), "run", source=str(tmp_path / "g"))
+    assert raw.metadata["samples"] == 4  # every rating stays, those of m1 included
+    suffix = "csv" if how == "csv" else "parquet"
+    assert raw.metadata["rejections"] == [
+        f"g/nodes.{suffix}#row=2: rejected: node 'm1': title is not UTF-8 text (byte 0xe9 at 1): dropped, "
+        "the movie and its ratings are kept"]
+    assert rows(tmp_path / "home", "SELECT count(*) n FROM events WHERE kind = 'rejected'")[0]["n"] == 1
+    table = raw.handle.artifacts["raw"].read_parquet(ledger.home.root)
+    titles = {m: t for m, t in zip(table.column("movie").to_pylist(), table.column("title").to_pylist())}
+    assert titles == {"m1": None, "m2": "Heat"}  # a valid title in a binary column is read as text
+    prep = stages.preprocess(ledger, MovieLensPipeline(), "run", raw.handle)
+    assert prep.metadata["samples"] == 4
+
+
 def test_limit_takes_whole_users_in_id_order():
     p = MovieLensPipeline()
     got = p.ingest("", 1000).table

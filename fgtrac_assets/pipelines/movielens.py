@@ -28,7 +28,10 @@ Sources
     not finite or outside 0.5..5.0, whose timestamp is missing, and all but the latest
     rating of a (user, movie) pair; CSV rows with the wrong number of fields; rows whose
     id, type, rating or timestamp is not UTF-8 text.  A movie without title, year or
-    genres is kept (the missing modality is encoded as such).
+    genres is kept (the missing modality is encoded as such).  A title or genres that is
+    not UTF-8 text (bytes in a binary or string column, or in a CSV cell) is dropped like
+    a missing one and recorded as a ``rejected`` event naming the node's row; the movie
+    and its ratings are kept.
 
 ``limit``
     At most ``limit`` ratings, taken as whole users in user order (user id on the bundled
@@ -202,6 +205,9 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
         kinds[nid] = kind
         if kind == "movie":
             attrs[nid] = tuple(_optional(nodes, c, i) for c in ("title", "year", "genres"))
+            # an unreadable optional attribute is dropped like a missing one; the movie and its ratings stay
+            for why in nodes_got.problems(row, ("title", "year", "genres")):
+                rejected.append(Rejection(source, f"node {nid!r}: {why}: dropped, the movie and its ratings are kept"))
     edges_got = tables["edges"]
     edges = edges_got.table.to_pydict()
     cols: dict[str, list] = {k: [] for k in ("source", "user_order", "user", "movie", "rating", "timestamp",
