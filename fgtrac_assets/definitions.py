@@ -1,14 +1,20 @@
 """The Dagster Definitions: every pipeline's asset chain, its job, and the ledger resource."""
 
+import os
+
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from .assets.automation import daily_retraining, inbox_sensor
-from .assets.factory import build_pipeline_assets
+from .assets.factory import build_pipeline_assets, build_sharded_assets, shard_partitions
 from .assets.resources import FgtracResource
 from .pipelines.registry import DEFAULT_LIMITS, PIPELINES, STUDIES
 
+# Shards of the sharded influence path (FGTRAC_SHARDS, default 2): fixed when definitions load.
+SHARDS = int(os.environ.get("FGTRAC_SHARDS", "2"))
+
 all_assets = [a for pipeline, defaults in PIPELINES
-              for a in build_pipeline_assets(pipeline, defaults, tuple(STUDIES.get(pipeline.name, ())))]
+              for a in build_pipeline_assets(pipeline, defaults, tuple(STUDIES.get(pipeline.name, ())))
+              + build_sharded_assets(pipeline, SHARDS)]
 
 # One in-process job per pipeline: a torch chain runs ~3x faster without a process per step.
 # Their default run config keeps the console at INFO: progress lines, not every engine event.
@@ -27,8 +33,16 @@ jobs = [define_asset_job(f"{pipeline.name}_job", selection=AssetSelection.groups
                          description=f"Materialise the whole {pipeline.name} chain.")
         for pipeline, _ in PIPELINES]
 
+sharded_jobs = [define_asset_job(f"{pipeline.name}_sharded_job",
+                                 selection=AssetSelection.assets(*[[pipeline.name, n] for n in
+                                                                   ("gradient_cache_shards", "influence_shards")]),
+                                 partitions_def=shard_partitions(SHARDS), config=QUIET,
+                                 description=f"One shard of {pipeline.name}'s influence (a partition per shard); "
+                                             "launch all partitions as a backfill, then materialise influence_combined.")
+                for pipeline, _ in PIPELINES]
+
 schedules = [daily_retraining(job, pipeline.name) for job, (pipeline, _) in zip(jobs, PIPELINES)]
 sensors = [inbox_sensor(job, pipeline.name) for job, (pipeline, _) in zip(jobs, PIPELINES)]
 
-defs = Definitions(assets=all_assets, jobs=jobs, schedules=schedules, sensors=sensors,
+defs = Definitions(assets=all_assets, jobs=jobs + sharded_jobs, schedules=schedules, sensors=sensors,
                    resources={"fgtrac": FgtracResource()})

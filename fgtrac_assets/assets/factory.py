@@ -15,6 +15,7 @@ from dagster import (
     DataVersion,
     Failure,
     Output,
+    StaticPartitionsDefinition,
     asset,
 )
 
@@ -127,6 +128,67 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings,
 
     return [raw_samples, preprocessed_samples, training_checkpoints, selected_checkpoints, gradient_cache,
             influence_scores] + [_study_asset(pipeline, study) for study in studies]
+
+
+def shard_partitions(shards: int) -> StaticPartitionsDefinition:
+    """Return the partitions of the sharded influence assets: '0-of-N' .. 'N-1-of-N'."""
+    if not 1 <= shards <= 4096:
+        raise ValueError(f"FGTRAC_SHARDS={shards} is out of range (1..4096)")
+    return StaticPartitionsDefinition([f"{i}-of-{shards}" for i in range(shards)])
+
+
+def _shard(partition_key: str) -> tuple[int, int]:
+    i, n = partition_key.split("-of-")
+    return int(i), int(n)
+
+
+def build_sharded_assets(pipeline: Pipeline, shards: int) -> list[AssetsDefinition]:
+    """Return the sharded influence path: gradient_cache_shards and influence_shards per shard, influence_combined.
+
+    They read the chain's selected checkpoints; each shard is one partition, so shards run as
+    separate runs (in parallel, or on Kubernetes/Celery through Dagster's executors); the
+    combined asset merges them into exactly the unsharded scores.
+    """
+    p = pipeline.name
+    parts = shard_partitions(shards)
+    group = f"{p}_sharded"
+    key = lambda name: AssetKey([p, name])  # noqa: E731
+
+    @asset(name="gradient_cache_shards", key_prefix=[p], group_name=group, code_version=CODE_VERSION,
+           partitions_def=parts, check_specs=_check_specs(p, "gradient_cache_shards"),
+           ins={n: AssetIn(key=key(n)) for n in ("preprocessed_samples", "training_checkpoints", "selected_checkpoints")},
+           description="The gradient cache of one shard of training samples (all test samples).")
+    def gradient_cache_shards(context: AssetExecutionContext, fgtrac: FgtracResource, preprocessed_samples: Handle,
+                              training_checkpoints: Handle, selected_checkpoints: Handle):
+        r = _run(context, stages.gradients, fgtrac.ledger(), pipeline, context.run.run_id, preprocessed_samples,
+                 training_checkpoints, selected_checkpoints, shard=_shard(context.partition_key))
+        yield from _output(r, r.metadata["rows"])
+
+    @asset(name="influence_shards", key_prefix=[p], group_name=group, code_version=CODE_VERSION,
+           partitions_def=parts, check_specs=_check_specs(p, "influence_shards"),
+           ins={"gradient_cache_shards": AssetIn(key=key("gradient_cache_shards"))},
+           description="TracInCP top-k and self-influence of one shard of training samples, to be combined.")
+    def influence_shards(context: AssetExecutionContext, config: InfluenceConfig, fgtrac: FgtracResource,
+                         gradient_cache_shards: Handle):
+        r = _run(context, stages.influence_shard, fgtrac.ledger(), pipeline, context.run.run_id,
+                 gradient_cache_shards, k=config.top_k)
+        yield from _output(r, r.metadata["rows"])
+
+    @asset(name="influence_combined", key_prefix=[p], group_name=group, code_version=CODE_VERSION,
+           check_specs=_check_specs(p, "influence_combined"),
+           ins={"influence_shards": AssetIn(key=key("influence_shards"))},
+           description="Every shard's top-k merged: exactly the unsharded TracInCP scores, committed once.")
+    def influence_combined(context: AssetExecutionContext, config: InfluenceConfig, fgtrac: FgtracResource,
+                           influence_shards: dict):
+        handles = [influence_shards[k] for k in sorted(influence_shards, key=lambda k: _shard(k)[0])]
+        if len(handles) != shards:
+            raise Failure(description=f"{len(handles)} of {shards} shards are materialised: materialise every "
+                                      "partition of influence_shards first", allow_retries=False)
+        r = _run(context, stages.combine_influence, fgtrac.ledger(), pipeline, context.run.run_id, handles,
+                 k=config.top_k)
+        yield from _output(r, r.metadata["influence_rows"])
+
+    return [gradient_cache_shards, influence_shards, influence_combined]
 
 
 def _study_asset(pipeline: Pipeline, study: Study) -> AssetsDefinition:

@@ -1,4 +1,6 @@
-"""Deterministic train/val/test assignment from a sample's id."""
+"""Deterministic train/val/test and shard assignment from a sample's id."""
+
+import hashlib
 
 SPLITS = ("train", "val", "test")
 
@@ -11,3 +13,8 @@ def split_of(sample_id: str, val_fraction: float = 0.15, test_fraction: float = 
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def shard_of(sample_id: str, shards: int) -> int:
+    """Return the shard (0..shards-1) a training sample's influence is computed in: a pure function of its id."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") % shards

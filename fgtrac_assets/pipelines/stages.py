@@ -237,9 +237,17 @@ def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, mi
 
 
 def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, training: Handle,
-              selected: Handle, log: Log = _noop) -> StageResult:
-    """Cache the influence layer's gradient factors (output error, input activation) per selected checkpoint."""
+              selected: Handle, shard: tuple[int, int] | None = None, log: Log = _noop) -> StageResult:
+    """Cache the influence layer's gradient factors (output error, input activation) per selected checkpoint.
+
+    With shard=(i, n) only the training samples of shard i (``shard_of``) are kept, with every
+    test sample; the test samples' gradient events are recorded by shard 0 alone.
+    """
     import torch
+
+    from .splits import shard_of
+
+    asset = "gradient_cache" if shard is None else "gradient_cache_shards"
 
     table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
     model = pipeline.build_model(table)
@@ -253,33 +261,35 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
             if not ids:
                 continue
             e, a = f.errors.detach().float().numpy(), f.activations.detach().float().numpy()
+            if shard is not None and split == "train":
+                keep = [r for r, sid in enumerate(ids) if shard_of(sid, shard[1]) == shard[0]]
+                ids, e, a = [ids[r] for r in keep], e[keep], a[keep]
             norms = np.sqrt((e * e).sum(1) * ((a * a).sum(1) + 1.0))
             parts.append(pa.table({
                 "checkpoint_id": [c["checkpoint_id"]] * len(ids), "lr": [c["lr"]] * len(ids),
                 "sample_id": ids, "split": [split] * len(ids),
                 "errors": pa.FixedSizeListArray.from_arrays(pa.array(e.ravel()), e.shape[1]),
                 "activations": pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])}))
-            events.add(ids, "gradient", training_run=training.training_run, checkpoint_id=c["checkpoint_id"],
-                       lr=c["lr"], detail=[{"layer": layer, "split": split, "grad_norm": float(n)} for n in norms])
+            if shard is None or split == "train" or shard[0] == 0:
+                events.add(ids, "gradient", training_run=training.training_run, checkpoint_id=c["checkpoint_id"],
+                           lr=c["lr"], detail=[{"layer": layer, "split": split, "grad_norm": float(n)} for n in norms])
         log(f"gradient factors at {c['checkpoint_id']}")
     cache = pa.concat_tables(parts)
-    art = _write_parquet(ledger, f"{pipeline.name}/runs/{training.training_run}/gradient_cache-{run_id}.parquet",
+    suffix = "" if shard is None else f"-shard{shard[0]}of{shard[1]}"
+    art = _write_parquet(ledger, f"{pipeline.name}/runs/{training.training_run}/gradient_cache{suffix}-{run_id}.parquet",
                          "gradient_cache", cache)
     meta = {"layer": layer, "checkpoints": len(selected.extra["selected"]), "rows": cache.num_rows,
-            "gradient_events": len(events)}
-    return _finish(ledger, pipeline, "gradient_cache", run_id, {"events": events.to_arrow()},
+            "gradient_events": len(events), **({} if shard is None else {"shard": f"{shard[0]} of {shard[1]}"})}
+    return _finish(ledger, pipeline, asset, run_id, {"events": events.to_arrow()},
                    [prepared, training, selected], {"gradient_cache": art}, meta, training_run=training.training_run,
-                   extra={"prepared": prepared.artifacts["prepared"]})
+                   extra={"prepared": prepared.artifacts["prepared"],
+                          **({} if shard is None else {"shard": f"shard{shard[0]}of{shard[1]}"})})
 
 
-def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k: int = 10,
-              log: Log = _noop) -> StageResult:
-    """Score every test sample against every training sample with TracInCP; keep top-k and self-influence."""
-    import torch
-
+def _score_cache(table: pa.Table, k: int, log: Log) -> tuple[list, list, list, object, object, int]:
+    """Return (checkpoint ids, train ids, test ids, top-k or None, self-influence, k) of one gradient cache."""
     from ..attribution.ghost import Factors, self_influence_from_factors, top_k_from_factors
 
-    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
     ckpt_ids = list(dict.fromkeys(table.column("checkpoint_id").to_pylist()))
     train_by, test_by, lrs, train_ids, test_ids = [], [], [], None, None
     for cid in ckpt_ids:
@@ -299,6 +309,13 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k:
     selfinf = self_influence_from_factors(train_by, lrs)
     log(f"TracInCP over {len(train_ids)} train x {len(test_ids or [])} test at {len(lrs)} checkpoints "
         f"in {time.monotonic() - started:.2f}s")
+    return ckpt_ids, train_ids, test_ids or [], top, selfinf, k
+
+
+def _influence_rows(train_ids: list, test_ids: list, top, selfinf, k: int) -> pa.Table:
+    """Return the influence rows: k proponents and opponents per test sample, then every self-influence, ranked."""
+    import torch
+
     cols = {"test_sample_id": [], "train_sample_id": [], "kind": [], "rank": [], "score": []}
 
     def put(test, train, kind, rank, score):
@@ -316,7 +333,18 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k:
     order = torch.argsort(selfinf, descending=True).tolist()
     for r, i in enumerate(order):
         put(None, train_ids[i], "self", r + 1, selfinf[i])
-    rows = pa.table({**cols, "method": ["tracincp"] * len(cols["kind"])})
+    return pa.table({**cols, "method": ["tracincp"] * len(cols["kind"])})
+
+
+def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k: int = 10,
+              log: Log = _noop) -> StageResult:
+    """Score every test sample against every training sample with TracInCP; keep top-k and self-influence."""
+    import torch
+
+    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
+    ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, k, log)
+    rows = _influence_rows(train_ids, test_ids, top, selfinf, k)
+    order = torch.argsort(selfinf, descending=True).tolist()
     art = _write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
                          "influence_scores", rows)
     meta = {"method": "TracInCP (last layer, selected checkpoints)", "checkpoints": ckpt_ids, "top_k": k,
@@ -341,6 +369,62 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k:
                                                                "test samples with their top proponents and opponents")
     return _finish(ledger, pipeline, "influence_scores", run_id, {"influence": rows}, [cache],
                    {"influence": art}, meta, training_run=cache.training_run)
+
+
+def influence_shard(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k: int = 10,
+                    log: Log = _noop) -> StageResult:
+    """Score one shard's training samples against every test sample; keep its top-k as an artifact to combine."""
+    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
+    _, train_ids, test_ids, top, selfinf, k_used = _score_cache(table, k, log)
+    rows = _influence_rows(train_ids, test_ids, top, selfinf, k_used)
+    shard = cache.extra.get("shard", "")
+    art = _write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{shard}-{run_id}.parquet",
+                         "influence_shard", rows)
+    meta = {"shard": shard, "train_samples": len(train_ids), "test_samples": len(test_ids), "rows": rows.num_rows}
+    return _finish(ledger, pipeline, "influence_shards", run_id, {}, [cache], {"influence": art}, meta,
+                   training_run=cache.training_run, extra={"shard": shard, "k": k})
+
+
+def combine_influence(ledger: Ledger, pipeline: Pipeline, run_id: str, shards: list[Handle], k: int = 10,
+                      log: Log = _noop) -> StageResult:
+    """Merge the shards' top-k into exactly the unsharded top-k and self-influence ranking, and commit it."""
+    import pyarrow.compute as pc
+
+    runs = {h.training_run for h in shards}
+    if len(runs) != 1:
+        raise ValueError(f"influence shards come from {len(runs)} training runs ({sorted(map(str, runs))}): "
+                         "materialise every shard from the same selected checkpoints")
+    parts = [h.artifacts["influence"].read_parquet(ledger.home.root) for h in shards]
+    rows = pa.concat_tables(parts)
+    merged = []
+    for kind, descending in (("proponent", True), ("opponent", False)):
+        sub = rows.filter(pc.equal(rows.column("kind"), kind))
+        sub = sub.sort_by([("test_sample_id", "ascending"), ("score", "descending" if descending else "ascending"),
+                           ("train_sample_id", "ascending")])
+        merged.append(_first_per_group(sub, "test_sample_id", k))
+    selfs = rows.filter(pc.equal(rows.column("kind"), "self")).sort_by([("score", "descending"),
+                                                                         ("train_sample_id", "ascending")])
+    merged.append(selfs.set_column(selfs.schema.get_field_index("rank"), "rank",
+                                   pa.array(range(1, selfs.num_rows + 1), pa.int64())))
+    out = pa.concat_tables([m.cast(merged[0].schema) for m in merged])
+    training_run = next(iter(runs))
+    art = _write_parquet(ledger, f"{pipeline.name}/runs/{training_run}/influence-combined-{run_id}.parquet",
+                         "influence_scores", out)
+    meta = {"method": "TracInCP (last layer, selected checkpoints), combined from shards", "shards": len(shards),
+            "top_k": k, "train_samples": selfs.num_rows, "influence_rows": out.num_rows}
+    log(f"combined {len(shards)} shards: {selfs.num_rows} training samples, {out.num_rows} rows")
+    return _finish(ledger, pipeline, "influence_combined", run_id, {"influence": out}, shards, {"influence": art},
+                   meta, training_run=training_run)
+
+
+def _first_per_group(sorted_rows: pa.Table, key: str, k: int) -> pa.Table:
+    """Return the first k rows of each run of equal keys in sorted rows, ranked 1..k."""
+    keys = sorted_rows.column(key).to_numpy(zero_copy_only=False)
+    starts = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1]
+    rank = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    keep = rank < k
+    out = sorted_rows.filter(pa.array(keep))
+    return out.set_column(out.schema.get_field_index("rank"), "rank", pa.array(rank[keep] + 1, pa.int64()))
 
 
 def _matrix(col: pa.ChunkedArray):
