@@ -27,6 +27,7 @@ SCRIPTS = [  # (script, full args, quick args)
     ("bench_canonical.py", [], []),
     ("bench_log.py", [], ["--leaves", "1000000", "--events", "200000"]),
     ("bench_audit.py", [], ["--events", "1000000"]),
+    ("bench_scale.py", [], ["--samples", "5000", "--train", "20000", "--test", "2000"]),
 ]
 
 
