@@ -5,7 +5,7 @@ import os
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from .assets.automation import daily_retraining, inbox_sensor
-from .assets.factory import build_pipeline_assets, build_sharded_assets, shard_partitions
+from .assets.factory import build_pipeline_assets, build_sharded_assets
 from .assets.resources import FgtracResource
 from .pipelines.registry import DEFAULT_LIMITS, PIPELINES, STUDIES
 
@@ -36,7 +36,7 @@ jobs = [define_asset_job(f"{pipeline.name}_job", selection=AssetSelection.groups
 sharded_jobs = [define_asset_job(f"{pipeline.name}_sharded_job",
                                  selection=AssetSelection.assets(*[[pipeline.name, n] for n in
                                                                    ("gradient_cache_shards", "influence_shards")]),
-                                 partitions_def=shard_partitions(SHARDS), config=QUIET,
+                                 config=QUIET,
                                  description=f"One shard of {pipeline.name}'s influence (a partition per shard); "
                                              "launch all partitions as a backfill, then materialise influence_combined.")
                 for pipeline, _ in PIPELINES]

@@ -53,3 +53,10 @@ def digits_copy(digits_home, tmp_path) -> Path:
     dest = tmp_path / "home"
     shutil.copytree(digits_home, dest)
     return dest
+
+
+def chain_selection(pipeline: str) -> str:
+    """Return the `dagster asset materialize --select` of a pipeline's six chain assets (not its studies or shards)."""
+    from fgtrac_assets.assets.factory import ASSET_NAMES
+
+    return ",".join(f"{pipeline}/{name}" for name in ASSET_NAMES)

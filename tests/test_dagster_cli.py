@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import chain_selection
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -17,7 +19,7 @@ def test_dagster_cli_multiprocess_run_verifies(tmp_path):
     config = {"ops": {"digits_cnn__raw_samples": {"config": {"limit": 250}},
                       "digits_cnn__training_checkpoints": {"config": {"epochs": 2}}}}
     proc = subprocess.run([str(BIN / "dagster"), "asset", "materialize", "-m", "fgtrac_assets.definitions",
-                           "--select", "group:digits_cnn", "--config-json", json.dumps(config)],
+                           "--select", chain_selection("digits_cnn"), "--config-json", json.dumps(config)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

@@ -9,6 +9,7 @@ from fgtrac_assets.pipelines import stages
 from fgtrac_assets.pipelines.base import TrainSettings
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 from fgtrac_assets.pipelines.splits import shard_of
+from tests.conftest import chain_selection
 
 
 def by_key(table):
@@ -86,8 +87,7 @@ def test_shards_run_in_parallel_through_the_dagster_cli_and_combine(tmp_path):
     (tmp_path / "dagster").mkdir()
     (tmp_path / "dagster" / "dagster.yaml").write_text((repo / "dagster.yaml").read_text())
     base = ["asset", "materialize", "-m", "fgtrac_assets.definitions"]
-    chain = ",".join(f"digits_cnn/{n}" for n in ("raw_samples", "preprocessed_samples", "training_checkpoints",
-                                                 "selected_checkpoints", "gradient_cache", "influence_scores"))
+    chain = chain_selection("digits_cnn")
     config = {"ops": {"digits_cnn__raw_samples": {"config": {"limit": 400}},
                       "digits_cnn__training_checkpoints": {"config": {"epochs": 3}}}}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fgtrac_assets.ledger.lock import LedgerBusy, ledger_lock
+from tests.conftest import chain_selection
 from fgtrac_assets.ledger.store import Commit, Ledger
 
 try:
@@ -78,7 +79,7 @@ def test_two_pipelines_in_the_multiprocess_executor_while_audits_loop(tmp_path):
         # no --in-process / job: `dagster asset materialize` runs the Definitions' default, the multiprocess executor
         procs.append(subprocess.Popen(
             [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "fgtrac_assets.definitions",
-             "--select", f"group:{name}", "--config-json", json.dumps(config)],
+             "--select", chain_selection(name), "--config-json", json.dumps(config)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
         dagster_homes.append(dh)
