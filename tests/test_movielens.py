@@ -306,3 +306,49 @@ def test_limit_takes_whole_users_in_id_order():
     # every rating of each taken user, and no more users than fit
     assert all(taken[u] == everything[u] for u in taken)
     assert sum(taken.values()) <= 5000 < sum(taken.values()) + everything[f"user:{len(taken) + 1}"]
+
+
+# ------------------------------------------------------------ proponents and opponents, described
+
+
+def md_rows(md: str) -> list[list[str]]:
+    import re
+
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")][2:]  # past the header and the rule
+    return [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln)[1:-1]] for ln in lines]
+
+
+def test_influence_metadata_shows_user_title_and_rating_of_proponents_and_opponents(graph_run):
+    home, meta = graph_run
+    table = md_rows(meta["influence_scores"]["proponents_opponents_table"].md_str)
+    p = MovieLensPipeline()
+    truth = {r["sample_id"][:12]: r for r in p.ingest("", LIMIT).table.to_pylist()}
+    tests = [r for r in table if r[1] == "**test**"]
+    assert len(tests) == 4
+    for row in table:  # columns: test, kind, rank, sample, user, movie, rating, score
+        sid = row[3].strip("`")
+        t = truth[sid]
+        assert row[4:7] == [t["user"], t["title"] or t["movie"], f"{t['rating']:g}"], row
+    # the proponents and opponents listed are the ledger's top 4 of that test rating, in rank order, with their scores
+    test_id = tests[0][0].strip("`")
+    full = next(s for s in split_ids(home, "test") if s.startswith(test_id))
+    for kind in ("proponent", "opponent"):
+        ledger_top = rows(home, "SELECT train_sample_id, score FROM influence WHERE test_sample_id = ? AND kind = ? "
+                                "ORDER BY rank LIMIT 4", [full, kind])
+        shown = [r for r in table if r[0].strip("`") == test_id and r[1] == kind]
+        assert [r[3].strip("`") for r in shown] == [x["train_sample_id"][:12] for x in ledger_top]
+        assert [float(r[7]) for r in shown] == pytest.approx([x["score"] for x in ledger_top], rel=1e-3)
+        assert all((float(r[7]) > 0) == (kind == "proponent") for r in shown)
+    assert any(r[5] != "" and not r[5].startswith("movie:") for r in table)  # titles, not node ids
+
+
+def test_default_description_is_the_label():
+    from fgtrac_assets.pipelines.digits import DigitsPipeline
+    from fgtrac_assets.report.tables import proponents_opponents_md
+
+    prepared = pa.table({"sample_id": ["a" * 64, "b" * 64, "c" * 64], "label": [3, 5, 3]})
+    described = DigitsPipeline().describe_samples(prepared, ["a" * 64, "b" * 64])
+    assert described == {"a" * 64: {"label": "3"}, "b" * 64: {"label": "5"}}
+    md = proponents_opponents_md(described, [("a" * 64, [("b" * 64, 0.5)], [])])
+    assert md_rows(md) == [["`aaaaaaaaaaaa`", "**test**", "", "`aaaaaaaaaaaa`", "3", ""],
+                           ["`aaaaaaaaaaaa`", "proponent", "1", "`bbbbbbbbbbbb`", "5", "+0.5"]]

@@ -119,3 +119,8 @@ class Pipeline(ABC):
         """Return {sample_id: (picture, caption)} for plots: a 2-D array (image) or a short text."""
         labels = dict(zip(prepared.column("sample_id").to_pylist(), prepared.column("label").to_pylist()))
         return {s: (f"{s[:10]}…", f"label {labels.get(s)}") for s in sample_ids}
+
+    def describe_samples(self, prepared: pa.Table, sample_ids: list[str]) -> dict[str, dict[str, str]]:
+        """Return {sample_id: {column: text}} shown beside influence scores (default: the label)."""
+        labels = dict(zip(prepared.column("sample_id").to_pylist(), prepared.column("label").to_pylist()))
+        return {s: {"label": str(labels.get(s))} for s in sample_ids}

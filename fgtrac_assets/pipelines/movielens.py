@@ -42,7 +42,9 @@ Features (``preprocessed_samples``)
     Movies: the title as hashed word and character-3-gram counts (CRC-32 into
     ``TITLE_DIM`` buckets, L2-normalised; no downloads, no pretrained model), the genres
     multi-hot, the year standardised (with a missing-year flag).  Users: a learned
-    embedding by node index.
+    embedding by node index.  The title text is kept beside the features (not hashed into
+    the ``preprocessed`` event) so that influence tables can show it
+    (:meth:`MovieLensPipeline.describe_samples`).
 
 Split (time-aware, deterministic)
     Per user, ratings ordered by (timestamp, sample_id): the latest
@@ -112,7 +114,7 @@ RAW_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("l
 PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int64()),
                              ("user", pa.string()), ("movie", pa.string()), ("user_index", pa.int64()),
                              ("movie_index", pa.int64()), ("rating", pa.float64()), ("timestamp", pa.int64()),
-                             ("movie_x", pa.binary())])
+                             ("movie_x", pa.binary()), ("title", pa.string())])
 
 # "Which steps did rating $sample_id feed, as a target or as a neighbour?" (DuckDB, named parameter).
 ROLE_STEPS_SQL = """
@@ -561,7 +563,8 @@ class MovieLensPipeline(Pipeline):
             sid, rating, split = col["sample_id"][i], float(col["rating"][i]), splits[i]
             for k, v in (("sample_id", sid), ("split", split), ("label", col["label"][i]), ("user", col["user"][i]),
                          ("movie", col["movie"][i]), ("user_index", ui), ("movie_index", mi), ("rating", rating),
-                         ("timestamp", col["timestamp"][i]), ("movie_x", x_bytes[mi])):
+                         ("timestamp", col["timestamp"][i]), ("movie_x", x_bytes[mi]),
+                         ("title", attrs[col["movie"][i]][0])):
                 out[k].append(v)
             digest = hashlib.sha256(f"{ui}\t{mi}\t{rating!r}\t{split}\t".encode() + x_bytes[mi]).hexdigest()
             details.append({"input": sid, "output": digest, "split": split})
@@ -681,6 +684,15 @@ class MovieLensPipeline(Pipeline):
             return [], None
         factors = linear_factors(model, [self.influence_layer], [(pairs, ratings)], None, self.loss_fn())
         return ids, factors[0]
+
+    def describe_samples(self, prepared: pa.Table, sample_ids: list[str]) -> dict[str, dict[str, str]]:
+        """Return {sample_id: {"user", "movie" (its title, else its node id), "rating"}} for influence tables."""
+        wanted = set(sample_ids)
+        keep = pc.is_in(prepared.column("sample_id"), pa.array(sorted(wanted), pa.string()))
+        out = {}
+        for r in prepared.filter(keep).select(["sample_id", "user", "movie", "title", "rating"]).to_pylist():
+            out[r["sample_id"]] = {"user": r["user"], "movie": r["title"] or r["movie"], "rating": f"{r['rating']:g}"}
+        return out
 
     def evaluate(self, model, prepared: pa.Table) -> dict:
         import torch

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from ..ledger.artifacts import ArtifactFile, write_artifact
 from ..ledger.checks import run_checks
 from ..ledger.proofs import training_set_root
-from ..report import plots
+from ..report import plots, tables
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
 from .base import Pipeline, TrainSettings
@@ -367,6 +367,13 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Handle, k:
                                for i, v in zip(top.opponent_idx[j, :4], top.opponent_score[j, :4])]} for j in shown]
         meta["proponents_opponents_md"] = plots.markdown_image(plots.proponents_opponents(grid),
                                                                "test samples with their top proponents and opponents")
+        def scored(idx, score, j):
+            return [(train_ids[int(i)], float(v)) for i, v in zip(idx[j, :4], score[j, :4])]
+
+        meta["proponents_opponents_table_md"] = tables.proponents_opponents_md(  # who, what and how rated, per pipeline
+            pipeline.describe_samples(prepared_table, sorted(wanted)),
+            [(test_ids[j], scored(top.proponent_idx, top.proponent_score, j),
+              scored(top.opponent_idx, top.opponent_score, j)) for j in shown])
     return _finish(ledger, pipeline, "influence_scores", run_id, {"influence": rows}, [cache],
                    {"influence": art}, meta, training_run=cache.training_run)
 
