@@ -8,7 +8,7 @@ def dagster_edges(group: str) -> set[tuple[str, str]]:
     graph = defs.resolve_asset_graph()
     edges = set()
     for key in graph.get_all_asset_keys():
-        if key.path[0] != group:
+        if graph.get(key).group_name != group:  # the chain and its studies; the sharded path is its own group
             continue
         for parent in graph.get(key).parent_keys:
             edges.add((parent.path[-1], key.path[-1]))
