@@ -21,7 +21,7 @@ from benchmarks.results import machine, table, write_section  # noqa: E402
 BIN = Path(sys.executable).parent
 
 SCRIPTS = [  # (script, full args, quick args)
-    ("bench_tracing.py", ["--reps", "5"], ["--reps", "1"]),
+    ("bench_tracing.py", ["--reps", "5"], ["--reps", "1", "--graph-limit", "3000"]),
     ("bench_tracin.py", [], ["--quick"]),
     ("bench_dattri.py", [], ["--quick"]),
     ("bench_canonical.py", [], []),
