@@ -83,6 +83,7 @@ def test_a_ledger_with_per_node_rows_is_migrated_to_tiles(tmp_path):
     con.execute("CREATE TABLE log_nodes (pos BIGINT PRIMARY KEY, hash BLOB NOT NULL)")  # the old layout
     con.executemany("INSERT INTO log_nodes VALUES (?, ?)", [[i, h] for i, h in enumerate(leaves)])
     rebuild_tiles(con, [])
+    con.execute("DROP TABLE fgtrac_schema")  # a ledger from before the schema marker
     con.close()
     ledger.commit(Commit(pipeline="p", asset="a", run_id="r3", rows={}))
     assert verify_ledger(ledger, update_witness=False).findings == []

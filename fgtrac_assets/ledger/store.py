@@ -1,6 +1,7 @@
 """The DuckDB ledger: append-only tables, the Merkle log beside them, signed tree heads."""
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -86,11 +87,12 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
-                if not read_only:  # one transaction: a kill leaves all the tables or none
+                if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
                     con.execute("BEGIN TRANSACTION")
                     for ddl in all_ddl():
                         con.execute(ddl)
                     migrate_log_nodes(con)
+                    con.execute("CREATE OR REPLACE TABLE fgtrac_schema AS SELECT ? AS digest", [SCHEMA_DIGEST])
                     con.execute("COMMIT")
                 yield con
             finally:
@@ -186,6 +188,18 @@ class Ledger:
             return None
         rows = self.query("SELECT size, root, note, verifier_key, created_at FROM tree_heads ORDER BY size DESC, created_at DESC LIMIT 1").to_pylist()
         return rows[0] if rows else None
+
+
+# The digest of every DDL statement: a ledger whose fgtrac_schema row holds it needs no DDL on connect.
+SCHEMA_DIGEST = hashlib.sha256("\n".join(all_ddl()).encode()).hexdigest()
+
+
+def _schema_current(con: duckdb.DuckDBPyConnection) -> bool:
+    """Return whether the ledger's tables and views are those of this version (one small query)."""
+    try:
+        return con.execute("SELECT digest FROM fgtrac_schema").fetchall() == [(SCHEMA_DIGEST,)]
+    except duckdb.CatalogException:
+        return False
 
 
 def _connect_retrying(path: str, read_only: bool, timeout_s: float | None) -> duckdb.DuckDBPyConnection:
