@@ -52,3 +52,18 @@ def test_unknown_preset_is_a_one_line_error(tmp_path):
 
     with pytest.raises(ValueError, match="unknown preset 'huge' \\(choose from default, large\\)"):
         run_study(Ledger(tmp_path), PIPELINES[0][0], "r", STUDIES["digits_cnn"][0], preset="huge")
+
+
+def test_final_model_study_materialises_with_every_method_and_a_winner(tmp_path):
+    from fgtrac_assets.assets.configs import StudyConfig
+    from dagster import RunConfig
+
+    result = materialize([study_asset("final_model_attribution")], resources={"fgtrac": FgtracResource(home=str(tmp_path))},
+                         run_config=RunConfig(ops={"digits_cnn__final_model_attribution": StudyConfig(preset="smoke")}))
+    assert result.success
+    meta = {k: v.value for k, v in
+            result.asset_materializations_for_node("digits_cnn__final_model_attribution")[0].metadata.items()}
+    methods = {"grad_dot", "grad_cos", "if_explicit", "if_cg", "if_lissa", "tracincp", "tracincp_fgtrac"}
+    assert all(m in meta["table"] for m in methods)
+    assert meta["best"] in methods and meta["plot"].startswith("![final_model_attribution](data:image/png;base64,")
+    assert verify_ledger(Ledger(tmp_path), update_witness=False).findings == []

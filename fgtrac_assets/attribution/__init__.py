@@ -1,10 +1,16 @@
-"""TracInCP training-data attribution (torch + numpy only).
+"""Training-data attribution (torch + numpy only): TracInCP and final-model-only methods.
 
 ``TracInCP`` ties together the exact Linear-layer shortcut (:mod:`.ghost`), the general
 per-sample-gradient path (:mod:`.per_sample`), chunked top-k (:mod:`.topk`) and
-FG-Trac's checkpoint selection rule (:mod:`.selection`).
+FG-Trac's checkpoint selection rule (:mod:`.selection`).  With the final model only:
+``GradDot`` / ``GradCos`` (:mod:`.final_model`), ``InfluenceFunction`` (explicit, CG or
+LiSSA over the Hessian of :mod:`.hessian`, solvers in :mod:`.ihvp`) and the
+``FurtherTraining`` gold standard (:mod:`.further_training`); all share TracInCP's
+``influence`` / ``self_influence`` / ``top_k`` interface and sign (positive = proponent).
 """
 
+from .final_model import GradCos, GradDot
+from .further_training import FurtherTraining
 from .ghost import (
     Factors,
     GhostNotApplicable,
@@ -16,14 +22,23 @@ from .ghost import (
     self_influence_from_factors,
     top_k_from_factors,
 )
+from .hessian import MeanLossHessian
+from .ihvp import ExplicitInverse, solve_block_cg, solve_cg, solve_lissa
+from .influence_function import InfluenceFunction
 from .per_sample import RandomProjection, iter_per_sample_grads, model_guard, per_sample_grads
 from .selection import select_checkpoints
 from .topk import RunningTopK, TopK, top_k_over_chunks
 from .tracin import TracInCP
 
 __all__ = [
+    "ExplicitInverse",
     "Factors",
+    "FurtherTraining",
     "GhostNotApplicable",
+    "GradCos",
+    "GradDot",
+    "InfluenceFunction",
+    "MeanLossHessian",
     "RandomProjection",
     "RunningTopK",
     "TopK",
@@ -38,6 +53,9 @@ __all__ = [
     "per_sample_grads",
     "select_checkpoints",
     "self_influence_from_factors",
+    "solve_block_cg",
+    "solve_cg",
+    "solve_lissa",
     "top_k_from_factors",
     "top_k_over_chunks",
 ]

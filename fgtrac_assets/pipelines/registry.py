@@ -2,6 +2,7 @@
 
 from .base import TrainSettings
 from .digits import DigitsPipeline
+from . import final_model_eval
 from .mislabel_eval import mislabel_evaluation, table_markdown
 from .movielens import MovieLensPipeline
 from .studies import Study
@@ -24,5 +25,18 @@ MISLABEL_STUDY = Study(
     headline=lambda r: {"ceiling_3_checkpoints": r.get("ceiling"), "run": {k: v for k, v in r["run"].items()
                                                                            if k != "flipped_rows"}})
 
+FINAL_MODEL_STUDY = Study(
+    name="final_model_attribution",
+    description="Wei et al. on digits: Grad-Dot, Grad-Cos and influence functions (explicit, CG, LiSSA) on the "
+                "final model, and TracInCP from the checkpoints, against the gold standard of further training "
+                "with and without each probe sample; cosine and Spearman per amount of further training.",
+    run=final_model_eval.final_model_evaluation, table_markdown=final_model_eval.table_markdown,
+    presets={"default": {}, "large": {"n_train": 1000, "n_test": 100, "n_probes": 100, "further_seeds": 8,
+                                      "further_steps": (10, 50, 200, 1000)},
+             "smoke": {"n_train": 200, "n_val": 100, "n_test": 20, "n_probes": 10, "epochs": 4,
+                       "further_steps": (10, 50), "further_seeds": 2}},
+    headline=lambda r: {"further_training_cost": r["cost"], "solvers": r["solvers"],
+                        "seconds_by_method": r["seconds"]})
+
 # Evaluation assets per pipeline: each trains its own models on bundled data and commits a table and a plot.
-STUDIES: dict[str, list[Study]] = {"digits_cnn": [MISLABEL_STUDY]}
+STUDIES: dict[str, list[Study]] = {"digits_cnn": [MISLABEL_STUDY, FINAL_MODEL_STUDY]}

@@ -50,13 +50,14 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
         png = result["plot_png"]
         arts["plot"] = write_artifact(ledger.ensure_home().root, f"artifacts/{base}.png", "study_plot",
                                       lambda p: p.write_bytes(png))
-    meta = {"study": study.description, "preset": preset, "settings": kwargs, "best": result.get("best"),
+    best = result.get("best") or result.get("winner")
+    meta = {"study": study.description, "preset": preset, "settings": kwargs, "best": best,
             "seconds": round(seconds, 2), "table_md": study.table_markdown(result["table"]),
             **study.headline(result)}
     if result.get("plot_png"):
         meta["plot_md"] = plots.markdown_image(result["plot_png"], study.name)
-    log(f"{study.name}: best {result.get('best')} ({seconds:.1f}s)")
-    return _finish(ledger, pipeline, study.name, run_id, {}, [], arts, meta, extra={"best": result.get("best")})
+    log(f"{study.name}: best {best} ({seconds:.1f}s)")
+    return _finish(ledger, pipeline, study.name, run_id, {}, [], arts, meta, extra={"best": best})
 
 
 def _cell(value):

@@ -1,0 +1,254 @@
+"""The further-training gold standard for final-model-only attribution (Wei et al. 2024, section 4).
+
+From the final parameters, training continues with plain SGD (``lr``, ``batch_size``) on
+the full training set and, for each probe sample i, on the set without i: same seed,
+same batch order, sample i's batch simply one sample smaller (its loss is the mean over
+the samples present).  The score of (i, z') is the test loss after further training
+without i minus the loss with i, averaged over ``seeds``: positive = sample i helped,
+the sign convention of TracInCP and :class:`.InfluenceFunction`.  Output differences
+g(z', theta_-i) - g(z', theta) are kept too.
+
+All runs of a probe chunk train together: their parameters are stacked and one
+``torch.func`` vmap over runs computes every run's gradient on the shared batch, so
+a step costs one batched forward/backward for 1 + len(chunk) models.  Scores are
+recorded after each step count in ``steps`` along one trajectory (not re-run per count).
+Models run with their modules' modes as given (call-time eval mode: no dropout noise, no
+batch-norm statistic updates); parameters outside ``layer`` and buffers stay fixed.
+"""
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from .hessian import snapshot_state
+from .per_sample import (
+    ForwardFn,
+    LossFn,
+    _ForwardWrapper,
+    _model_device,
+    _per_sample_losses,
+    _to_device,
+    iter_batches,
+    model_guard,
+    reiterable,
+    selected_parameter_names,
+)
+from .topk import RunningTopK, TopK
+
+__all__ = ["FurtherTraining"]
+
+
+def _materialise(inputs: Any, targets: Any) -> tuple[Any, Tensor]:
+    """Return (inputs, targets) as whole tensors (inputs may be a tuple), concatenating the batches of an iterable."""
+    if isinstance(inputs, Tensor) or (targets is not None and isinstance(inputs, (tuple, list))):
+        return (tuple(inputs) if isinstance(inputs, list) else inputs), targets
+    xs, ts = [], []
+    for x, t in iter_batches(reiterable(inputs), targets, 1 << 30):
+        xs.append(x)
+        ts.append(t)
+    if not xs:
+        raise ValueError("no training data")
+    x = tuple(torch.cat(p) for p in zip(*xs)) if isinstance(xs[0], (tuple, list)) else torch.cat(xs)
+    return x, torch.cat(ts)
+
+
+def _take(x: Any, idx: Tensor) -> Any:
+    return tuple(v[idx] for v in x) if isinstance(x, tuple) else x[idx]
+
+
+class FurtherTraining:
+    """Leave-one-out further training from the final model: the gold standard the gradient methods approximate.
+
+    ``probes``: training indices to score (None: every training sample -- costly);
+    ``steps``: step counts at which scores are recorded; ``seeds``: batch orders
+    averaged; ``batch_size`` None = full-batch gradient descent (deterministic: one seed
+    is enough).  :meth:`cost` says how many training steps a run takes before running it.
+    Rows of :meth:`influence` follow ``probes``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        layer: str | list[str] | None = None,
+        forward: ForwardFn | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+        probes: Sequence[int] | None = None,
+        lr: float = 0.01,
+        batch_size: int | None = 32,
+        steps: Sequence[int] = (10, 50, 200),
+        seeds: Sequence[int] = (0, 1, 2),
+        probe_chunk: int = 64,
+    ):
+        if not steps or min(steps) < 1:
+            raise ValueError("steps must be positive step counts")
+        if not seeds:
+            raise ValueError("at least one seed is required")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.layers = None if layer is None else ([layer] if isinstance(layer, str) else list(layer))
+        self.forward = forward
+        self.state = snapshot_state(model, state_dict)
+        self.probes = None if probes is None else [int(i) for i in probes]
+        self.lr = float(lr)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.steps = sorted({int(s) for s in steps})
+        self.seeds = [int(s) for s in seeds]
+        self.probe_chunk = max(1, int(probe_chunk))
+        self.param_names = selected_parameter_names(model, self.layers)
+        self.last: dict | None = None
+
+    # ------------------------------------------------------------------ cost
+
+    def cost(self, n_train: int | None = None) -> dict:
+        """Return the work a run takes: probes, seeds, steps, runs and total model-steps (1 + chunk runs per chunk)."""
+        n_probes = len(self.probes) if self.probes is not None else n_train
+        if n_probes is None:
+            raise ValueError("probes=None scores every training sample: pass n_train")
+        chunks = -(-n_probes // self.probe_chunk)
+        runs = (n_probes + chunks) * len(self.seeds)
+        return {
+            "probes": n_probes, "seeds": len(self.seeds), "steps": list(self.steps), "max_steps": self.steps[-1],
+            "probe_chunks": chunks, "runs": runs, "training_steps": runs * self.steps[-1],
+            "batch_size": self.batch_size,
+        }
+
+    # ------------------------------------------------------------------ running
+
+    def _probe_list(self, n: int) -> list[int]:
+        probes = list(range(n)) if self.probes is None else self.probes
+        bad = [i for i in probes if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"probe indices out of range for {n} training samples: {bad[:5]}")
+        return probes
+
+    def _batches(self, n: int, seed: int, device: torch.device):
+        """Yield the index batches of one further-training run (epoch-wise reshuffles from ``seed``)."""
+        if self.batch_size is None or self.batch_size >= n:
+            full = torch.arange(n, device=device)
+            while True:
+                yield full
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(n, generator=gen).to(device)
+            for s in range(0, n, self.batch_size):
+                yield perm[s : s + self.batch_size]
+
+    def run(self, train_inputs: Any, train_targets: Any, test_inputs: Any, test_targets: Any) -> dict:
+        """Return {"steps", "probes", "loss": (n_steps, n_probes, n_test), "output": (n_steps, n_probes, n_test, ...)}.
+
+        ``loss[s, i, j]`` = test loss of z'_j after ``steps[s]`` further steps without
+        probe i minus with it, averaged over the seeds; ``output`` likewise for the
+        model's outputs; ``loss_per_seed`` (n_seeds, n_steps, n_probes, n_test) before
+        averaging (to judge how many seeds suffice).
+        """
+        x, t = _materialise(train_inputs, train_targets)
+        xt, tt = _materialise(test_inputs, test_targets)
+        device = _model_device(self.model)
+        if self.forward is None:
+            x, xt = _to_device(x, device), _to_device(xt, device)
+        t, tt = _to_device(t, device), _to_device(tt, device)
+        n = len(t)
+        probes = self._probe_list(n)
+        with self._functional() as (module, fixed, base):
+            loss_parts, out_parts = [], []
+            for c in range(0, len(probes), self.probe_chunk):
+                chunk = torch.tensor(probes[c : c + self.probe_chunk], device=device)
+                lo, out = self._chunk(module, fixed, base, x, t, xt, tt, chunk)
+                loss_parts.append(lo)
+                out_parts.append(out)
+        per_seed = torch.cat(loss_parts, dim=2)
+        self.last = {"steps": list(self.steps), "probes": probes, "loss": per_seed.mean(0), "loss_per_seed": per_seed,
+                     "output": torch.cat(out_parts, dim=1), "cost": self.cost(n)}
+        return self.last
+
+    @contextlib.contextmanager
+    def _functional(self):
+        with model_guard(self.model):
+            self.model.eval()
+            if self.forward is None:
+                module, prefix = self.model, ""
+            else:
+                module, prefix = _ForwardWrapper(self.model, self.forward), "model."
+            device = _model_device(self.model)
+            chosen = set(self.param_names)
+            fixed = {prefix + k: v.to(device) for k, v in self.state.items() if k not in chosen}
+            base = {prefix + k: self.state[k].to(device) for k in self.param_names}
+            yield module, fixed, base
+
+    def _chunk(self, module, fixed, base, x, t, xt, tt, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        loss_fn = self.loss_fn
+        runs = 1 + chunk.numel()
+
+        def batch_loss(p, xb, tb, w):
+            losses = _per_sample_losses(loss_fn, functional_call(module, {**fixed, **p}, (xb,)), tb)
+            return (losses * w).sum() / w.sum().clamp_min(1.0)
+
+        def outputs(p, xb):
+            return functional_call(module, {**fixed, **p}, (xb,))
+
+        step_grads = vmap(grad(batch_loss), in_dims=(0, None, None, 0))
+        run_outputs = vmap(outputs, in_dims=(0, None))
+        loss_seed = torch.zeros(len(self.seeds), len(self.steps), chunk.numel(), len(tt), dtype=torch.float64,
+                                device=chunk.device)
+        out_sum: Tensor | None = None
+        for si, seed in enumerate(self.seeds):
+            params = {k: v.unsqueeze(0).repeat(runs, *([1] * v.dim())) for k, v in base.items()}
+            batches = self._batches(len(t), seed, chunk.device)
+            record = 0
+            for step in range(1, self.steps[-1] + 1):
+                idx = next(batches)
+                w = torch.ones(runs, idx.numel(), dtype=params[next(iter(params))].dtype, device=idx.device)
+                w[1:] = (idx[None, :] != chunk[:, None]).to(w.dtype)
+                g = step_grads(params, _take(x, idx), t[idx], w)
+                with torch.no_grad():
+                    params = {k: v - self.lr * g[k] for k, v in params.items()}
+                if step == self.steps[record]:
+                    with torch.no_grad():
+                        out = run_outputs(params, xt)
+                        lo = torch.stack([_per_sample_losses(loss_fn, out[r], tt) for r in range(runs)])
+                    loss_seed[si, record] = (lo[1:] - lo[:1]).double()
+                    diff = (out[1:] - out[:1]).double()
+                    if out_sum is None:
+                        out_sum = torch.zeros(len(self.steps), *diff.shape, dtype=torch.float64, device=diff.device)
+                    out_sum[record] += diff
+                    record += 1
+        return loss_seed, out_sum / float(len(self.seeds))
+
+    # ------------------------------------------------------------------ interface
+
+    def _at(self, result: dict, at: int | None) -> int:
+        if at is None:
+            return len(result["steps"]) - 1
+        if at not in result["steps"]:
+            raise ValueError(f"scores were recorded at steps {result['steps']}, not {at}")
+        return result["steps"].index(at)
+
+    def influence(self, train_inputs: Any, train_targets: Any, test_inputs: Any, test_targets: Any,
+                  at: int | None = None) -> Tensor:
+        """Return loss(without i) - loss(with i) after ``at`` steps (default the most), (n_probes, n_test)."""
+        res = self.run(train_inputs, train_targets, test_inputs, test_targets)
+        return res["loss"][self._at(res, at)]
+
+    def self_influence(self, train_inputs: Any, train_targets: Any, at: int | None = None) -> Tensor:
+        """Return each probe's own loss change when it is left out (n_probes,)."""
+        x, t = _materialise(train_inputs, train_targets)
+        probes = torch.tensor(self._probe_list(len(t)))
+        res = self.run(x, t, _take(x, probes), t[probes])
+        return torch.diagonal(res["loss"][self._at(res, at)])
+
+    def top_k(self, train_inputs: Any, train_targets: Any, test_inputs: Any, test_targets: Any, k: int = 10,
+              chunk: int = 4096, progress: Callable[[int, int], None] | None = None, at: int | None = None) -> TopK:
+        """Return the k proponents / opponents among the probes per test sample as :class:`.TopK` (training indices)."""
+        scores = self.influence(train_inputs, train_targets, test_inputs, test_targets, at=at)
+        acc = RunningTopK(k)
+        acc.update(scores, 0)
+        res = acc.result()
+        index = torch.tensor(self.last["probes"], device=res.proponent_idx.device)
+        if progress is not None:
+            progress(len(index), len(index))
+        return TopK(index[res.proponent_idx], res.proponent_score, index[res.opponent_idx], res.opponent_score)
