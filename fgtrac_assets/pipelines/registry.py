@@ -31,7 +31,8 @@ FINAL_MODEL_STUDY = Study(
                 "final model, and TracInCP from the checkpoints, against the gold standard of further training "
                 "with and without each probe sample; cosine and Spearman per amount of further training.",
     run=final_model_eval.final_model_evaluation, table_markdown=final_model_eval.table_markdown,
-    presets={"default": {}, "large": {"n_train": 1000, "n_test": 100, "n_probes": 100, "further_seeds": 8,
+    # default: ~2 min on 2 cores (further training 3 seeds x 40 probes x 200 steps is most of it)
+    presets={"default": {"further_seeds": 3, "lissa_depth": 1500}, "large": {"n_train": 1000, "n_test": 100, "n_probes": 100, "further_seeds": 8,
                                       "further_steps": (10, 50, 200, 1000)},
              "smoke": {"n_train": 200, "n_val": 100, "n_test": 20, "n_probes": 10, "epochs": 4,
                        "further_steps": (10, 50), "further_seeds": 2}},
