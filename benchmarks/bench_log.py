@@ -80,16 +80,18 @@ def bench_big_log(home: Path, leaves: int, chunk: int = 1_000_000) -> tuple[floa
     ledger.commit(Commit(pipeline="bench", asset="x", run_id="x", rows={}))  # creates the schema and key
     con = duckdb.connect(str(home / "ledger.duckdb"))
     size = con.execute("SELECT max(size) FROM tree_heads").fetchall()[0][0]
-    t = time.perf_counter()
+    append_s = 0.0
     done = 0
     while done < leaves:
         m = min(chunk, leaves - done)
-        hashes = merkle.leaf_hashes([i.to_bytes(8, "big") for i in range(done, done + m)])
+        data = [i.to_bytes(8, "big") for i in range(done, done + m)]  # the leaves themselves: not timed
+        t = time.perf_counter()
+        hashes = merkle.leaf_hashes(data)
         con.execute("BEGIN TRANSACTION")
         size, _ = append_hashes(con, size, hashes)
         con.execute("COMMIT")
+        append_s += time.perf_counter() - t
         done += m
-    append_s = time.perf_counter() - t
     con.close()
     con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
     rnd = random.Random(1)
@@ -132,7 +134,7 @@ def main() -> None:
         rows.append(["receipt verification (signature + inclusion proof)", f"{len(receipts)} receipts",
                      f"{per * 1e3:.3f} ms each", "", "<= 1 ms"])
         append_s, size, times = bench_big_log(Path(tmp) / "b", args.leaves)
-        rows.append(["append leaf hashes to the stored tree (nodes + storage)", f"{size:,}",
+        rows.append(["append leaves to the stored tree (leaf hashes + nodes + storage, 1M per transaction)", f"{size:,}",
                      f"{append_s:.1f} s", f"{size / append_s:,.0f} leaves/s", ">= 500,000 /s"])
         times.sort()
         rows.append([f"inclusion proof from the stored tree (median / p99 of {len(times)})", f"{size:,} leaves",
