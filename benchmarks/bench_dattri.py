@@ -100,6 +100,13 @@ def pick_damping(model, xtr, ytr):
     raise RuntimeError("the Hessian is too indefinite for the damping grid")
 
 
+def dattri_version():
+    """Return the installed dattri version."""
+    from importlib.metadata import version
+
+    return version("dattri")
+
+
 def pearson(a, b):
     """Return the Pearson correlation of two score matrices (flattened)."""
     a, b = a.double().flatten(), b.double().flatten()
@@ -133,12 +140,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="250 train x 50 test")
     ap.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported")
     ap.add_argument("--damping", type=float, default=None,
-                    help="default: the smallest of 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2 at least 1.5 x |min eigenvalue of H|")
+                    help="default: the smallest of 0.05 ... 2 that is at least 1.5 x |min eigenvalue of H|")
     ap.add_argument("--cg-tol", type=float, default=1e-2)
     ap.add_argument("--lissa-steps", type=int, default=None, help="default: the fewest reaching Pearson >= 0.99")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--dattri-explicit", action="store_true",
                     help="also time dattri's explicit solver (minutes; per-batch Hessians, see the docstring)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     n_train, n_test = (250, 50) if args.quick else (1000, 200)
     model, xtr, ytr, xte, yte = make(n_train, n_test)
@@ -231,8 +241,10 @@ def main():
     rep = exact_if.report()["explicit"]
     write_section(
         "Influence functions vs dattri",
-        f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), dattri 0.3.0. Command: "
-        f"`.venv/bin/python benchmarks/bench_dattri.py{' --quick' if args.quick else ''}` (medians of the reps "
+        f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"dattri {dattri_version()}. Command: "
+        f"`.venv/bin/python benchmarks/bench_dattri.py{' --quick' if args.quick else ''}"
+        f"{f' --threads {args.threads}' if args.threads else ''}` (medians of the reps "
         f"shown, interleaved). Digits MLP 64-64-32-10 ({n_params:,} parameters), {n_train:,} train x {n_test} test, "
         f"Hessian of the full mean training loss, damping {lam} for both (the smallest grid value at least 1.5x "
         f"the magnitude of the Hessian's most negative eigenvalue, so that LiSSA converges; largest eigenvalue "

@@ -4,11 +4,21 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from fgtrac_assets.pipelines.final_model_eval import METHODS, agreement, final_model_evaluation, table_markdown
 
 STEPS = (5, 20)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ without i minus the loss with i, averaged over ``seeds``: positive = sample i he
 the sign convention of TracInCP and :class:`.InfluenceFunction`.  Output differences
 g(z', theta_-i) - g(z', theta) are kept too.
 
-All runs of a probe chunk train together: their parameters are stacked and one
-``torch.func`` vmap over runs computes every run's gradient on the shared batch, so
-a step costs one batched forward/backward for 1 + len(chunk) models.  Scores are
+All runs of a probe chunk and of every seed train together: their parameters are
+stacked (seeds x (1 + len(chunk)) copies) and a nested ``torch.func`` vmap -- over the
+runs of a seed, which share that seed's batch, and over the seeds -- computes every
+run's gradient, so a step costs one batched forward/backward for all of them.  Scores are
 recorded after each step count in ``steps`` along one trajectory (not re-run per count).
 Models run with their modules' modes as given (call-time eval mode: no dropout noise, no
 batch-norm statistic updates); parameters outside ``layer`` and buffers stay fixed.
@@ -181,8 +182,9 @@ class FurtherTraining:
             yield module, fixed, base
 
     def _chunk(self, module, fixed, base, x, t, xt, tt, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """Run all seeds x (full run + one run per probe in ``chunk``); return per-seed loss and mean output diffs."""
         loss_fn = self.loss_fn
-        runs = 1 + chunk.numel()
+        n_seeds, per_seed = len(self.seeds), 1 + chunk.numel()
 
         def batch_loss(p, xb, tb, w):
             losses = _per_sample_losses(loss_fn, functional_call(module, {**fixed, **p}, (xb,)), tb)
@@ -191,33 +193,36 @@ class FurtherTraining:
         def outputs(p, xb):
             return functional_call(module, {**fixed, **p}, (xb,))
 
-        step_grads = vmap(grad(batch_loss), in_dims=(0, None, None, 0))
-        run_outputs = vmap(outputs, in_dims=(0, None))
-        loss_seed = torch.zeros(len(self.seeds), len(self.steps), chunk.numel(), len(tt), dtype=torch.float64,
+        # inner vmap: the runs of one seed share its batch; outer vmap: the seeds, each with its own batch
+        step_grads = vmap(vmap(grad(batch_loss), in_dims=(0, None, None, 0)), in_dims=(0, 0, 0, 0))
+        run_outputs = vmap(vmap(outputs, in_dims=(0, None)), in_dims=(0, None))
+        params = {k: v.expand(n_seeds, per_seed, *v.shape).clone() for k, v in base.items()}
+        dtype = next(iter(params.values())).dtype
+        streams = [self._batches(len(t), seed, chunk.device) for seed in self.seeds]
+        loss_seed = torch.zeros(n_seeds, len(self.steps), chunk.numel(), len(tt), dtype=torch.float64,
                                 device=chunk.device)
-        out_sum: Tensor | None = None
-        for si, seed in enumerate(self.seeds):
-            params = {k: v.unsqueeze(0).repeat(runs, *([1] * v.dim())) for k, v in base.items()}
-            batches = self._batches(len(t), seed, chunk.device)
-            record = 0
-            for step in range(1, self.steps[-1] + 1):
-                idx = next(batches)
-                w = torch.ones(runs, idx.numel(), dtype=params[next(iter(params))].dtype, device=idx.device)
-                w[1:] = (idx[None, :] != chunk[:, None]).to(w.dtype)
-                g = step_grads(params, _take(x, idx), t[idx], w)
-                with torch.no_grad():
-                    params = {k: v - self.lr * g[k] for k, v in params.items()}
-                if step == self.steps[record]:
-                    with torch.no_grad():
-                        out = run_outputs(params, xt)
-                        lo = torch.stack([_per_sample_losses(loss_fn, out[r], tt) for r in range(runs)])
-                    loss_seed[si, record] = (lo[1:] - lo[:1]).double()
-                    diff = (out[1:] - out[:1]).double()
-                    if out_sum is None:
-                        out_sum = torch.zeros(len(self.steps), *diff.shape, dtype=torch.float64, device=diff.device)
-                    out_sum[record] += diff
-                    record += 1
-        return loss_seed, out_sum / float(len(self.seeds))
+        out_mean: Tensor | None = None
+        record = 0
+        for step in range(1, self.steps[-1] + 1):
+            idx = torch.stack([next(stream) for stream in streams])  # (seeds, b): equal sizes at every step
+            w = torch.ones(n_seeds, per_seed, idx.shape[1], dtype=dtype, device=idx.device)
+            w[:, 1:] = (idx[:, None, :] != chunk[None, :, None]).to(dtype)
+            g = step_grads(params, _take(x, idx), t[idx], w)
+            with torch.no_grad():
+                params = {k: v - self.lr * g[k] for k, v in params.items()}
+            if step != self.steps[record]:
+                continue
+            with torch.no_grad():
+                out = run_outputs(params, xt)  # (seeds, runs, n_test, ...)
+                flat = out.reshape(n_seeds * per_seed, *out.shape[2:])
+                lo = torch.stack([_per_sample_losses(loss_fn, o, tt) for o in flat]).view(n_seeds, per_seed, -1)
+            loss_seed[:, record] = (lo[:, 1:] - lo[:, :1]).double()
+            diff = (out[:, 1:] - out[:, :1]).double().mean(0)
+            if out_mean is None:
+                out_mean = torch.zeros(len(self.steps), *diff.shape, dtype=torch.float64, device=diff.device)
+            out_mean[record] = diff
+            record += 1
+        return loss_seed, out_mean
 
     # ------------------------------------------------------------------ interface
 

@@ -187,7 +187,7 @@ class MeanLossHessian:
         return [len(t) for _, t in self.batches]
 
     def top_eigenvalue(self, damping: float = 0.0, iters: int = 20, block: int = 4, seed: int = 0) -> float:
-        """Return an estimate of the largest-magnitude eigenvalue of H + damping I (block power iteration + Rayleigh-Ritz)."""
+        """Return an estimate of the largest-magnitude eigenvalue of H + damping I (block power iteration)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         q = torch.randn(min(block, self.dim), self.dim, generator=gen, dtype=torch.float64)
         q = torch.linalg.qr(q.T).Q.T.to(device=self.device, dtype=self.dtype)

@@ -72,7 +72,7 @@ class ExplicitInverse:
 
 
 def _orthonormal_basis(z: Tensor, rel_eps: float = 1e-6) -> Tensor:
-    """Return an orthonormal basis (P, r) of the columns of z (P, k), dropping directions below rel_eps x the largest."""
+    """Return an orthonormal basis (P, r) of the columns of z (P, k), dropping directions below rel_eps x largest."""
     gram = z.double().T @ z.double()
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
     keep = evals > (rel_eps ** 2) * evals.max().clamp_min(0)
@@ -109,10 +109,11 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
         alpha = torch.linalg.solve(pq, (basis.T @ r).double()).to(b.dtype)
         x += basis @ alpha
         r -= q @ alpha
-        beta = -torch.linalg.solve(pq, (q.T @ r).double()).to(b.dtype)
-        basis = _orthonormal_basis(r + basis @ beta)
         iters += 1
         relres = torch.where(bnorm > 0, r.norm(dim=0) / scale, torch.zeros_like(bnorm))
+        if iters < int(max_iter) and bool((relres > tol).any()):  # the next search directions, only if needed
+            beta = -torch.linalg.solve(pq, (q.T @ r).double()).to(b.dtype)
+            basis = _orthonormal_basis(r + basis @ beta)
     report = {
         "solver": "block_cg", "damping": float(damping), "max_iter": int(max_iter), "tol": float(tol),
         "iterations_max": iters, "iterations_mean": float(iters),

@@ -84,7 +84,7 @@ class InfluenceFunction:
         repeat: int = 1,
         seed: int = 0,
         batch_size: int = 512,
-        hvp_batch_size: int = 128,
+        hvp_batch_size: int = 256,
         test_batch_size: int = 256,
         max_explicit_params: int = 8192,
     ):
@@ -154,7 +154,7 @@ class InfluenceFunction:
         return sampled
 
     def solve(self, rows: Tensor) -> Tensor:
-        """Return (H + damping I)^{-1} applied to each row of ``rows`` (m, P), solved ``test_batch_size`` rows at a time."""
+        """Return (H + damping I)^{-1} applied to each row of ``rows`` (m, P), ``test_batch_size`` rows at a time."""
         out = []
         for s in range(0, rows.shape[0], self.test_batch_size):
             block = rows[s : s + self.test_batch_size]
@@ -227,7 +227,7 @@ class InfluenceFunction:
         chunk: int = 4096,
         progress: Callable[[int, int], None] | None = None,
     ) -> TopK:
-        """Return the k proponents / opponents in train of each test sample as :class:`.TopK`, each field (n_test, k)."""
+        """Return the k proponents / opponents in train per test sample as :class:`.TopK`, each field (n_test, k)."""
         train_inputs, test_inputs = reiterable(train_inputs), reiterable(test_inputs)
         with self._at_final():
             x_t = self._test_solution(test_inputs, test_targets).T

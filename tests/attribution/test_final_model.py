@@ -14,6 +14,15 @@ from fgtrac_assets.pipelines.digits import build_cnn
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def digits(n_train, n_test, image=False):
     d = load_digits()
     x = torch.tensor(d.data / 16.0, dtype=torch.float64)
@@ -216,6 +225,18 @@ def test_explicit_refuses_large_parameter_counts(cnn_setup):
         m.influence(xtr, ytr, xte, yte)
     with pytest.raises(ValueError, match="method"):
         InfluenceFunction(model, LOSS, xtr, ytr, method="arnoldi")
+
+
+def test_hessian_data_as_a_loader_and_per_row_cg(mlp_setup):
+    model, _, (xtr, ytr, xte, yte) = mlp_setup
+    ref = InfluenceFunction(model, LOSS, xtr, ytr, method="explicit", damping=0.05).influence(xtr, ytr, xte, yte)
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=40)
+    from_loader = InfluenceFunction(model, LOSS, loader, None, method="explicit", damping=0.05)
+    assert close(from_loader.influence(xtr, ytr, xte, yte), ref, 1e-9)
+    per_row = InfluenceFunction(model, LOSS, xtr, ytr, method="cg", damping=0.05, tol=1e-9, max_iter=500,
+                                cg_block=False)
+    assert close(per_row.influence(xtr, ytr, xte, yte), ref, 1e-6)
+    assert per_row.report()["block"] is False and per_row.report()["not_converged"] == 0
 
 
 def test_report_names_damping_and_solver_work(mlp_setup):
