@@ -32,6 +32,17 @@ def materialize_digits(home: Path, **kwargs):
                        run_config=small_run_config(**kwargs))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """No test ever writes to the repository's ./data."""

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 from fgtrac_assets.pipelines.final_model_eval import METHODS, agreement, final_model_evaluation, table_markdown
@@ -12,13 +11,7 @@ from fgtrac_assets.pipelines.final_model_eval import METHODS, agreement, final_m
 STEPS = (5, 20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from fgtrac_assets.pipelines.digits import build_cnn
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def digits(n_train, n_test, image=False):
