@@ -23,6 +23,10 @@ Rows:
   ran out of 23 GB here; with batches of 250 it sums per-batch inverse Hessians (a
   different quantity: its agreement shows by how much).
 
+fgtrac's Hessian-vector products take its structured MLP path here (the model is an
+``nn.Sequential`` of Linear layers and ReLUs: hand-written forward-over-reverse, see
+``fgtrac_assets/attribution/hessian.py``); ``--generic`` forces the torch.func path.
+
 Agreement: Pearson and cosine of the (1000 x 200) score matrices against the exact
 solution (fgtrac explicit, float64 factorisation) and between the two libraries.
 Times are medians of ``--reps`` interleaved repetitions, end to end (gradients,
@@ -43,6 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results import machine, table, write_section  # noqa: E402
 from fgtrac_assets.attribution import InfluenceFunction  # noqa: E402
+from fgtrac_assets.attribution.hessian import MeanLossHessian  # noqa: E402
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -144,6 +149,8 @@ def main():
     ap.add_argument("--cg-tol", type=float, default=1e-2)
     ap.add_argument("--lissa-steps", type=int, default=None, help="default: the fewest reaching Pearson >= 0.99")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--generic", action="store_true",
+                    help="fgtrac: torch.func Hessian-vector products instead of the structured MLP path")
     ap.add_argument("--dattri-explicit", action="store_true",
                     help="also time dattri's explicit solver (minutes; per-batch Hessians, see the docstring)")
     args = ap.parse_args()
@@ -157,8 +164,13 @@ def main():
     data = (xtr, ytr, xte, yte)
 
     def ours(method, **kw):
-        return lambda: InfluenceFunction(model, LOSS, xtr, ytr, method=method, damping=lam, hvp_batch_size=200,
-                                         **kw).influence(*data)
+        def run():
+            m = InfluenceFunction(model, LOSS, xtr, ytr, method=method, damping=lam, hvp_batch_size=200, **kw)
+            if args.generic:
+                m._hessian = MeanLossHessian(model, m.param_names, m.state, xtr, ytr, LOSS, batch_size=200,
+                                             structured=False)
+            return m.influence(*data)
+        return run
 
     t0 = time.perf_counter()
     exact_if = InfluenceFunction(model, LOSS, xtr, ytr, method="explicit", damping=lam, hvp_batch_size=200)
@@ -244,12 +256,15 @@ def main():
         f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"dattri {dattri_version()}. Command: "
         f"`.venv/bin/python benchmarks/bench_dattri.py{' --quick' if args.quick else ''}"
+        f"{' --generic' if args.generic else ''}"
         f"{f' --threads {args.threads}' if args.threads else ''}` (medians of the reps "
         f"shown, interleaved). Digits MLP 64-64-32-10 ({n_params:,} parameters), {n_train:,} train x {n_test} test, "
         f"Hessian of the full mean training loss, damping {lam} for both (the smallest grid value at least 1.5x "
         f"the magnitude of the Hessian's most negative eigenvalue, so that LiSSA converges; largest eigenvalue "
         f"{spectrum:.2f}; {rep.get('factorization')} factorisation, H + damping I positive definite: "
-        f"{rep.get('positive_definite')}). Exact = fgtrac explicit. Target: >= 10x faster than dattri with "
+        f"{rep.get('positive_definite')}). fgtrac's Hessian-vector products: "
+        f"{'torch.func (generic)' if args.generic else 'structured MLP path (hand-written forward-over-reverse)'}. "
+        f"Exact = fgtrac explicit. Target: >= 10x faster than dattri with "
         f"Pearson >= 0.99 against the exact scores.\n\n" + table(head, md))
 
 

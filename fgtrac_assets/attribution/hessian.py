@@ -6,7 +6,11 @@ snapshotted when it is built: the model itself is never modified.  Vectors are t
 of an (m, P) block whose columns follow ``names`` in the same order as
 :func:`.per_sample.per_sample_grads`.
 
-Each product is a reverse-over-reverse pass: for every data batch the gradient of the
+An ``nn.Sequential`` of Linear layers and element-wise activations (the whole model's
+parameters or some of its Linear layers', no custom ``forward``) takes a hand-written
+forward-over-reverse path instead (:class:`_StructuredMLP`): the same products to
+rounding, the per-vector products batched into large GEMMs with the additions fused in,
+about 1.5-2x faster here.  Otherwise each product is a reverse-over-reverse pass: for every data batch the gradient of the
 batch's loss share is taken once with ``torch.func.vjp(grad(f))`` and its vjp closure
 is kept (``retain``), so an iteration of CG or LiSSA costs only the second backward
 pass, vmapped over the rows of the block.  Data batches of ~100-200 samples kept the
@@ -19,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .per_sample import (
     ForwardFn,
@@ -51,7 +55,9 @@ class MeanLossHessian:
     ``targets`` are the full training set as tensors or an iterable of batches (see
     :func:`.per_sample.iter_batches`), buffered on the model's device.  Forward passes
     run in eval mode (no dropout, batch-norm running statistics); the model's modes are
-    restored afterwards.
+    restored afterwards.  ``structured``: True forces the hand-written MLP path (ValueError
+    where it does not apply), False the torch.func path, None (default) picks the MLP path
+    where it applies.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class MeanLossHessian:
         batch_size: int = 128,
         tangent_chunk: int = 256,
         retain: bool | None = None,
+        structured: bool | None = None,
     ):
         self.names = list(names)
         self.loss_fn = loss_fn
@@ -100,10 +107,27 @@ class MeanLossHessian:
             raise ValueError("the Hessian needs at least one training sample")
         self.retain = self.n <= RETAIN_SAMPLES if retain is None else bool(retain)
         self._closures: list[Callable] | None = None
+        self._mlp = self._structured(structured)
         self._loop = False  # vmap over rows failed once: loop over rows from then on
         self.products = 0  # number of Hessian-vector products (rows) computed so far
 
     # ------------------------------------------------------------------ pieces
+
+    def _structured(self, want: bool | None) -> "_StructuredMLP | None":
+        """Return the hand-written MLP path when asked for (True) or possible (None), else None."""
+        if want is False:
+            return None
+        layers = _mlp_layers(self.model) if self.forward is None else None
+        ok = layers is not None and self.retain and all(isinstance(x, Tensor) and x.dim() == 2 for x, _ in self.batches)
+        if ok:
+            linear = {f"{name}.{p}" for name, lin, _ in layers for p in ("weight", "bias")}
+            ok = set(self.keys) <= linear
+        if not ok:
+            if want:
+                raise ValueError("structured Hessian-vector products need an nn.Sequential of Linear layers and "
+                                 "element-wise activations, 2-D inputs and no custom forward")
+            return None
+        return _StructuredMLP(self, layers)
 
     def _batch_loss(self, x: Any, t: Any) -> Callable[[dict[str, Tensor]], Tensor]:
         n = float(self.n)
@@ -161,6 +185,11 @@ class MeanLossHessian:
             raise ValueError(f"expected rows of shape (m, {self.dim}), got {tuple(rows.shape)}")
         rows = rows.to(device=self.device, dtype=self.dtype)
         idx = range(len(self.batches)) if batches is None else batches
+        if self._mlp is not None:
+            out = torch.cat([self._mlp.matmul(rows[s : s + self.tangent_chunk], list(idx))
+                             for s in range(0, rows.shape[0], self.tangent_chunk)])
+            self.products += rows.shape[0]
+            return out.mul_(weight) if weight != 1.0 else out
         out = torch.zeros_like(rows)
         with torch.enable_grad():
             for s in range(0, rows.shape[0], self.tangent_chunk):
@@ -197,3 +226,192 @@ class MeanLossHessian:
         z = self.matmul(q) + damping * q
         ritz = torch.linalg.eigvalsh(((q @ z.T) + (z @ q.T)).double() / 2)
         return float(ritz.abs().max())
+
+
+# --------------------------------------------------------------------------- structured path
+
+#: element-wise modules the structured path differentiates through (their first and second derivatives)
+ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Identity,
+               nn.Dropout)
+
+
+def _mlp_layers(model: nn.Module) -> list[tuple[str, nn.Linear, list[nn.Module]]] | None:
+    """Return [(name, Linear, element-wise modules after it)] when ``model`` is an nn.Sequential of Linear layers
+    and element-wise activations ending in a Linear layer, else None."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return None
+    layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
+    for name, mod in model.named_children():
+        if isinstance(mod, nn.Linear):
+            layers.append((name, mod, []))
+        elif isinstance(mod, ELEMENTWISE) and layers:
+            layers[-1][2].append(mod)
+        else:
+            return None
+    if layers[-1][2]:
+        return None
+    return layers
+
+
+class _MLPBatch:
+    """What one data batch contributes to Hessian-vector products of an MLP, precomputed once.
+
+    Per Linear layer l: its input a_{l-1} (n, in), the gradient of the batch's loss share
+    with respect to its output delta_l (n, out), and for the activation after it its
+    first derivative (n, out) and, if not identically zero, the second derivative times
+    the back-propagated gradient (n, out); for the output, the per-sample output Hessian
+    of the loss share Lambda_i (n, C, C).
+    """
+
+    def __init__(self, weights: list[Tensor], biases: list[Tensor | None], acts: list[nn.Module], x: Tensor,
+                 out_hessian: Callable[[Tensor], tuple[Tensor, Tensor]]):
+        self.inputs, self.d1, self.c2, self.delta = [], [], [], []
+        a = x
+        zs = []
+        for k, (w, b) in enumerate(zip(weights, biases)):
+            self.inputs.append(a)
+            z = a @ w.T if b is None else torch.addmm(b, a, w.T)
+            zs.append(z)
+            if k < len(weights) - 1:
+                zz = z.detach().requires_grad_()
+                with torch.enable_grad():
+                    y = acts[k](zz)
+                    (d1,) = torch.autograd.grad(y.sum(), zz, create_graph=True)
+                    d2 = torch.autograd.grad(d1.sum(), zz, allow_unused=True)[0] if d1.requires_grad else None
+                a = y.detach()
+                self.d1.append(d1.detach())
+                self.c2.append(None if d2 is None or not bool(d2.any()) else d2)
+        g, self.lam = out_hessian(zs[-1])  # (n, C), (n, C, C): the loss share's gradient and per-sample Hessian
+        self.delta = [None] * len(weights)
+        self.delta[-1] = g
+        for k in range(len(weights) - 1, 0, -1):
+            back = g @ weights[k]  # gradient w.r.t. the activation a_{k-1}
+            if self.c2[k - 1] is not None:
+                self.c2[k - 1] = self.c2[k - 1] * back
+            g = back * self.d1[k - 1]
+            self.delta[k - 1] = g
+
+
+class _StructuredMLP:
+    """Exact Hessian-vector products of the mean loss of an nn.Sequential MLP, by hand-written forward-over-reverse.
+
+    The same products as the torch.func path (to rounding), with the per-vector
+    products batched into a few large GEMMs (additions fused into them), the
+    activations' derivatives and the output Hessian precomputed once per data batch.
+    """
+
+    def __init__(self, hess: "MeanLossHessian", layers: list[tuple[str, nn.Linear, list[nn.Module]]]):
+        self.hess = hess
+        prefix = lambda n: n  # noqa: E731 - no forward wrapper on this path
+        params = {**hess.fixed, **hess.params}
+        index = {k: i for i, k in enumerate(hess.keys)}
+        self.w, self.b, self.acts, self.wi, self.bi = [], [], [], [], []
+        for name, lin, acts in layers:
+            wk, bk = prefix(f"{name}.weight"), prefix(f"{name}.bias")
+            self.w.append(params[wk])
+            self.b.append(params[bk] if lin.bias is not None else None)
+            self.acts.append(nn.Sequential(*acts))
+            self.wi.append(index.get(wk))
+            self.bi.append(index.get(bk) if lin.bias is not None else None)
+        self.batches: list[_MLPBatch] | None = None
+
+    def _out_hessian(self, t: Any) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        loss_fn, n = self.hess.loss_fn, float(self.hess.n)
+
+        def fn(out: Tensor) -> tuple[Tensor, Tensor]:
+            def total(o):
+                return _per_sample_losses(loss_fn, o, t).sum() / n
+
+            c = out.shape[1]
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            g = grad(total)(out)
+            cols = vmap(lambda v: jvp(grad(total), (out,), (v,))[1])(eye[:, None, :].expand(c, *out.shape))
+            lam = cols.permute(1, 2, 0)  # (n, C, C): column j = d grad / d out_j
+            return g, (lam + lam.transpose(1, 2)) / 2
+
+        return fn
+
+    def _prepare(self) -> list[_MLPBatch]:
+        if self.batches is None:
+            hess = self.hess
+            with model_guard(hess.model), torch.no_grad():
+                hess.model.eval()
+                self.batches = [_MLPBatch(self.w, self.b, self.acts, x, self._out_hessian(t)) for x, t in hess.batches]
+        return self.batches
+
+    def matmul(self, rows: Tensor, idx: Sequence[int]) -> Tensor:
+        """Return rows @ (sum of the chosen batches' Hessian shares), rows (m, P).
+
+        Tangents are laid out (samples, vectors, width), so that every product over the
+        vectors is one 2-D GEMM (no batched or broadcast matmuls).
+        """
+        hess = self.hess
+        batches = self._prepare()
+        m = rows.shape[0]
+        parts = rows.split(hess.sizes, dim=1)
+        dw = [None if i is None else parts[i].reshape(m, *hess.shapes[i]) for i in self.wi]
+        # dW_l as (in, m * out) and as (out, m * in): right operands of the two tangent GEMMs
+        dw_in = [None if d is None else d.permute(2, 0, 1).reshape(d.shape[2], -1) for d in dw]
+        dw_out = [None if d is None else d.transpose(0, 1).reshape(d.shape[1], -1) for d in dw]
+        db = [None if i is None else parts[i] for i in self.bi]
+        gw = [None if d is None else rows.new_zeros(d.shape[1], m * d.shape[2]) for d in dw]  # (out, m * in)
+        gwt = [None if d is None else rows.new_zeros(m * d.shape[1], d.shape[2]) for d in dw]  # (m * out, in)
+        gb = [None if i is None else rows.new_zeros(m, hess.sizes[i]) for i in self.bi]
+        nl = len(self.w)
+        for bi in idx:
+            bt = batches[bi]
+            n = bt.inputs[0].shape[0]
+            # forward tangents: dz_l = a_{l-1} dW_l^T + db_l + da_{l-1} W_l^T, da_l = act'(z_l) dz_l
+            dzs, das = [], [None]
+            da = None
+            for k in range(nl):
+                a, w = bt.inputs[k], self.w[k]
+                out_k = w.shape[0]
+                dz = None
+                if dw[k] is not None:
+                    dz = (a @ dw_in[k]).view(n, m, out_k)
+                if db[k] is not None:
+                    dz = db[k][None].expand(n, m, out_k).clone() if dz is None else dz.add_(db[k][None])
+                if da is not None:
+                    if dz is None:
+                        dz = (da.view(n * m, -1) @ w.T).view(n, m, out_k)
+                    else:
+                        dz.view(n * m, out_k).addmm_(da.view(n * m, -1), w.T)
+                dzs.append(dz)
+                if k < nl - 1:
+                    da = None if dz is None else dz * bt.d1[k][:, None, :]
+                    das.append(da)
+            # backward tangents: ddelta_L = Lambda dz_L; ddelta_{l-1} = (ddelta_l W_l + delta_l dW_l) act' + c2 dz
+            dd = None if dzs[-1] is None else torch.bmm(dzs[-1], bt.lam)  # Lambda symmetric
+            for k in range(nl - 1, -1, -1):
+                a, delta, w = bt.inputs[k], bt.delta[k], self.w[k]
+                out_k, in_k = w.shape
+                if gw[k] is not None:
+                    if dd is not None:
+                        gwt[k].addmm_(dd.view(n, m * out_k).T, a)
+                    if das[k] is not None:
+                        gw[k].addmm_(delta.T, das[k].view(n, m * in_k))
+                if gb[k] is not None and dd is not None:
+                    gb[k].add_(dd.sum(0))
+                if k == 0:
+                    break
+                back = None
+                if dd is not None:
+                    back = (dd.view(n * m, out_k) @ w).view(n, m, in_k)
+                if dw[k] is not None:
+                    term = (delta @ dw_out[k]).view(n, m, in_k)
+                    back = term if back is None else back.add_(term)
+                nxt = None if back is None else back.mul_(bt.d1[k - 1][:, None, :])
+                if bt.c2[k - 1] is not None and dzs[k - 1] is not None:
+                    extra = dzs[k - 1] * bt.c2[k - 1][:, None, :]
+                    nxt = extra if nxt is None else nxt.add_(extra)
+                dd = nxt
+        out = [None] * len(hess.sizes)
+        for k in range(nl):
+            if self.wi[k] is not None:
+                out_k, in_k = self.w[k].shape
+                g = gwt[k].view(m, out_k, in_k) + gw[k].view(out_k, m, in_k).transpose(0, 1)
+                out[self.wi[k]] = g.reshape(m, -1)
+            if self.bi[k] is not None:
+                out[self.bi[k]] = gb[k]
+        return torch.cat(out, dim=1)
