@@ -22,7 +22,7 @@ from fgtrac_assets.ledger.schema import all_ddl  # noqa: E402
 
 
 def build(path: Path, n: int, samples: int = 100_000, runs: int = 10) -> float:
-    """Create a ledger whose events table holds n batched events over `samples` samples and `runs` runs."""
+    """Create a ledger holding n batched events over `samples` samples and `runs` runs, in steps of 32 (event groups)."""
     t = time.perf_counter()
     con = duckdb.connect(str(path))
     for ddl in all_ddl():
@@ -31,11 +31,14 @@ def build(path: Path, n: int, samples: int = 100_000, runs: int = 10) -> float:
                     FROM range({samples}) t(i)""")
     con.execute(f"""INSERT INTO training_sets SELECT {samples} + r, 'run-' || r, 'bench', 'run-' || r,
                     'training_checkpoints', {samples}, 'root' FROM range({runs}) t(r)""")
-    con.execute(f"""INSERT INTO events
-        SELECT {samples + runs} + i, sha256(((i * 7919) % {samples})::VARCHAR), 'bench', 'run-' || (i % {runs}),
-               'training_checkpoints', 'batched', 'run-' || (i % {runs}), (i // {samples * runs})::BIGINT,
-               (i // 32)::BIGINT, (i % 32)::BIGINT, 0.1, NULL, NULL
-        FROM range({n}) t(i)""")
+    con.execute(f"INSERT INTO sample_keys SELECT i, sha256(i::VARCHAR) FROM range({samples}) t(i)")
+    steps = -(-n // 32)
+    con.execute(f"""INSERT INTO event_groups
+        SELECT {samples + runs} + s, 'batched', 'bench', 'run-' || (s % {runs}), 'training_checkpoints',
+               'run-' || (s % {runs}), (s * 32 // {samples * runs})::BIGINT, s, 0.1, NULL, 0, 32, 'digest'
+        FROM range({steps}) t(s)""")
+    con.execute(f"""INSERT INTO group_members
+        SELECT {samples + runs} + i // 32, i % 32, (i * 7919) % {samples}, NULL FROM range({n}) t(i)""")
     con.close()
     return time.perf_counter() - t
 

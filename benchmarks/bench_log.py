@@ -65,7 +65,7 @@ def bench_bulk_insert(home: Path, n: int) -> float:
     tbl = tbl.add_column(0, "leaf_index", pa.array(range(n), type=pa.int64()))
     con.execute("BEGIN TRANSACTION")
     con.register("rows", tbl)
-    con.execute("INSERT INTO events SELECT * FROM rows")
+    con.execute("INSERT INTO event_rows SELECT * FROM rows")  # events that are leaves themselves
     con.execute("COMMIT")
     dt = time.perf_counter() - t
     con.close()

@@ -53,7 +53,7 @@ def test_influence_run_and_lineage_audits(digits_home, capsys):
 def test_audit_sql_cannot_write(digits_copy, capsys):
     before = first(digits_copy, "SELECT count(*) AS n FROM events")["n"]
     capsys.readouterr()
-    assert fgtrac(["--home", str(digits_copy), "audit", "sql", "DELETE FROM events"]) == 2
+    assert fgtrac(["--home", str(digits_copy), "audit", "sql", "DELETE FROM event_rows"]) == 2
     assert "read-only" in capsys.readouterr().err
     assert first(digits_copy, "SELECT count(*) AS n FROM events")["n"] == before
 
@@ -69,7 +69,7 @@ def test_integrity_status_after_verify(digits_copy, capsys):
     rows = run_json(capsys, "--home", str(digits_copy), "audit", "sql", "SELECT asset, status FROM integrity_status")
     assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
     con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
-    con.execute("UPDATE events SET lr = 9 WHERE leaf_index = (SELECT max(leaf_index) FROM events WHERE kind='batched')")
+    con.execute("UPDATE event_groups SET lr = 9 WHERE leaf_index = (SELECT max(leaf_index) FROM event_groups)")
     con.close()
     fgtrac(["--home", str(digits_copy), "verify"])
     rows = run_json(capsys, "--home", str(digits_copy), "audit", "sql", "SELECT DISTINCT status FROM integrity_status")

@@ -53,9 +53,9 @@ def split_ids(home, split):
                                                "AND json_extract_string(detail, '$.split') = ?", [split])}
 
 
-def message_passing(home, epoch):
+def message_passing(home):
     got = rows(home, """SELECT sample_id, json_extract_string(detail, '$.user') u, json_extract_string(detail, '$.movie') m
-                        FROM events WHERE kind='message_passing' AND epoch = ? ORDER BY leaf_index""", [epoch])
+                        FROM events WHERE kind='message_passing' ORDER BY leaf_index, position""")
     return [r["sample_id"] for r in got], np.array([r["u"] for r in got]), np.array([r["m"] for r in got])
 
 
@@ -72,7 +72,7 @@ def test_chain_materialises_with_rmse_next_to_baselines(graph_run):
 
 def test_split_is_time_aware_per_user(graph_run):
     home, _ = graph_run
-    ids, _, _ = message_passing(home, 0)
+    ids, _, _ = message_passing(home)
     assert set(ids) == split_ids(home, "train")  # only training ratings pass messages
     p = MovieLensPipeline()
     prepared = p.preprocess(p.ingest("", LIMIT).table).table.to_pylist()
@@ -89,28 +89,29 @@ def test_role_events_targets_and_message_passing(graph_run):
     n_train = len(split_ids(home, "train"))
     counts = {r["kind"]: r["n"] for r in rows(home, "SELECT kind, count(*) n FROM events GROUP BY kind")}
     assert counts["batched"] == n_train * EPOCHS
-    assert counts["message_passing"] == n_train * EPOCHS
-    # every supervised prediction carries its role and its 2-hop neighbourhood's size and hash
-    bad = rows(home, """SELECT count(*) n FROM events WHERE kind='batched' AND NOT (
-                            json_extract_string(detail, '$.role') = 'target'
-                            AND CAST(json_extract(detail, '$.khop_edges') AS BIGINT) > 0
-                            AND length(json_extract_string(detail, '$.khop_hash')) = 64
-                            AND CAST(json_extract(detail, '$.hops') AS BIGINT) = 2)""")
+    assert counts["message_passing"] == counts["receptive_field"] == n_train
+    # every supervised prediction has its 2-hop neighbourhood's size and hash (once per run: the graph is fixed)
+    bad = rows(home, """SELECT count(*) n FROM events b LEFT JOIN events f ON f.kind = 'receptive_field'
+                            AND f.training_run = b.training_run AND f.sample_id = b.sample_id
+                        WHERE b.kind='batched' AND NOT coalesce(
+                            json_extract_string(f.detail, '$.role') = 'target'
+                            AND CAST(json_extract(f.detail, '$.khop_edges') AS BIGINT) > 0
+                            AND length(json_extract_string(f.detail, '$.khop_hash')) = 64
+                            AND CAST(json_extract(f.detail, '$.hops') AS BIGINT) = 2, false)""")
     assert bad[0]["n"] == 0
-    # message passing: step NULL, one row per training rating per epoch, naming the edge's two nodes
-    for epoch in range(EPOCHS):
-        mp = rows(home, """SELECT count(DISTINCT sample_id) n, count(step) with_step,
-                                  count(*) FILTER (WHERE json_extract_string(detail, '$.role') = 'message_passing'
-                                                   AND detail->>'$.user' LIKE 'user:%' AND detail->>'$.movie' LIKE 'movie:%') ok
-                           FROM events WHERE kind='message_passing' AND epoch=?""", [epoch])[0]
-        assert mp == {"n": n_train, "with_step": 0, "ok": n_train}
+    # message passing: for the whole run (epoch and step NULL), one row per training rating, naming its two nodes
+    mp = rows(home, """SELECT count(DISTINCT sample_id) n, count(step) with_step, count(epoch) with_epoch,
+                              count(*) FILTER (WHERE json_extract_string(detail, '$.role') = 'message_passing'
+                                               AND detail->>'$.user' LIKE 'user:%' AND detail->>'$.movie' LIKE 'movie:%') ok
+                       FROM events WHERE kind='message_passing'""")[0]
+    assert mp == {"n": n_train, "with_step": 0, "with_epoch": 0, "ok": n_train}
 
 
 def test_khop_size_and_hash_recompute_from_the_ledger(graph_run):
     home, _ = graph_run
-    ids, users, movies = message_passing(home, 1)
+    ids, users, movies = message_passing(home)
     pos = {s: i for i, s in enumerate(ids)}
-    targets = rows(home, """SELECT sample_id, detail FROM events WHERE kind='batched' AND epoch=1
+    targets = rows(home, """SELECT sample_id, detail FROM events WHERE kind='receptive_field'
                             ORDER BY hash(sample_id) LIMIT 25""")
     for t in targets:
         d = json.loads(t["detail"])
@@ -123,7 +124,7 @@ def test_khop_size_and_hash_recompute_from_the_ledger(graph_run):
 
 def test_role_steps_sql_answers_target_and_neighbour(graph_run):
     home, _ = graph_run
-    ids, users, movies = message_passing(home, 0)
+    ids, users, movies = message_passing(home)
     x = ids[len(ids) // 2]
     con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
     got = con.execute(ROLE_STEPS_SQL, {"sample_id": x}).fetchall()
@@ -166,7 +167,12 @@ def test_prove_a_rating(graph_run, tmp_path, capsys):
     import base64
 
     kinds = {json.loads(base64.b64decode(r["leaf"])).get("kind") for r in receipts}
-    assert {"ingested", "preprocessed", "split", "message_passing", "batched", "gradient"} <= kinds
+    assert {"ingested", "preprocessed", "split", "message_passing", "receptive_field", "batched", "gradient"} <= kinds
+    from fgtrac_assets.integrity.receipts import verify_member_receipt
+
+    members = [verify_member_receipt(r) for r in receipts if "member" in r]  # steps and roles: one leaf per group
+    assert {m["kind"] for m in members} == {"message_passing", "receptive_field", "batched"}
+    assert all(m["sample_id"] == x for m in members)
     capsys.readouterr()
     assert fgtrac(["verify-receipt", str(out)]) == 0
     assert capsys.readouterr().out.count("OK ") == len(receipts)

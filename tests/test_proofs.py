@@ -14,7 +14,7 @@ from fgtrac_assets.integrity.receipts import ReceiptError, verify_receipt
 from fgtrac_assets.ledger import proofs
 from fgtrac_assets.ledger.leaves import row_leaf
 from fgtrac_assets.ledger.nodes import append_hashes, rebuild_tiles
-from fgtrac_assets.ledger.schema import LEAF_ORDER
+from fgtrac_assets.ledger.schema import LEAF_ORDER, physical
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
 
@@ -147,11 +147,13 @@ def rebuild_and_resign(home, keep_size=None):
     con = duckdb.connect(str(home / "ledger.duckdb"))
     if keep_size is not None:
         for t in LEAF_ORDER:
-            con.execute(f"DELETE FROM {t} WHERE leaf_index >= {keep_size}")
+            con.execute(f"DELETE FROM {physical(t)} WHERE leaf_index >= {keep_size}")
+        con.execute(f"DELETE FROM group_members WHERE leaf_index >= {keep_size}")
         con.execute(f"DELETE FROM tree_heads WHERE size > {keep_size}")
     rows = []
     for t in LEAF_ORDER:
-        rows += [(r["leaf_index"], row_leaf(t, r)) for r in con.sql(f"SELECT * FROM {t}").to_arrow_table().to_pylist()]
+        rows += [(r["leaf_index"], row_leaf(t, r))
+                 for r in con.sql(f"SELECT * FROM {physical(t)}").to_arrow_table().to_pylist()]
     rows.sort()
     levels = merkle.build_levels([merkle.leaf_hash(leaf) for _, leaf in rows])
     rebuild_tiles(con, levels[0])
@@ -213,8 +215,8 @@ def test_replaced_tree_head_and_duplicated_leaf_are_caught(digits_copy):
     small, large = min(notes_by_size), max(notes_by_size)
     con.execute("UPDATE tree_heads SET note = ? WHERE size = ?", [notes_by_size[small], large])
     # duplicate a leaf: the same event row and leaf hash appended once more at the end of the log
-    i = con.execute("SELECT min(leaf_index) FROM events").fetchall()[0][0]
-    con.execute(f"INSERT INTO events SELECT {large}, * EXCLUDE (leaf_index) FROM events WHERE leaf_index = {i}")
+    i = con.execute("SELECT min(leaf_index) FROM event_rows").fetchall()[0][0]
+    con.execute(f"INSERT INTO event_rows SELECT {large}, * EXCLUDE (leaf_index) FROM event_rows WHERE leaf_index = {i}")
     duplicate = con.execute(f"SELECT hash FROM log_tree WHERE level = 0 AND idx = {i}").fetchall()[0][0]
     append_hashes(con, large, [bytes(duplicate)])
     con.close()
@@ -246,6 +248,30 @@ def test_verify_json(digits_copy, capsys):
     assert doc["ok"] is False and doc["findings"][0]["table"] == "influence"
 
 
+def test_member_receipts_prove_each_training_step(digits_home):
+    """Every step a sample trained in is proved by its step's group leaf plus the members bytes, without the ledger."""
+    from fgtrac_assets.integrity.receipts import verify_member_receipt
+
+    ledger = Ledger(digits_home)
+    sid = trained_sample(digits_home)["sample_id"]
+    receipts = [r for r in proofs.sample_receipts(ledger, sid) if "member" in r]
+    got = [verify_member_receipt(r) for r in receipts]
+    expected = ledger.query("SELECT kind, training_run, epoch, step, position, lr FROM events "
+                            "WHERE sample_id = ? AND kind = 'batched' ORDER BY leaf_index", [sid]).to_pylist()
+    assert len(got) == len(expected) > 0
+    assert [{k: g[k] for k in expected[0]} for g in got] == expected
+    assert {g["sample_id"] for g in got} == {sid}
+    r = receipts[0]
+    data = base64.b64decode(r["member"]["members"])
+    for bad in ({**r, "member": {**r["member"], "members": base64.b64encode(data[:-1]).decode()}},
+                {**r, "member": {**r["member"], "index": 10 ** 6}},
+                {**r, "member": {"index": 0}}):
+        with pytest.raises(ReceiptError):
+            verify_member_receipt(bad)
+    neighbour = {**r, "member": {**r["member"], "index": (r["member"]["index"] + 1) % 2}}
+    assert verify_member_receipt(neighbour)["sample_id"] != sid  # the bytes name one sample per index
+
+
 def test_real_receipts_and_consistency_verify_in_go(digits_home, capsys):
     """fgtrac's receipts and consistency proofs from a pipeline run verify with Go's sumdb/note and sumdb/tlog."""
     from tests.interop.build import go_unavailable_reason, go_verify
@@ -260,6 +286,12 @@ def test_real_receipts_and_consistency_verify_in_go(digits_home, capsys):
     bad = copy.deepcopy(receipts[0])
     bad["leaf_index"] += 1
     assert go_verify("receipt", bad, key=key).returncode == 1
+    forged = copy.deepcopy(next(r for r in receipts if "member" in r))  # a step's members bytes, changed
+    data = bytearray(base64.b64decode(forged["member"]["members"]))
+    data[-1] ^= 1
+    forged["member"]["members"] = base64.b64encode(bytes(data)).decode()
+    proc = go_verify("receipt", forged, key=key)
+    assert proc.returncode == 1 and "members digest" in proc.stdout, proc.stdout
     sizes = [r["size"] for r in ledger.query("SELECT size FROM tree_heads ORDER BY size").to_pylist()]
     for old in sizes[:-1]:
         doc = proofs.consistency(ledger, old, sizes[-1])

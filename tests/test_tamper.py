@@ -3,6 +3,7 @@
 import duckdb
 import pytest
 
+from fgtrac_assets.ledger.schema import physical
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
 
@@ -25,7 +26,7 @@ def first_leaf(home, table, where="true"):
 
 
 @pytest.mark.parametrize("table,column,value", [
-    ("events", "lr", "lr * 2"),
+    ("event_groups", "lr", "lr * 2"),
     ("events", "sample_id", "'0' || substr(sample_id, 2)"),
     ("samples", "label", "(label + 1) % 10"),
     ("checkpoints", "val_loss", "val_loss / 2"),
@@ -35,23 +36,60 @@ def first_leaf(home, table, where="true"):
     ("materializations", "asset", "'something_else'"),
 ])
 def test_changed_column_is_named(digits_copy, table, column, value):
-    where = "kind = 'batched'" if table == "events" and column == "lr" else "true"
-    i = first_leaf(digits_copy, table, where)
-    tamper(digits_copy, f"UPDATE {table} SET {column} = {value} WHERE leaf_index = {i}")
+    i = first_leaf(digits_copy, table)
+    tamper(digits_copy, f"UPDATE {physical(table)} SET {column} = {value} WHERE leaf_index = {i}")
     lines = findings(digits_copy)
     assert any(line.startswith(f"{table} row leaf_index={i}") and "differs" in line for line in lines), lines
 
 
 def test_deleted_row_is_named(digits_copy):
     i = first_leaf(digits_copy, "events", "kind = 'ingested'")
-    tamper(digits_copy, f"DELETE FROM events WHERE leaf_index = {i}")
+    tamper(digits_copy, f"DELETE FROM event_rows WHERE leaf_index = {i}")
     assert f"log leaf {i}: logged, but no ledger row holds it (row deleted)" in findings(digits_copy)
 
 
 def test_forged_row_is_caught(digits_copy):
-    tamper(digits_copy, """INSERT INTO events SELECT 99999999, sample_id, pipeline, run_id, asset, 'batched',
+    tamper(digits_copy, """INSERT INTO event_rows SELECT 99999999, sample_id, pipeline, run_id, asset, 'batched',
                            training_run, 0, 0, 0, 0.1, NULL, NULL FROM events LIMIT 1""")
     assert any("leaf_index=99999999" in line and "outside the log" in line for line in findings(digits_copy))
+
+
+def group_of_step(home, step=3):
+    """Return (leaf_index, size) of the event group of one training step."""
+    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
+    row = con.execute("SELECT leaf_index, size FROM event_groups WHERE kind = 'batched' AND step = ?", [step]).fetchall()[0]
+    con.close()
+    return row
+
+
+@pytest.mark.parametrize("change,what", [
+    ("UPDATE group_members SET sample_key = (sample_key + 1) % 50 WHERE leaf_index = {i} AND position = 2",
+     "a member's sample or detail differs from the logged group (row changed)"),
+    ("UPDATE group_members SET detail = 'forged' WHERE leaf_index = {i} AND position = 0",
+     "a member's sample or detail differs from the logged group (row changed)"),
+    ("UPDATE group_members SET position = position + 100 WHERE leaf_index = {i} AND position = 1",
+     "member positions differ from the logged group (row changed)"),
+    ("DELETE FROM group_members WHERE leaf_index = {i} AND position = 4",
+     "the group logged {n} members but {m} rows hold it (member rows deleted)"),
+    ("INSERT INTO group_members SELECT leaf_index, {n}, sample_key, NULL FROM group_members WHERE leaf_index = {i} LIMIT 1",
+     "the group logged {n} members but {p} rows hold it (member rows added)"),
+])
+def test_changed_step_member_is_named(digits_copy, change, what):
+    """A training step's members are not leaves: changing, deleting or adding one breaks its group's digest."""
+    i, n = group_of_step(digits_copy)
+    tamper(digits_copy, change.format(i=i, n=n))
+    assert f"events row leaf_index={i} (asset training_checkpoints): {what.format(n=n, m=n - 1, p=n + 1)}" \
+        in findings(digits_copy)
+
+
+def test_renamed_sample_key_and_orphan_member_are_caught(digits_copy):
+    i, _ = group_of_step(digits_copy)
+    tamper(digits_copy, "UPDATE sample_keys SET sample_id = 'someone-else' WHERE sample_key = "
+                        f"(SELECT sample_key FROM group_members WHERE leaf_index = {i} AND position = 0)")
+    tamper(digits_copy, "INSERT INTO group_members VALUES (99999999, 0, 0, NULL)")
+    lines = findings(digits_copy)
+    assert any(line.startswith(f"events row leaf_index={i} ") and "differs from the logged group" in line for line in lines)
+    assert "events row leaf_index=99999999: 1 member row(s) of no logged group (rows added)" in lines
 
 
 def test_swapped_rows_are_caught(digits_copy):

@@ -24,8 +24,8 @@ def test_batched_events_match_loader_batches():
             model(xb).sum().backward()
             traced_opt.step()
         sched.step()
-    ev = tracer.events.columns
-    assert len(ev["sample_id"]) == 100
+    ev = tracer.events().to_pydict()
+    assert len(ev["sample_id"]) == len(tracer) == 100
     flat = [s for batch in seen for s in batch]
     assert ev["sample_id"] == flat  # the same samples, in the same order, as the model saw
     steps = ev["step"]

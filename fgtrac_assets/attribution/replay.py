@@ -78,7 +78,7 @@ def replay_steps(
 ) -> list[ReplayStep]:
     """Return the recorded steps, in order, from ``batched`` events.
 
-    ``events`` is the tracer's column dict (``tracer.events.columns``), a pyarrow table
+    ``events`` is a pyarrow table of event rows (``Tracer.events()``, the ledger's ``events``), a column dict
     with those columns, a list of row dicts, or a list of ``(step, sample_id, lr)``
     tuples.  Rows of other kinds (a ``kind`` column other than ``"batched"``) are
     ignored; within a step rows are ordered by ``position`` when given, else kept in

@@ -9,10 +9,12 @@ receipt of the row that committed the set's root to the log.
 """
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 
 from . import merkle, notes
+from .members import parse_members
 
 
 class ReceiptError(ValueError):
@@ -72,6 +74,34 @@ def verify_inclusion_receipt(receipt: dict, trusted_keys: Sequence[str] | None =
         return json.loads(leaf)
     except ValueError:
         raise ReceiptError("leaf is not JSON") from None
+
+
+def member_receipt(group_receipt: dict, index: int, members: bytes) -> dict:
+    """Return a member receipt: a group leaf's inclusion receipt plus the group's members bytes and the member's index."""
+    return {**group_receipt, "member": {"index": index, "members": b64(members)}}
+
+
+def verify_member_receipt(receipt: dict, trusted_keys: Sequence[str] | None = None) -> dict:
+    """Return the event row a member receipt proves (group columns plus sample_id, position, detail); raise ReceiptError otherwise."""
+    group = verify_inclusion_receipt(receipt, trusted_keys)
+    try:
+        index, data = receipt["member"]["index"], unb64(receipt["member"]["members"], "member.members")
+    except (KeyError, TypeError):
+        raise ReceiptError("malformed member receipt: needs member.index and member.members") from None
+    if group.get("table") != "event_groups":
+        raise ReceiptError("a member receipt's leaf must be an event_groups row")
+    if hashlib.sha256(data).hexdigest() != group.get("members"):
+        raise ReceiptError("the members bytes do not hash to the group's committed members digest")
+    try:
+        members = parse_members(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReceiptError(f"members bytes: {exc}") from None
+    if len(members) != group.get("size") or not isinstance(index, int) or not 0 <= index < len(members):
+        raise ReceiptError(f"member index {index} is not within the group's {group.get('size')} members")
+    sample_id, detail = members[index]
+    shared = {k: v for k, v in group.items() if k not in ("table", "first_position", "size", "members")}
+    return {**shared, "table": "events", "sample_id": sample_id, "position": group["first_position"] + index,
+            "detail": detail}
 
 
 def set_leaf(sample_id: str) -> bytes:
@@ -138,6 +168,10 @@ def verify_receipt(receipt: dict, trusted_keys: Sequence[str] | None = None) -> 
     if receipt.get("kind") == "absent":
         verify_absence_receipt(receipt, trusted_keys)
         return f"absent: sample {receipt['sample_id'][:16]}… is not in training run {receipt['training_run']}'s set"
+    if "member" in receipt:
+        row = verify_member_receipt(receipt, trusted_keys)
+        return (f"included: leaf {receipt['leaf_index']} of {receipt['tree_size']} (events {row.get('kind')}, sample "
+                f"{str(row.get('sample_id'))[:16]}…, member {receipt['member']['index']} of the step's group)")
     row = verify_inclusion_receipt(receipt, trusted_keys)
     what = row.get("kind") or "row"
     subject = row.get("sample_id") or row.get("train_sample_id") or row.get("test_sample_id") or ""

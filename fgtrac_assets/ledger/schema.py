@@ -26,6 +26,23 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
         ("checkpoint_id", "VARCHAR"),
         ("detail", "VARCHAR"),
     ],
+    # One leaf for a group of events that share every column but sample_id, position and detail (a training
+    # step's batch, a run's message-passing edges): see ledger/groups.py. Its members are `group_members` rows;
+    # `members` is the hex SHA-256 of their members bytes. The `events` view lists them with the other events.
+    "event_groups": [
+        ("kind", "VARCHAR"),
+        ("pipeline", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("asset", "VARCHAR"),
+        ("training_run", "VARCHAR"),
+        ("epoch", "BIGINT"),
+        ("step", "BIGINT"),
+        ("lr", "DOUBLE"),
+        ("checkpoint_id", "VARCHAR"),
+        ("first_position", "BIGINT"),
+        ("size", "BIGINT"),
+        ("members", "VARCHAR"),
+    ],
     "artifacts": [
         ("path", "VARCHAR"),
         ("sha256", "VARCHAR"),
@@ -94,8 +111,34 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
 # `materializations` comes last: its row names the range of the others.
 LEAF_ORDER = list(LEAF_TABLES)
 
+# Where a leaf table's rows are stored when that is not its name: `events` is a view over the events that are
+# leaves themselves (`event_rows`) and the members of event groups.
+PHYSICAL = {"events": "event_rows"}
+
+
+def physical(table: str) -> str:
+    """Return the stored table holding a leaf table's own rows."""
+    return PHYSICAL.get(table, table)
+
+
 INDEX_DDL = [
-    "CREATE INDEX IF NOT EXISTS events_sample_idx ON events (sample_id)",
+    "CREATE INDEX IF NOT EXISTS event_rows_sample_idx ON event_rows (sample_id)",
+]
+
+GROUP_DDL = [
+    # One row per sample id ever grouped: members store the 8-byte key, not the id (ledger/groups.py).
+    "CREATE TABLE IF NOT EXISTS sample_keys (sample_key BIGINT NOT NULL, sample_id VARCHAR NOT NULL UNIQUE)",
+    # The members of event groups: not leaves; their group's members digest commits to them.
+    "CREATE TABLE IF NOT EXISTS group_members (leaf_index BIGINT NOT NULL, position BIGINT NOT NULL, "
+    "sample_key BIGINT NOT NULL, detail VARCHAR)",
+    """CREATE OR REPLACE VIEW events AS
+       SELECT leaf_index, sample_id, pipeline, run_id, asset, kind, training_run, epoch, step, position, lr,
+              checkpoint_id, detail
+       FROM event_rows
+       UNION ALL
+       SELECT m.leaf_index, k.sample_id, g.pipeline, g.run_id, g.asset, g.kind, g.training_run, g.epoch, g.step,
+              m.position, g.lr, g.checkpoint_id, m.detail
+       FROM group_members m JOIN event_groups g USING (leaf_index) JOIN sample_keys k USING (sample_key)""",
 ]
 
 LOG_DDL = [
@@ -173,9 +216,17 @@ VIEW_DDL = [
 def leaf_table_ddl(name: str) -> str:
     """Return the CREATE TABLE statement of a leaf table."""
     cols = ", ".join(f"{col} {typ}" for col, typ in LEAF_TABLES[name])
-    return f"CREATE TABLE IF NOT EXISTS {name} (leaf_index BIGINT NOT NULL, {cols})"
+    return f"CREATE TABLE IF NOT EXISTS {physical(name)} (leaf_index BIGINT NOT NULL, {cols})"
 
 
 def all_ddl() -> list[str]:
     """Return every statement that creates the ledger's tables and views."""
-    return [leaf_table_ddl(t) for t in LEAF_ORDER] + INDEX_DDL + LOG_DDL + VIEW_DDL
+    return [leaf_table_ddl(t) for t in LEAF_ORDER] + INDEX_DDL + GROUP_DDL + LOG_DDL + VIEW_DDL
+
+
+def migrate_events_table(con) -> None:
+    """Move a ledger written before event groups (a plain `events` table) to `event_rows`, in the caller's transaction."""
+    kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'").fetchall()
+    if kind and kind[0][0] == "BASE TABLE":
+        con.execute("CREATE TABLE event_rows AS SELECT * FROM events")
+        con.execute("DROP TABLE events")  # and its index; INDEX_DDL makes event_rows' own

@@ -14,10 +14,11 @@ import pyarrow as pa
 
 from ..config import Home, log_origin, resolve_home
 from ..integrity import merkle, notes
+from .groups import EventGroups, sample_keys
 from .leaves import row_leaf, table_leaves, to_arrow
 from .lock import LedgerBusy, ledger_lock
 from .nodes import append_hashes, migrate_log_nodes
-from .schema import LEAF_ORDER, all_ddl
+from .schema import LEAF_ORDER, all_ddl, migrate_events_table, physical
 
 
 class LedgerMissing(FileNotFoundError):
@@ -39,6 +40,7 @@ class Commit:
     code_version: str = ""
     upstream: Mapping[str, str] = field(default_factory=dict)
     rows: dict[str, pa.Table | list[dict]] = field(default_factory=dict)
+    groups: EventGroups | None = None  # events logged one leaf per group (ledger/groups.py)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Ledger:
             try:
                 if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
                     con.execute("BEGIN TRANSACTION")
+                    migrate_events_table(con)
                     for ddl in all_ddl():
                         con.execute(ddl)
                     migrate_log_nodes(con)
@@ -111,7 +114,10 @@ class Ledger:
 
     def commit(self, commit: Commit) -> CommitResult:
         """Append a materialisation's rows and their leaves, and sign the new tree head, atomically."""
-        tables = {t: to_arrow(t, commit.rows[t]) for t in LEAF_ORDER if t in commit.rows and t != "materializations"}
+        rows, groups = dict(commit.rows), commit.groups
+        if groups is not None and groups.groups.num_rows:
+            rows["event_groups"] = groups.seal(pipeline=commit.pipeline, run_id=commit.run_id, asset=commit.asset)
+        tables = {t: to_arrow(t, rows[t]) for t in LEAF_ORDER if t in rows and t != "materializations"}
         leaves: list[bytes] = []
         for name, tbl in tables.items():
             leaves.extend(table_leaves(name, tbl))
@@ -125,7 +131,10 @@ class Ledger:
                 offset = start
                 for name, tbl in tables.items():
                     idx = pa.array(range(offset, offset + tbl.num_rows), type=pa.int64())
-                    _insert(con, name, tbl.add_column(0, "leaf_index", idx))
+                    _insert(con, physical(name), tbl.add_column(0, "leaf_index", idx))
+                    if name == "event_groups":  # the members, under their group's leaf
+                        keys = sample_keys(con, groups.sample_ids)
+                        _insert(con, "group_members", groups.member_rows(idx.to_numpy(), keys))
                     offset += tbl.num_rows
                 mat = {"pipeline": commit.pipeline, "asset": commit.asset, "run_id": commit.run_id,
                        "training_run": commit.training_run, "code_version": commit.code_version,
@@ -144,6 +153,8 @@ class Ledger:
                 con.execute("ROLLBACK")
                 raise
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
+        if "event_groups" in tables:
+            counts["events"] = counts.get("events", 0) + groups.num_members
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
                             checkpoint=note, rows=counts)
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from ..integrity import merkle, notes
 from .artifacts import check_artifact
+from .groups import group_problems, member_count
 from .leaves import row_leaf, table_leaves
 from .nodes import TILE_HEIGHT, TILE_WIDTH, all_tiles
 from .proofs import check_training_sets
-from .schema import LEAF_ORDER
+from .schema import LEAF_ORDER, physical
 from .store import Ledger
 from .witness import check_witness, default_witness, write_witness
 
@@ -63,14 +64,20 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
     notices: list[str] = []
     with ledger.reader() as con:
         existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        missing = [t for t in LEAF_ORDER + ["log_tiles", "tree_heads"] if t not in existing]
-        if missing and not existing & set(LEAF_ORDER + ["log_tiles", "tree_heads"]):
+        # ledgers written before event groups lack their tables (and keep a plain `events`) until their next write
+        grouped = "group_members" in existing
+        stored = {t: physical(t) if grouped else t for t in LEAF_ORDER if grouped or t != "event_groups"}
+        missing = [t for t in [*stored.values(), "log_tiles", "tree_heads"] if t not in existing]
+        if missing and not existing & {*stored.values(), "log_tiles", "tree_heads"}:
             return Report([], ["the ledger file holds no tables: nothing was ever committed (an interrupted first run)"])
         if missing:
             return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
         tiles = all_tiles(con)
         heads = con.execute("SELECT size, root, note, verifier_key, asset FROM tree_heads ORDER BY size, created_at").fetchall()
-        tables = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table() for t in LEAF_ORDER}
+        tables = {t: con.sql(f"SELECT * FROM {name}").to_arrow_table() for t, name in stored.items()}
+        for leaf, problem, asset, sample in group_problems(con) if grouped else []:
+            findings.append(Finding("events", f"row leaf_index={leaf}", problem, asset, sample))
+        members = member_count(con) if grouped else 0
         artifacts = tables["artifacts"].to_pylist()
         for run, problem in check_training_sets(con):
             findings.append(Finding("training_sets", f"training_run={run}", problem))
@@ -81,8 +88,7 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
     size = len(logged)
 
     claimed = bytearray(size)  # how many rows claim each leaf (saturating at 2)
-    for table in LEAF_ORDER:
-        tbl = tables[table]
+    for table, tbl in tables.items():
         indexes = tbl.column("leaf_index").to_pylist()
         try:
             leaves = table_leaves(table, tbl)
@@ -183,7 +189,7 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
         write_witness(witness_path, max(heads, key=lambda h: h[0])[2])
 
     return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
-                  rows={t: len(tables[t]) for t in LEAF_ORDER})
+                  rows={t: len(tbl) + (members if t == "events" else 0) for t, tbl in tables.items()})
 
 
 def _leaf_hashes(tiles: list[tuple[int, list[bytes]]]) -> tuple[list[bytes], tuple[str, str] | None]:

@@ -55,11 +55,18 @@ Lineage roles (``training_checkpoints``)
     Message passing always runs over the training ratings (the full training graph, also
     when predicting val/test); each step supervises a mini-batch of training ratings.
 
-    * ``batched`` (via the Tracer): one per supervised rating per step, with
-      ``detail = {"role": "target", "hops": 2, "khop_edges": n, "khop_hash": h}``;
-    * ``message_passing``: one per training rating per epoch, ``step`` NULL: every step of
-      that epoch (the steps of its ``batched`` events) passed messages over these edges;
-      ``detail = {"role": "message_passing", "user": ..., "movie": ...}``.
+    * ``batched`` (via the Tracer): one per supervised rating (role: target) per step;
+    * ``message_passing``: one per training rating per training run, ``epoch`` and ``step``
+      NULL: every step of the run passed messages over these edges (the graph is the same
+      in every step); ``detail = {"role": "message_passing", "user": ..., "movie": ...}``;
+    * ``receptive_field``: one per training rating per run, ``epoch`` and ``step`` NULL:
+      whenever the rating was a target, its prediction was fed by this neighbourhood;
+      ``detail = {"role": "target", "hops": 2, "khop_edges": n, "khop_hash": h}``.
+
+    Steps and roles are each logged as event groups (ledger/groups.py): a leaf per step or
+    per 1,024 members, not per sample-step, which keeps tracing's cost a few percent of
+    training.  Joining ``batched`` to ``receptive_field`` on (training_run, sample_id)
+    gives each supervised prediction's neighbourhood.
 
     The 2-hop receptive field of a prediction for (u, m) under the two-layer encoder is the
     set of message-passing ratings (u', m') with u rated m' or u' rated m (the ratings of
@@ -67,7 +74,7 @@ Lineage roles (``training_checkpoints``)
     and ``khop_hash`` commits to it: SHA-256 of the text
     ``"fgtrac/khop/v1\\n" + ids_digest(graph) + "\\n" + ids_digest(E(u)) + "\\n" + ids_digest(E(m)) + "\\n"``
     where ``ids_digest(S)`` is the hex SHA-256 of the sorted sample ids of a set of
-    ratings joined by newlines, ``graph`` the epoch's message-passing ratings and E(v) those
+    ratings joined by newlines, ``graph`` the run's message-passing ratings and E(v) those
     at node v: the graph and the two 1-hop sets determine the 2-hop set exactly.
     :func:`khop_edges` and :func:`khop_hash_of` recompute both from the ledger's
     ``message_passing`` events; :data:`ROLE_STEPS_SQL` answers "which steps did rating X
@@ -119,25 +126,21 @@ PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()),
 # "Which steps did rating $sample_id feed, as a target or as a neighbour?" (DuckDB, named parameter).
 ROLE_STEPS_SQL = """
 WITH mp AS (
-    SELECT training_run, epoch, sample_id,
+    SELECT training_run, sample_id,
            json_extract_string(detail, '$.user') AS usr, json_extract_string(detail, '$.movie') AS mov
     FROM events WHERE kind = 'message_passing'),
 x AS (SELECT * FROM mp WHERE sample_id = $sample_id),
-raters_of_x_movie AS (SELECT mp.training_run, mp.epoch, mp.usr FROM mp JOIN x USING (training_run, epoch)
-                      WHERE mp.mov = x.mov),
-movies_of_x_user AS (SELECT mp.training_run, mp.epoch, mp.mov FROM mp JOIN x USING (training_run, epoch)
-                     WHERE mp.usr = x.usr),
+raters_of_x_movie AS (SELECT mp.training_run, mp.usr FROM mp JOIN x USING (training_run) WHERE mp.mov = x.mov),
+movies_of_x_user AS (SELECT mp.training_run, mp.mov FROM mp JOIN x USING (training_run) WHERE mp.usr = x.usr),
 targets AS (SELECT b.training_run, b.epoch, b.step, b.sample_id, mp.usr, mp.mov
-            FROM events b JOIN mp USING (training_run, epoch, sample_id) WHERE b.kind = 'batched')
+            FROM events b JOIN mp USING (training_run, sample_id) WHERE b.kind = 'batched')
 SELECT training_run, epoch, step, 'target' AS role, 1 AS predictions
 FROM targets WHERE sample_id = $sample_id
 UNION ALL
 SELECT t.training_run, t.epoch, t.step, 'neighbour' AS role, count(*) AS predictions
 FROM targets t
-WHERE EXISTS (SELECT 1 FROM raters_of_x_movie r
-              WHERE r.training_run = t.training_run AND r.epoch = t.epoch AND r.usr = t.usr)
-   OR EXISTS (SELECT 1 FROM movies_of_x_user v
-              WHERE v.training_run = t.training_run AND v.epoch = t.epoch AND v.mov = t.mov)
+WHERE EXISTS (SELECT 1 FROM raters_of_x_movie r WHERE r.training_run = t.training_run AND r.usr = t.usr)
+   OR EXISTS (SELECT 1 FROM movies_of_x_user v WHERE v.training_run = t.training_run AND v.mov = t.mov)
 GROUP BY ALL
 ORDER BY training_run, step, role
 """
@@ -644,27 +647,23 @@ class MovieLensPipeline(Pipeline):
         generator = torch.Generator().manual_seed(settings.seed)
         n = len(ids)
         steps_per_epoch = math.ceil(n / settings.batch_size)
-        if tracer is not None:
-            target_detail, passing_detail = self.role_details(prepared)
-            target_detail = np.array(target_detail, dtype=object)
+        if tracer is not None:  # the graph is the same in every step: roles are recorded once per run
+            target_detail, passing_detail = (pa.array(d, pa.string()) for d in self.role_details(prepared))
+            tracer.record("message_passing", np.arange(n), details=passing_detail, whole_run=True)
+            tracer.record("receptive_field", np.arange(n), details=target_detail, whole_run=True)
         for epoch in range(settings.epochs):
             lr = lr_at(settings, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if tracer is not None:
                 tracer.epoch = epoch
-                tracer.events.add(ids, "message_passing", training_run=tracer.training_run, epoch=epoch,
-                                  detail=passing_detail)
             model.train()
             for batch in torch.randperm(n, generator=generator).split(settings.batch_size):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(pairs[batch]), ratings[batch]).mean()
                 loss.backward()
                 if tracer is not None:
-                    idx = batch.tolist()
-                    tracer.record_batch(idx, lr)
-                    # the Tracer wrote one `batched` row per target just now: give each its role and 2-hop neighbourhood
-                    tracer.events.columns["detail"][-len(idx):] = target_detail[batch.numpy()].tolist()
+                    tracer.record_batch(batch, lr)
                 optimizer.step()
             model.eval()
             with torch.no_grad():

@@ -36,8 +36,8 @@ def _write_parquet(ledger: Ledger, relpath: str, kind: str, table: pa.Table) -> 
 
 def _finish(ledger: Ledger, pipeline: Pipeline, asset: str, run_id: str, rows: dict, upstream: list[Handle],
             artifacts: dict[str, ArtifactFile], metadata: dict, training_run: str | None = None,
-            extra: dict | None = None, code_version: str = "") -> StageResult:
-    """Commit a stage's rows and artifacts and return its handle and metadata."""
+            extra: dict | None = None, code_version: str = "", groups=None) -> StageResult:
+    """Commit a stage's rows (and event groups) and artifacts and return its handle and metadata."""
     common = {"pipeline": pipeline.name, "run_id": run_id, "asset": asset, "training_run": training_run}
     art_rows = [a.row(**common) for a in artifacts.values()]
     if art_rows:
@@ -46,11 +46,12 @@ def _finish(ledger: Ledger, pipeline: Pipeline, asset: str, run_id: str, rows: d
         rows[name] = _with_constants(tbl, common, name)
     result: CommitResult = ledger.commit(Commit(
         pipeline=pipeline.name, asset=asset, run_id=run_id, training_run=training_run, code_version=code_version,
-        upstream={h.asset: h.root_hex for h in upstream}, rows=rows))
+        upstream={h.asset: h.root_hex for h in upstream}, rows=rows, groups=groups))
     handle = Handle(pipeline=pipeline.name, asset=asset, root_hex=result.root_hex, tree_size=result.tree_size,
                     leaf_start=result.leaf_start, leaf_count=result.leaf_count, training_run=training_run,
                     artifacts={k: ArtifactRef.of(a) for k, a in artifacts.items()}, extra=extra or {})
-    meta = {**metadata, "ledger_rows": sum(result.rows.values()) + 1, "leaf_start": result.leaf_start,
+    meta = {**metadata, "ledger_rows": sum(result.rows.values()) + 1, "log_leaves": result.leaf_count,
+            "leaf_start": result.leaf_start,
             "leaf_end": result.leaf_start + result.leaf_count - 1, "tree_size": result.tree_size,
             "root": result.root_hex, "signed_tree_head": result.checkpoint,
             "upstream_roots": {h.asset: h.root_hex for h in upstream}}
@@ -153,7 +154,7 @@ def preprocess(ledger: Ledger, pipeline: Pipeline, run_id: str, raw: Handle, log
 
 def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, settings: TrainSettings,
           log: Log = _noop) -> StageResult:
-    """Train a new model version; record `batched` events per sample per step and one checkpoint per epoch."""
+    """Train a new model version; record a `batched` event per sample per step (a leaf per step) and a checkpoint per epoch."""
     import torch
 
     settings.validate()
@@ -192,18 +193,18 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     metrics = pipeline.evaluate(final, table)
     if metrics:
         log("test metrics of the final model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    events = tracer.events.to_arrow()
-    used = sorted(set(tracer.events.columns["sample_id"]))
+    groups = tracer.groups()
+    used = tracer.used_sample_ids()
     training_set = [{"size": len(used), "root": training_set_root(used).hex()}]
     meta = {"epochs": settings.epochs, "steps": tracer.step, "training_set_root": training_set[0]["root"],
-            "batched_events": events.num_rows,
+            "traced_events": groups.num_members, "event_groups": groups.groups.num_rows,
             "train_samples": len(train_ids), "final_val_loss": checkpoints[-1]["val_loss"],
             "settings": settings.__dict__, "loss_history": history, **metrics}
     meta["loss_curve_md"] = plots.markdown_image(plots.loss_curve(history), "training and validation loss")
     extra = {"checkpoints": checkpoints, "settings": settings.__dict__, "history": history}
-    return _finish(ledger, pipeline, "training_checkpoints", run_id, {"events": events, "checkpoints": checkpoints,
+    return _finish(ledger, pipeline, "training_checkpoints", run_id, {"checkpoints": checkpoints,
                                                                   "training_sets": training_set},
-                   [prepared], arts, meta, training_run=training_run, extra=extra)
+                   [prepared], arts, meta, training_run=training_run, extra=extra, groups=groups)
 
 
 def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, min_rel_improvement: float = 0.05,

@@ -3,10 +3,12 @@
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from .events import EventBuffer
+from ..ledger.groups import EventGroups, build_groups
 
 
 class _RecordingBatchSampler:
@@ -26,30 +28,70 @@ class _RecordingBatchSampler:
 
 
 class Tracer:
-    """Collects `batched` events (sample, epoch, step, position, applied lr) for one training run."""
+    """Records which samples each optimiser step used (and at which lr) for one training run, as event groups.
+
+    A step costs one small append here: the batch's dataset indices as an array. The ids, the
+    `batched` event rows and their log leaves (one per step, see ledger/groups.py) are built
+    once, column-wise, when the run is committed.
+    """
 
     def __init__(self, sample_ids: Sequence[str], training_run: str):
-        self.sample_ids = list(sample_ids)
+        self.sample_ids = pa.array(list(sample_ids), pa.string())
         self.training_run = training_run
-        self.events = EventBuffer()
         self.epoch = -1
         self.step = 0
         self._current: list[int] | None = None
+        self._kind: list[str] = []
+        self._epoch: list[int] = []
+        self._step: list[int | None] = []
+        self._lr: list[float | None] = []
+        self._indices: list[np.ndarray] = []
+        self._details: list[pa.Array | None] = []
 
     def wrap_loader(self, loader: DataLoader) -> "TracedLoader":
         """Return a loader yielding the same batches while recording which samples each holds."""
         return TracedLoader(self, loader)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> "TracedOptimizer":
-        """Return an optimizer whose step() records a `batched` event for each sample of the batch."""
+        """Return an optimizer whose step() records the batch it applies as a `batched` event group."""
         return TracedOptimizer(self, optimizer)
 
-    def record_batch(self, indices: Sequence[int], lr: float) -> None:
-        """Record that the samples at these dataset indices were used in the current step at lr."""
-        ids = [self.sample_ids[i] for i in indices]
-        self.events.add(ids, "batched", training_run=self.training_run, epoch=self.epoch,
-                        step=self.step, position=list(range(len(ids))), lr=float(lr))
+    def record_batch(self, indices, lr: float, details: pa.Array | None = None) -> None:
+        """Record that the samples at these dataset indices formed the current step's batch, applied at lr."""
+        self.record("batched", indices, step=self.step, lr=float(lr), details=details)
         self.step += 1
+
+    def record(self, kind: str, indices, step: int | None = None, lr: float | None = None,
+               details: pa.Array | None = None, whole_run: bool = False) -> None:
+        """Record one event of `kind` per sample at these indices, in this epoch or (whole_run) for the whole run."""
+        idx = indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
+        if details is not None and len(details) != len(idx):
+            raise ValueError(f"{kind}: {len(details)} details for {len(idx)} samples")
+        self._kind.append(kind)
+        self._epoch.append(None if whole_run else self.epoch)
+        self._step.append(step)
+        self._lr.append(lr)
+        self._indices.append(idx)
+        self._details.append(details)
+
+    def groups(self) -> EventGroups:
+        """Return everything recorded as event groups, ready for Ledger.commit."""
+        return build_groups(self._kind, self.training_run, self._epoch, self._step, self._lr, self._indices,
+                            self.sample_ids, self._details)
+
+    def events(self) -> pa.Table:
+        """Return the recorded events as rows of the ledger's `events` columns (no pipeline/run/asset)."""
+        return self.groups().events()
+
+    def __len__(self) -> int:
+        return sum(len(i) for i in self._indices)
+
+    def used_sample_ids(self) -> list[str]:
+        """Return the sorted distinct ids of the samples some step trained on."""
+        used = [i for k, i in zip(self._kind, self._indices) if k == "batched"]
+        if not used:
+            return []
+        return sorted(self.sample_ids.take(pa.array(np.unique(np.concatenate(used)))).to_pylist())
 
 
 class TracedLoader:

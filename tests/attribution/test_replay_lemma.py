@@ -29,7 +29,7 @@ def traced_run(model, train, val, settings):
     initial = copy.deepcopy(model.state_dict())
     tracer = Tracer(ids, "replay-test")
     epochs = list(train_supervised(model, LOSS, train, val, settings, tracer))
-    return ids, initial, tracer.events.columns, {e.step: e.state_dict for e in epochs}
+    return ids, initial, tracer.events().to_pydict(), {e.step: e.state_dict for e in epochs}
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@
 //	{"leaf": b64, "leaf_index": n, "tree_size": n, "inclusion_proof": [b64...],
 //	 "checkpoint": signed note, "verifier_key": vkey}
 //
+// optionally with "member": {"index": i, "members": b64}: then the leaf is an
+// event_groups row and the members bytes (fgtrac/members/v1) must hash to its
+// "members" digest and hold "size" members, i among them;
 // and a consistency proof is
 //
 //	{"old_checkpoint": signed note, "new_checkpoint": signed note,
@@ -35,7 +38,10 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -64,6 +70,12 @@ type receipt struct {
 	InclusionProof *[]string `json:"inclusion_proof"`
 	Checkpoint     *string   `json:"checkpoint"`
 	VerifierKey    *string   `json:"verifier_key"`
+	Member         *member   `json:"member"`
+}
+
+type member struct {
+	Index   *int64  `json:"index"`
+	Members *string `json:"members"`
 }
 
 type consistency struct {
@@ -209,6 +221,41 @@ func verifyReceipt(r receipt, trusted string) error {
 	}
 	if err := tlog.CheckRecord(proof, cp.size, cp.root, *r.LeafIndex, tlog.RecordHash(leaf)); err != nil {
 		return fmt.Errorf("inclusion proof of leaf %d in tree %d: %v", *r.LeafIndex, cp.size, err)
+	}
+	if r.Member != nil {
+		return verifyMember(leaf, *r.Member)
+	}
+	return nil
+}
+
+// verifyMember checks a member receipt's members bytes against its (already included) group leaf.
+func verifyMember(leaf []byte, m member) error {
+	if m.Index == nil || m.Members == nil {
+		return errors.New("member: needs index and members")
+	}
+	var group struct {
+		Table   string `json:"table"`
+		Members string `json:"members"`
+		Size    int64  `json:"size"`
+	}
+	if err := json.Unmarshal(leaf, &group); err != nil || group.Table != "event_groups" {
+		return errors.New("member: the leaf is not an event_groups row")
+	}
+	data, err := decodeB64(*m.Members)
+	if err != nil {
+		return fmt.Errorf("member.members: bad base64: %v", err)
+	}
+	sum := sha256.Sum256(data)
+	if hex.EncodeToString(sum[:]) != group.Members {
+		return errors.New("member: the members bytes do not hash to the group's members digest")
+	}
+	magic := []byte("fgtrac/members/v1\n")
+	if !bytes.HasPrefix(data, magic) || len(data) < len(magic)+4 {
+		return errors.New("member: members bytes lack the fgtrac/members/v1 header")
+	}
+	n := int64(binary.BigEndian.Uint32(data[len(magic):]))
+	if n != group.Size || *m.Index < 0 || *m.Index >= n {
+		return fmt.Errorf("member: index %d outside the group's %d members", *m.Index, group.Size)
 	}
 	return nil
 }

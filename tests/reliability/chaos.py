@@ -310,7 +310,7 @@ def ledger_problems(home: Path) -> list[str]:
     """
     import numpy as np
 
-    from fgtrac_assets.ledger.schema import LEAF_ORDER
+    from fgtrac_assets.ledger.schema import LEAF_ORDER, physical
     from fgtrac_assets.ledger.store import Ledger
 
     ledger = Ledger(home)
@@ -327,7 +327,7 @@ def ledger_problems(home: Path) -> list[str]:
         for t in LEAF_ORDER:
             cols = {r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()}
             run_col = "run_id" if "run_id" in cols else "NULL"
-            rows = con.execute(f"SELECT leaf_index, {run_col} FROM {t}").fetchall()
+            rows = con.execute(f"SELECT leaf_index, {run_col} FROM {physical(t)}").fetchall()
             parts.extend(r[0] for r in rows)
             run_parts.extend(r[1] for r in rows)
         heads = {r[0] for r in con.execute("SELECT size FROM tree_heads").fetchall()}

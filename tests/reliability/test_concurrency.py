@@ -54,7 +54,7 @@ def _reported(dagster_home: Path) -> tuple[str, list[dict]]:
         for r in records:
             m = r.event_log_entry.dagster_event.event_specific_data.materialization
             out.append({"asset": m.asset_key.path[-1], **{k: m.metadata[k].value for k in
-                                                          ("ledger_rows", "leaf_start", "leaf_end")}})
+                                                          ("ledger_rows", "log_leaves", "leaf_start", "leaf_end")}})
         return run.run_id, out
     finally:
         instance.dispose()
@@ -118,13 +118,13 @@ def test_two_pipelines_in_the_multiprocess_executor_while_audits_loop(tmp_path):
             row = held.get((run_id, rep["asset"]))
             assert row is not None, f"run {run_id} reported {rep}, the ledger has no such materialisation"
             assert (row["leaf_start"], row["leaf_start"] + row["leaf_count"] - 1) == (rep["leaf_start"], rep["leaf_end"])
-            assert rep["ledger_rows"] == row["leaf_count"]
+            assert rep["log_leaves"] == row["leaf_count"]
             reported_rows += rep["ledger_rows"]
         times = sorted(r["created_at"] for (rid, _), r in held.items() if rid == run_id)
         spans.append((times[0], times[-1]))
     total = sum(ledger.query(f"SELECT count(*) AS n FROM {t}").column(0)[0].as_py()
-                for t in ("samples", "events", "artifacts", "checkpoints", "checkpoint_selections", "influence",
-                          "training_sets", "materializations"))
+                for t in ("samples", "events", "event_groups", "artifacts", "checkpoints", "checkpoint_selections",
+                          "influence", "training_sets", "materializations"))
     assert len(held) == 12
     assert total == reported_rows, f"{total} rows in the ledger, {reported_rows} reported by the two runs"
     # the two runs really overlapped: each committed something before the other had finished

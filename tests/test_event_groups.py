@@ -1,0 +1,80 @@
+"""Event groups: one leaf per training step, members verified against it, old ledgers upgraded in place."""
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fgtrac_assets.integrity.members import parse_members
+from fgtrac_assets.ledger.groups import build_groups, members_bytes, members_digests
+from fgtrac_assets.ledger.store import Commit, Ledger
+from fgtrac_assets.ledger.verify import verify_ledger
+from fgtrac_assets.tracing.tracer import Tracer
+
+IDS = [f"s{i:03d}" for i in range(300)] + ["ünïcode \"quoted\"\n", ""]
+
+
+def test_members_bytes_round_trip_and_digest_per_run():
+    ids = pa.array(IDS)
+    details = pa.array([None if i % 3 else f'{{"i": {i}}}' for i in range(len(IDS))])
+    data = members_bytes(ids, details)
+    assert parse_members(data) == list(zip(ids.to_pylist(), details.to_pylist()))
+    import hashlib
+
+    bounds = [0, 7, 7, 150, len(IDS)]  # an empty run too
+    expect = [hashlib.sha256(members_bytes(ids.slice(a, b - a), details.slice(a, b - a))).hexdigest()
+              for a, b in zip(bounds[:-1], bounds[1:])]
+    assert members_digests(ids, details, bounds) == expect
+    for bad in (data[:-1], data + b"x", b"fgtrac/members/v2\n" + data[18:]):
+        with pytest.raises(ValueError):
+            parse_members(bad)
+
+
+def test_a_batch_larger_than_the_limit_becomes_consecutive_groups():
+    g = build_groups(["batched"], "run", [0], [5], [0.1], [np.arange(250)], pa.array(IDS), limit=100)
+    assert g.groups.column("first_position").to_pylist() == [0, 100, 200]
+    assert np.array_equal(g.position, np.arange(250))
+    assert np.bincount(g.member_group).tolist() == [100, 100, 50]
+    assert g.events().column("sample_id").to_pylist() == IDS[:250]
+
+
+def old_layout(home):
+    """Turn a ledger into the layout written before event groups: a plain `events` table, no group tables."""
+    con = duckdb.connect(str(home / "ledger.duckdb"))
+    assert con.execute("SELECT count(*) FROM event_groups").fetchall() == [(0,)]
+    con.execute("CREATE TABLE old_events AS SELECT * FROM event_rows")
+    for sql in ("DROP VIEW events", "DROP TABLE event_rows", "ALTER TABLE old_events RENAME TO events",
+                "CREATE INDEX events_sample_idx ON events (sample_id)", "DROP TABLE group_members",
+                "DROP TABLE sample_keys", "DROP TABLE event_groups", "DROP TABLE fgtrac_schema"):
+        con.execute(sql)
+    con.close()
+
+
+def test_a_ledger_from_before_groups_verifies_and_upgrades_on_its_next_write(tmp_path):
+    ledger = Ledger(tmp_path / "home")
+    events = pa.table({"sample_id": IDS[:3], "kind": ["ingested"] * 3, "pipeline": ["p"] * 3})
+    ledger.commit(Commit(pipeline="p", asset="raw", run_id="r1", rows={"events": events}))
+    old_layout(ledger.home.root)
+    assert verify_ledger(ledger).ok  # read-only: the old layout as it is
+
+    tracer = Tracer(IDS[:10], "run-1")
+    tracer.epoch = 0
+    tracer.record_batch([3, 1, 4], 0.5)
+    tracer.record_batch([1, 5], 0.25)
+    result = ledger.commit(Commit(pipeline="p", asset="train", run_id="r2", groups=tracer.groups()))
+    assert result.rows == {"event_groups": 2, "events": 5} and result.leaf_count == 3  # 2 steps + materialisation
+    report = verify_ledger(ledger)
+    assert report.ok, [f.line() for f in report.findings]
+    rows = ledger.query("SELECT kind, sample_id, step, position, lr FROM events ORDER BY leaf_index, position")
+    assert rows.to_pylist()[:3] == [{"kind": "ingested", "sample_id": s, "step": None, "position": None, "lr": None}
+                                    for s in IDS[:3]]
+    assert [(r["sample_id"], r["step"], r["position"], r["lr"]) for r in rows.to_pylist()[3:]] == [
+        ("s003", 0, 0, 0.5), ("s001", 0, 1, 0.5), ("s004", 0, 2, 0.5), ("s001", 1, 0, 0.25), ("s005", 1, 1, 0.25)]
+    def keys():
+        return ledger.query("SELECT count(*) AS n FROM sample_keys").column(0)[0].as_py()
+
+    assert keys() == 10  # one per sample of the run
+    again = Tracer(IDS[5:12], "run-2")
+    again.record_batch([0, 6], 0.1)
+    ledger.commit(Commit(pipeline="p", asset="train", run_id="r3", groups=again.groups()))
+    assert keys() == 12 and verify_ledger(ledger).ok  # ids seen before keep their key
