@@ -37,17 +37,18 @@ SHARED = ("kind", "training_run", "epoch", "step", "lr", "checkpoint_id")
 GROUP_LIMIT = 1024
 
 
-def _column_bytes(strings: pa.Array) -> tuple[bytes, memoryview]:
-    """Return (u32 big-endian lengths, 0xFFFFFFFF for nulls; the concatenated UTF-8) of a large_string array."""
+def _column_bytes(strings: pa.Array) -> tuple[memoryview, np.ndarray, memoryview]:
+    """Return a string array's u32 big-endian lengths (0xFFFFFFFF for nulls) as bytes, its 64-bit offsets and UTF-8 data."""
+    strings = _large(strings)
     n = len(strings)
     if strings.null_count == n:
-        return np.full(n, _NULL_LENGTH, dtype=">u4").tobytes(), memoryview(b"")
+        return memoryview(np.full(n, _NULL_LENGTH, dtype=">u4").tobytes()), np.zeros(n + 1, np.int64), memoryview(b"")
     _, offsets, data = strings.buffers()
     off = np.frombuffer(offsets, dtype=np.int64, count=n + 1, offset=strings.offset * 8)
     lengths = np.diff(off).astype(">u4")
     if strings.null_count:
         lengths[strings.is_null().to_numpy(zero_copy_only=False)] = _NULL_LENGTH
-    return lengths.tobytes(), memoryview(data)[off[0]:off[-1]]
+    return memoryview(lengths.tobytes()), off, memoryview(data)
 
 
 def _large(strings: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -59,20 +60,22 @@ def _large(strings: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def members_digests(sample_ids: pa.Array, details: pa.Array, bounds: Sequence[int]) -> list[str]:
     """Return the hex SHA-256 of the members bytes of each run [bounds[g], bounds[g+1]) of these columns."""
-    ids, details = _large(sample_ids), _large(details)
+    columns = (_column_bytes(sample_ids), _column_bytes(details))
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         h = hashlib.sha256(MEMBERS_MAGIC + (b - a).to_bytes(4, "big"))
-        for part in (*_column_bytes(ids.slice(a, b - a)), *_column_bytes(details.slice(a, b - a))):
-            h.update(part)
+        for lengths, off, data in columns:
+            h.update(lengths[4 * a:4 * b])
+            h.update(data[off[a]:off[b]])
         out.append(h.hexdigest())
     return out
 
 
 def members_bytes(sample_ids: pa.Array, details: pa.Array) -> bytes:
     """Return the members bytes (fgtrac/members/v1) of these (sample_id, detail) columns."""
-    parts = (*_column_bytes(_large(sample_ids)), *_column_bytes(_large(details)))
-    return MEMBERS_MAGIC + len(sample_ids).to_bytes(4, "big") + b"".join(bytes(p) for p in parts)
+    parts = [bytes(p) for lengths, off, data in map(_column_bytes, (sample_ids, details))
+             for p in (lengths, data[off[0]:off[-1]])]
+    return MEMBERS_MAGIC + len(sample_ids).to_bytes(4, "big") + b"".join(parts)
 
 
 @dataclass
