@@ -54,8 +54,10 @@ def split_ids(home, split):
 
 
 def message_passing(home):
-    got = rows(home, """SELECT sample_id, json_extract_string(detail, '$.user') u, json_extract_string(detail, '$.movie') m
-                        FROM events WHERE kind='message_passing' ORDER BY leaf_index, position""")
+    """The run's message-passing ratings with their two nodes (from each rating's `split` event)."""
+    got = rows(home, """SELECT m.sample_id, json_extract_string(s.detail, '$.user') u, json_extract_string(s.detail, '$.movie') m
+                        FROM events m JOIN events s ON s.kind = 'split' AND s.sample_id = m.sample_id
+                        WHERE m.kind='message_passing' ORDER BY m.leaf_index, m.position""")
     return [r["sample_id"] for r in got], np.array([r["u"] for r in got]), np.array([r["m"] for r in got])
 
 
@@ -99,12 +101,15 @@ def test_role_events_targets_and_message_passing(graph_run):
                             AND length(json_extract_string(f.detail, '$.khop_hash')) = 64
                             AND CAST(json_extract(f.detail, '$.hops') AS BIGINT) = 2, false)""")
     assert bad[0]["n"] == 0
-    # message passing: for the whole run (epoch and step NULL), one row per training rating, naming its two nodes
-    mp = rows(home, """SELECT count(DISTINCT sample_id) n, count(step) with_step, count(epoch) with_epoch,
-                              count(*) FILTER (WHERE json_extract_string(detail, '$.role') = 'message_passing'
-                                               AND detail->>'$.user' LIKE 'user:%' AND detail->>'$.movie' LIKE 'movie:%') ok
+    # message passing: for the whole run (epoch and step NULL), one row per training rating
+    mp = rows(home, """SELECT count(DISTINCT sample_id) n, count(step) with_step, count(epoch) with_epoch
                        FROM events WHERE kind='message_passing'""")[0]
-    assert mp == {"n": n_train, "with_step": 0, "with_epoch": 0, "ok": n_train}
+    assert mp == {"n": n_train, "with_step": 0, "with_epoch": 0}
+    # every rating's split event names the edge's two nodes
+    named = rows(home, """SELECT count(*) FILTER (WHERE detail->>'$.user' LIKE 'user:%'
+                                                  AND detail->>'$.movie' LIKE 'movie:%') ok, count(*) n
+                          FROM events WHERE kind='split'""")[0]
+    assert named["ok"] == named["n"] > n_train
 
 
 def test_khop_size_and_hash_recompute_from_the_ledger(graph_run):

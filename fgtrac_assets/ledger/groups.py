@@ -1,23 +1,20 @@
-"""Event groups: one log leaf for many `events` rows that differ only in sample, position and detail.
+"""Event groups: one log leaf for many events that differ only in sample, position and detail.
 
 A training step touches every sample of its batch; a leaf per sample-step made the log's
-work (canonical JSON, two SHA-256, a tile append) dominate small models' training time.
-An `event_groups` row instead stands for a run of member rows: the columns they share
-(kind, run, epoch, step, lr, ...) plus ``first_position``, ``size`` and ``members``, the
-hex SHA-256 of the *members bytes* (format ``fgtrac/members/v1``; u32 = 4-byte big-endian):
+work (canonical JSON, two SHA-256, a tile append, a wide indexed insert) dominate small
+models' training time.  An `event_groups` row instead stands for a run of members: the
+columns they share (kind, run, epoch, step, lr, ...) plus ``first_position``, ``size``
+and ``members``, the hex SHA-256 of their *members bytes* (format in
+integrity/members.py: lengths and UTF-8 of the sample ids, then of the details, column by
+column), which are slices of the Arrow buffers: sealing is one hash pass per group, with
+no per-member encoding.
 
-    b"fgtrac/members/v1\n" || u32 n
-    || n x u32 byte length of sample_id             || the n sample ids' UTF-8, concatenated
-    || n x u32 byte length of detail (0xFFFFFFFF: null) || the non-null details' UTF-8, concatenated
-
-for the members in position order (member i has position first_position + i).  Columns
-side by side, not rows, so the bytes are slices of the Arrow buffers the rows are
-inserted from: sealing costs one hash pass, no per-member encoding.
-
-The member rows are still ordinary `events` rows (so every view and audit reads them as
-before), stored with the group's ``leaf_index``.  ``fgtrac verify`` rebuilds each group's
-members bytes from them; a member receipt carries the bytes beside the group leaf's
-inclusion receipt, so a third party re-hashes them and reads the sample at its index.
+Members are `group_members` rows (leaf_index of their group, position, 8-byte sample key,
+detail) and `sample_keys` maps keys to ids; the `events` view joins them back into
+ordinary event rows, so audits and views read them as before.  ``fgtrac verify``
+rebuilds each group's members bytes from those rows; a member receipt carries the bytes
+beside the group leaf's inclusion receipt, so a third party re-hashes them and reads the
+sample at its index.
 """
 
 import hashlib

@@ -30,7 +30,10 @@ class Ingested:
 
 @dataclass
 class Preprocessed:
-    """Preprocessed samples (sample_id, split, label, payload) and one detail dict per row."""
+    """Preprocessed samples (sample_id, split, label, payload) and one detail dict per row.
+
+    A detail holds input, output and split, and optionally ``about``: facts about the sample
+    recorded with its `split` event (a rating's user and movie)."""
 
     table: pa.Table
     details: list[dict]

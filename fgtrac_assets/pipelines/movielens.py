@@ -58,7 +58,8 @@ Lineage roles (``training_checkpoints``)
     * ``batched`` (via the Tracer): one per supervised rating (role: target) per step;
     * ``message_passing``: one per training rating per training run, ``epoch`` and ``step``
       NULL: every step of the run passed messages over these edges (the graph is the same
-      in every step); ``detail = {"role": "message_passing", "user": ..., "movie": ...}``;
+      in every step); the edge's two nodes are in its ``split`` event's detail
+      (``{"split": ..., "user": ..., "movie": ...}``, recorded at preprocessing);
     * ``receptive_field``: one per training rating per run, ``epoch`` and ``step`` NULL:
       whenever the rating was a target, its prediction was fed by this neighbourhood;
       ``detail = {"role": "target", "hops": 2, "khop_edges": n, "khop_hash": h}``.
@@ -125,10 +126,11 @@ PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()),
 
 # "Which steps did rating $sample_id feed, as a target or as a neighbour?" (DuckDB, named parameter).
 ROLE_STEPS_SQL = """
-WITH mp AS (
-    SELECT training_run, sample_id,
-           json_extract_string(detail, '$.user') AS usr, json_extract_string(detail, '$.movie') AS mov
-    FROM events WHERE kind = 'message_passing'),
+WITH nodes AS (
+    SELECT DISTINCT sample_id, json_extract_string(detail, '$.user') AS usr, json_extract_string(detail, '$.movie') AS mov
+    FROM events WHERE kind = 'split'),
+mp AS (SELECT m.training_run, m.sample_id, n.usr, n.mov
+       FROM events m JOIN nodes n USING (sample_id) WHERE m.kind = 'message_passing'),
 x AS (SELECT * FROM mp WHERE sample_id = $sample_id),
 raters_of_x_movie AS (SELECT mp.training_run, mp.usr FROM mp JOIN x USING (training_run) WHERE mp.mov = x.mov),
 movies_of_x_user AS (SELECT mp.training_run, mp.mov FROM mp JOIN x USING (training_run) WHERE mp.usr = x.usr),
@@ -570,7 +572,8 @@ class MovieLensPipeline(Pipeline):
                          ("title", attrs[col["movie"][i]][0])):
                 out[k].append(v)
             digest = hashlib.sha256(f"{ui}\t{mi}\t{rating!r}\t{split}\t".encode() + x_bytes[mi]).hexdigest()
-            details.append({"input": sid, "output": digest, "split": split})
+            details.append({"input": sid, "output": digest, "split": split,
+                            "about": {"user": col["user"][i], "movie": col["movie"][i]}})
         params = {**params, "split": SPLIT_RULE, "num_users": len(users), "num_movies": len(movies),
                   "movie_features": int(x.shape[1]) if len(movies) else 0}
         table = pa.Table.from_arrays([pa.array(out[f.name], type=f.type) for f in PREPARED_SCHEMA], schema=PREPARED_SCHEMA)
@@ -604,10 +607,10 @@ class MovieLensPipeline(Pipeline):
         return torch.nn.MSELoss(reduction="none")
 
     # -- training with roles
-    def role_details(self, prepared: pa.Table) -> tuple[list[str], list[str]]:
-        """Return per training rating its target detail (2-hop size and hash) and its message-passing detail."""
+    def receptive_fields(self, prepared: pa.Table) -> list[str]:
+        """Return per training rating the detail of its receptive field as a target (2-hop size and hash)."""
         g = self._graph(prepared)
-        ids, pairs, _, user_keys, movie_keys = g.splits["train"]
+        ids, pairs = g.splits["train"][:2]
         sizes = khop_sizes(pairs[:, 0], pairs[:, 1], g.num_users, g.num_movies, pairs[:, 0], pairs[:, 1])
         by_id = np.argsort(np.array(ids))
         sorted_ids = [ids[i] for i in by_id]
@@ -627,10 +630,7 @@ class MovieLensPipeline(Pipeline):
             h.update(movie_tail[m])
             # the text json.dumps(..., sort_keys=True) gives, formatted directly
             targets.append(f'{{"hops": {HOPS}, "khop_edges": {n}, "khop_hash": "{h.hexdigest()}", "role": "target"}}')
-        quoted = {k: json.dumps(k) for k in {*user_keys, *movie_keys}}
-        passing = [f'{{"movie": {quoted[m]}, "role": "message_passing", "user": {quoted[u]}}}'
-                   for u, m in zip(user_keys, movie_keys)]
-        return targets, passing
+        return targets
 
     def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
         import torch
@@ -648,9 +648,9 @@ class MovieLensPipeline(Pipeline):
         n = len(ids)
         steps_per_epoch = math.ceil(n / settings.batch_size)
         if tracer is not None:  # the graph is the same in every step: roles are recorded once per run
-            target_detail, passing_detail = (pa.array(d, pa.string()) for d in self.role_details(prepared))
-            tracer.record("message_passing", np.arange(n), details=passing_detail, whole_run=True)
-            tracer.record("receptive_field", np.arange(n), details=target_detail, whole_run=True)
+            tracer.record("message_passing", np.arange(n), whole_run=True)
+            tracer.record("receptive_field", np.arange(n), details=pa.array(self.receptive_fields(prepared), pa.string()),
+                          whole_run=True)
         for epoch in range(settings.epochs):
             lr = lr_at(settings, epoch)
             for group in optimizer.param_groups:

@@ -141,7 +141,7 @@ def preprocess(ledger: Ledger, pipeline: Pipeline, run_id: str, raw: Handle, log
     events = EventBuffer()
     events.add(ids, "preprocessed", detail=[{"input": d["input"], "output": d["output"], "params": prep.params}
                                             for d in prep.details])
-    events.add(ids, "split", detail=[{"split": d["split"]} for d in prep.details])
+    events.add(ids, "split", detail=[{"split": d["split"], **d.get("about", {})} for d in prep.details])
     art = _write_parquet(ledger, f"{pipeline.name}/preprocessed/{run_id}.parquet", "preprocessed_samples", prep.table)
     counts = {s: 0 for s in ("train", "val", "test")}
     for s in prep.table.column("split").to_pylist():
