@@ -25,7 +25,7 @@ def test_structure(small):
     assert {row["method"] for row in r["table"]} == set(METHODS)
     assert len(r["table"]) == len(METHODS) * len(STEPS)
     assert {(row["method"], row["steps"]) for row in r["table"]} == {(m, s) for m in METHODS for s in STEPS}
-    assert r["winner"] in METHODS
+    assert r["best"] in METHODS
     assert r["plot_png"][:8] == b"\x89PNG\r\n\x1a\n" and len(r["plot_png"]) > 5_000
     assert r["markdown"] == table_markdown(r["table"], r["gold_reliability"])
     assert r["markdown"].count("\n") == len(METHODS) + 2  # header, rule, methods, the split-half row

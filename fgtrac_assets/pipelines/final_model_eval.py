@@ -82,7 +82,7 @@ def final_model_evaluation(
 
     Returns a dict with ``table`` (one row per method and step count: ``method``,
     ``steps``, ``cosine``, ``spearman``), ``markdown``, ``plot_png`` (PNG bytes or None),
-    ``winner``, ``seconds`` (per stage and method), ``settings``, ``cost`` (the gold
+    ``best`` (the winner), ``seconds`` (per stage and method), ``settings``, ``cost`` (the gold
     standard's :meth:`.FurtherTraining.cost`) and ``solvers`` (the influence-function
     reports: damping, iterations, residuals).  ``threads`` sets torch's intra-op threads
     for the run (restored afterwards; None leaves them): on the busy 2-core machine the
@@ -175,7 +175,7 @@ def _evaluate(seed, n_train, n_val, n_test, n_probes, epochs, lr, batch_size, sc
         "markdown": table_markdown(table, reliability),
         "plot_png": agreement_plot(table, reliability) if plot else None,
         "gold_reliability": reliability,
-        "winner": winner,
+        "best": winner,
         "seconds": seconds,
         "cost": cost,
         "solvers": solvers,

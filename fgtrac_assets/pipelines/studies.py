@@ -50,7 +50,7 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
         png = result["plot_png"]
         arts["plot"] = write_artifact(ledger.ensure_home().root, f"artifacts/{base}.png", "study_plot",
                                       lambda p: p.write_bytes(png))
-    best = result.get("best") or result.get("winner")
+    best = result["best"]
     meta = {"study": study.description, "preset": preset, "settings": kwargs, "best": best,
             "seconds": round(seconds, 2), "table_md": study.table_markdown(result["table"]),
             **study.headline(result)}
