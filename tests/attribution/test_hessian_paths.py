@@ -89,3 +89,35 @@ def test_influence_function_preconditioner_option(mlp):
     assert "preconditioner" in rep["seconds"]
     with pytest.raises(ValueError, match="preconditioner"):
         InfluenceFunction(model, LOSS, xtr, ytr, method="cg", preconditioner="shampoo")
+
+
+def test_bfloat16_products_stay_close_and_keep_the_scores(mlp):
+    """Products with bf16 GEMMs differ by about bf16's precision; influence scores still agree with the exact ones."""
+    model, x, y = mlp
+    model32 = copy_to(model, torch.float32)
+    x32 = x.float()
+    names = [n for n, _ in model32.named_parameters()]
+    state = snapshot_state(model32)
+    full = MeanLossHessian(model32, names, state, x32, y, LOSS, batch_size=50)
+    half = MeanLossHessian(model32, names, state, x32, y, LOSS, batch_size=50, product_dtype=torch.bfloat16)
+    v = torch.randn(16, full.dim, generator=torch.Generator().manual_seed(2))
+    want, got = full.matmul(v), half.matmul(v)
+    assert got.dtype == torch.float32 and half.product_dtype == torch.bfloat16
+    rel = float((got - want).norm() / want.norm())
+    assert 1e-5 < rel < 3e-2  # really bf16 (not silently float32), and close
+    exact = InfluenceFunction(model32, LOSS, x32, y, method="explicit", damping=0.5).influence(x32, y, x32[:20], y[:20])
+    for method, kw in (("cg", {"tol": 1e-3}), ("lissa", {"tol": 1e-3})):
+        f = InfluenceFunction(model32, LOSS, x32, y, method=method, damping=0.5, product_dtype=torch.bfloat16, **kw)
+        scores = f.influence(x32, y, x32[:20], y[:20])
+        assert torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1] > 0.99, method
+        assert f.report()["product_dtype"] == "bfloat16"
+    cnn_like = nn.Sequential(nn.Linear(64, 4), nn.LayerNorm(4), nn.Linear(4, 10))
+    with pytest.raises(ValueError, match="structured"):
+        MeanLossHessian(cnn_like, ["0.weight"], snapshot_state(cnn_like), x32, y, LOSS, product_dtype=torch.bfloat16)
+
+
+def copy_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Return a copy of the model in another dtype (the fixture's model stays float64)."""
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
