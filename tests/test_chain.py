@@ -108,8 +108,8 @@ def test_lineage_check_fails_when_a_batched_event_is_missing(digits_copy):
     tr = ledger.query("SELECT training_run, run_id FROM checkpoints LIMIT 1").to_pylist()[0]
     note = ledger.latest_tree_head()["note"]
     con = duckdb.connect(str(digits_copy / "ledger.duckdb"))
-    con.execute("DELETE FROM group_members WHERE rowid = (SELECT rowid FROM group_members "
-                "ORDER BY leaf_index DESC, position DESC LIMIT 1)")  # one member of the last step
+    con.execute("DELETE FROM group_members WHERE rowid = (SELECT m.rowid FROM group_members m JOIN event_groups g "
+                "USING (leaf_index) WHERE g.kind = 'batched' ORDER BY m.leaf_index DESC, m.position DESC LIMIT 1)")
     con.close()
     outcome = {c.name: c for c in run_checks(ledger, "training_checkpoints", tr["run_id"], tr["training_run"], note)}
     assert not outcome["lineage_complete"].passed and "1 training samples missing" in outcome["lineage_complete"].description

@@ -175,8 +175,8 @@ def test_prove_a_rating(graph_run, tmp_path, capsys):
     assert {"ingested", "preprocessed", "split", "message_passing", "receptive_field", "batched", "gradient"} <= kinds
     from fgtrac_assets.integrity.receipts import verify_member_receipt
 
-    members = [verify_member_receipt(r) for r in receipts if "member" in r]  # steps and roles: one leaf per group
-    assert {m["kind"] for m in members} == {"message_passing", "receptive_field", "batched"}
+    members = [verify_member_receipt(r) for r in receipts if "member" in r]  # steps, roles, gradients: a leaf per group
+    assert {m["kind"] for m in members} == {"message_passing", "receptive_field", "batched", "gradient"}
     assert all(m["sample_id"] == x for m in members)
     capsys.readouterr()
     assert fgtrac(["verify-receipt", str(out)]) == 0

@@ -121,7 +121,8 @@ class EventGroups:
 
 def build_groups(kind: Sequence[str], training_run: str, epoch: Sequence[int | None], step: Sequence[int | None],
                  lr: Sequence[float | None], indices: Sequence[np.ndarray], sample_ids: pa.Array,
-                 details: Sequence[pa.Array | None] | None = None, limit: int = GROUP_LIMIT) -> EventGroups:
+                 details: Sequence[pa.Array | None] | None = None, checkpoint_id: Sequence[str | None] | None = None,
+                 limit: int = GROUP_LIMIT) -> EventGroups:
     """Return the groups of recorded batches: batch g holds sample_ids[indices[g]] (split every `limit` members)."""
     rows: dict[str, list] = {c: [] for c in (*SHARED, "first_position")}
     member_group, member_sample, positions, member_details = [], [], [], []
@@ -131,7 +132,8 @@ def build_groups(kind: Sequence[str], training_run: str, epoch: Sequence[int | N
             chunk = idx[a:a + limit]
             number = len(rows["kind"])
             for col, v in (("kind", kind[g]), ("training_run", training_run), ("epoch", epoch[g]), ("step", step[g]),
-                           ("lr", lr[g]), ("checkpoint_id", None), ("first_position", a)):
+                           ("lr", lr[g]), ("checkpoint_id", None if checkpoint_id is None else checkpoint_id[g]),
+                           ("first_position", a)):
                 rows[col].append(v)
             member_group.append(np.full(len(chunk), number, dtype=np.int64))
             member_sample.append(chunk)
