@@ -19,7 +19,7 @@ sample at its index.
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -117,6 +117,36 @@ class EventGroups:
         shared = self.groups.select(list(SHARED)).take(pa.array(self.member_group))
         return pa.table({"sample_id": self.member_ids(), "position": pa.array(self.position), "detail": self.detail,
                          **{c: shared.column(c) for c in SHARED}})
+
+
+@dataclass
+class GroupLog:
+    """Groups as they are recorded: per group its shared columns and its members (indices into the sample ids)."""
+
+    kind: list[str] = field(default_factory=list)
+    epoch: list[int | None] = field(default_factory=list)
+    step: list[int | None] = field(default_factory=list)
+    lr: list[float | None] = field(default_factory=list)
+    checkpoint_id: list[str | None] = field(default_factory=list)
+    indices: list[np.ndarray] = field(default_factory=list)
+    details: list[pa.Array | None] = field(default_factory=list)
+
+    def add(self, kind: str, indices: np.ndarray, epoch: int | None = None, step: int | None = None,
+            lr: float | None = None, checkpoint_id: str | None = None, details: pa.Array | None = None) -> None:
+        """Record one group: an event of `kind` for each sample at these indices (details: one string each)."""
+        if details is not None and len(details) != len(indices):
+            raise ValueError(f"{kind}: {len(details)} details for {len(indices)} samples")
+        for name, value in (("kind", kind), ("epoch", epoch), ("step", step), ("lr", lr),
+                            ("checkpoint_id", checkpoint_id), ("indices", indices), ("details", details)):
+            getattr(self, name).append(value)
+
+    def __len__(self) -> int:
+        return sum(len(i) for i in self.indices)
+
+    def build(self, training_run: str, sample_ids: pa.Array) -> EventGroups:
+        """Return the recorded groups over these sample ids, ready for Ledger.commit."""
+        return build_groups(self.kind, training_run, self.epoch, self.step, self.lr, self.indices, sample_ids,
+                            self.details, self.checkpoint_id)
 
 
 def build_groups(kind: Sequence[str], training_run: str, epoch: Sequence[int | None], step: Sequence[int | None],

@@ -2,7 +2,7 @@
 
 import duckdb
 
-from ..integrity import merkle, notes
+from ..integrity import merkle
 from ..integrity.receipts import absence_receipt, b64, inclusion_receipt, member_receipt, set_leaf
 from .groups import group_members_bytes
 from .leaves import row_leaf

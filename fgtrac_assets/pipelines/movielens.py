@@ -88,7 +88,6 @@ Model and training
 """
 
 import hashlib
-import json
 import math
 import re
 import zlib

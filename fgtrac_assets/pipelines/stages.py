@@ -1,6 +1,5 @@
 """The chain's stages as plain functions: compute, write artifacts, commit rows to the ledger."""
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ import pyarrow.parquet as pq
 
 from ..ledger.artifacts import ArtifactFile, write_artifact
 from ..ledger.checks import run_checks
-from ..ledger.groups import build_groups
+from ..ledger.groups import GroupLog
 from ..ledger.proofs import training_set_root
 from ..report import plots, tables
 from ..ledger.store import Commit, CommitResult, Ledger
@@ -254,8 +253,7 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
     table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
     model = pipeline.build_model(table)
     layer = pipeline.influence_layer
-    parts, recorded = [], {"ids": [], "kind": [], "epoch": [], "step": [], "lr": [], "indices": [], "details": [],
-                           "checkpoint_id": []}
+    parts, recorded, recorded_ids = [], GroupLog(), []
     for c in selected.extra["selected"]:
         path = ArtifactRef(c["path"], c["sha256"]).open_checked(ledger.home.root)
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -274,22 +272,17 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
                 "errors": pa.FixedSizeListArray.from_arrays(pa.array(e.ravel()), e.shape[1]),
                 "activations": pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])}))
             if shard is None or split == "train" or shard[0] == 0:  # one event group per checkpoint and split
-                start = len(recorded["ids"])
-                recorded["ids"].extend(ids)
-                for key, value in (("kind", "gradient"), ("epoch", None), ("step", None), ("lr", c["lr"]),
-                                   ("indices", np.arange(start, start + len(ids))),
-                                   ("details", pa.array([json.dumps({"layer": layer, "split": split, "grad_norm": float(n)},
-                                                                    sort_keys=True) for n in norms], pa.string())),
-                                   ("checkpoint_id", c["checkpoint_id"])):
-                    recorded[key].append(value)
+                details = [json.dumps({"layer": layer, "split": split, "grad_norm": float(n)}, sort_keys=True)
+                           for n in norms]
+                recorded.add("gradient", np.arange(len(recorded_ids), len(recorded_ids) + len(ids)), lr=c["lr"],
+                             checkpoint_id=c["checkpoint_id"], details=pa.array(details, pa.string()))
+                recorded_ids.extend(ids)
         log(f"gradient factors at {c['checkpoint_id']}")
     cache = pa.concat_tables(parts)
     suffix = "" if shard is None else f"-shard{shard[0]}of{shard[1]}"
     art = _write_parquet(ledger, f"{pipeline.name}/runs/{training.training_run}/gradient_cache{suffix}-{run_id}.parquet",
                          "gradient_cache", cache)
-    groups = build_groups(recorded["kind"], training.training_run, recorded["epoch"], recorded["step"], recorded["lr"],
-                          recorded["indices"], pa.array(recorded["ids"], pa.string()), recorded["details"],
-                          recorded["checkpoint_id"])
+    groups = recorded.build(training.training_run, pa.array(recorded_ids, pa.string()))
     meta = {"layer": layer, "checkpoints": len(selected.extra["selected"]), "rows": cache.num_rows,
             "gradient_events": groups.num_members, **({} if shard is None else {"shard": f"{shard[0]} of {shard[1]}"})}
     return _finish(ledger, pipeline, asset, run_id, {}, [prepared, training, selected], {"gradient_cache": art}, meta,

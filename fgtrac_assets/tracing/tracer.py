@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from ..ledger.groups import EventGroups, build_groups
+from ..ledger.groups import EventGroups, GroupLog
 
 
 class _RecordingBatchSampler:
@@ -41,12 +41,7 @@ class Tracer:
         self.epoch = -1
         self.step = 0
         self._current: list[int] | None = None
-        self._kind: list[str] = []
-        self._epoch: list[int] = []
-        self._step: list[int | None] = []
-        self._lr: list[float | None] = []
-        self._indices: list[np.ndarray] = []
-        self._details: list[pa.Array | None] = []
+        self._log = GroupLog()
 
     def wrap_loader(self, loader: DataLoader) -> "TracedLoader":
         """Return a loader yielding the same batches while recording which samples each holds."""
@@ -65,30 +60,22 @@ class Tracer:
                details: pa.Array | None = None, whole_run: bool = False) -> None:
         """Record one event of `kind` per sample at these indices, in this epoch or (whole_run) for the whole run."""
         idx = indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
-        if details is not None and len(details) != len(idx):
-            raise ValueError(f"{kind}: {len(details)} details for {len(idx)} samples")
-        self._kind.append(kind)
-        self._epoch.append(None if whole_run else self.epoch)
-        self._step.append(step)
-        self._lr.append(lr)
-        self._indices.append(idx)
-        self._details.append(details)
+        self._log.add(kind, idx, epoch=None if whole_run else self.epoch, step=step, lr=lr, details=details)
 
     def groups(self) -> EventGroups:
         """Return everything recorded as event groups, ready for Ledger.commit."""
-        return build_groups(self._kind, self.training_run, self._epoch, self._step, self._lr, self._indices,
-                            self.sample_ids, self._details)
+        return self._log.build(self.training_run, self.sample_ids)
 
     def events(self) -> pa.Table:
         """Return the recorded events as rows of the ledger's `events` columns (no pipeline/run/asset)."""
         return self.groups().events()
 
     def __len__(self) -> int:
-        return sum(len(i) for i in self._indices)
+        return len(self._log)
 
     def used_sample_ids(self) -> list[str]:
         """Return the sorted distinct ids of the samples some step trained on."""
-        used = [i for k, i in zip(self._kind, self._indices) if k == "batched"]
+        used = [i for k, i in zip(self._log.kind, self._log.indices) if k == "batched"]
         if not used:
             return []
         return sorted(self.sample_ids.take(pa.array(np.unique(np.concatenate(used)))).to_pylist())
