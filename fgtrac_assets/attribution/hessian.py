@@ -298,6 +298,14 @@ class _MLPBatch:
             g = back * self.d1[k - 1]
             self.delta[k - 1] = g
 
+    def rows(self, start: int, stop: int) -> "_MLPBatch":
+        """Return the share of samples ``start:stop`` (views of this batch's tensors)."""
+        part = object.__new__(_MLPBatch)
+        for key in ("inputs", "d1", "c2", "delta"):
+            setattr(part, key, [None if t is None else t[start:stop] for t in getattr(self, key)])
+        part.lam = self.lam[start:stop]
+        return part
+
     def cast(self, dtype: torch.dtype) -> None:
         """Hold every precomputed tensor in dtype (for products in reduced precision)."""
         def to(t):
@@ -305,6 +313,11 @@ class _MLPBatch:
 
         self.inputs, self.d1, self.c2, self.delta = ([to(t) for t in ts] for ts in (self.inputs, self.d1, self.c2, self.delta))
         self.lam = to(self.lam)
+
+
+def _accumulate(sums: list[Tensor | None], k: int, a: Tensor, b: Tensor) -> None:
+    """sums[k] += a @ b, the first time as a plain GEMM (no zero-filled buffer)."""
+    sums[k] = a @ b if sums[k] is None else sums[k].addmm_(a, b)
 
 
 class _StructuredMLP:
@@ -354,7 +367,15 @@ class _StructuredMLP:
             hess = self.hess
             with model_guard(hess.model), torch.no_grad():
                 hess.model.eval()
-                self.batches = [_MLPBatch(self.w, self.b, self.acts, x, self._out_hessian(t)) for x, t in hess.batches]
+                if all(isinstance(t, Tensor) for _, t in hess.batches):
+                    # one pass over all samples (per-call overheads dominate small batches), split into views
+                    whole = _MLPBatch(self.w, self.b, self.acts, torch.cat([x for x, _ in hess.batches]),
+                                      self._out_hessian(torch.cat([t for _, t in hess.batches])))
+                    ends = torch.tensor(hess.batch_sizes()).cumsum(0).tolist()
+                    self.batches = [whole.rows(e - len(t), e) for e, (_, t) in zip(ends, hess.batches)]
+                else:
+                    self.batches = [_MLPBatch(self.w, self.b, self.acts, x, self._out_hessian(t))
+                                    for x, t in hess.batches]
             if self.product_dtype is not None:
                 self.w = [w.to(self.product_dtype) for w in self.w]
                 for bt in self.batches:
@@ -381,9 +402,10 @@ class _StructuredMLP:
         dw_in = [None if d is None else d.permute(2, 0, 1).reshape(d.shape[2], -1) for d in dw]
         dw_out = [None if d is None else d.transpose(0, 1).reshape(d.shape[1], -1) for d in dw]
         db = [None if i is None else parts[i] for i in self.bi]
-        gw = [None if d is None else rows.new_zeros(d.shape[1], m * d.shape[2]) for d in dw]  # (out, m * in)
-        gwt = [None if d is None else rows.new_zeros(m * d.shape[1], d.shape[2]) for d in dw]  # (m * out, in)
-        gb = [None if i is None else rows.new_zeros(m, hess.sizes[i]) for i in self.bi]
+        # sums over the data batches, created by the first batch's GEMM: gw_l (out, m * in), gwt_l (m * out, in)
+        gw: list[Tensor | None] = [None] * len(dw)
+        gwt: list[Tensor | None] = [None] * len(dw)
+        gb: list[Tensor | None] = [None] * len(dw)
         nl = len(self.w)
         for bi in idx:
             bt = batches[bi]
@@ -395,50 +417,63 @@ class _StructuredMLP:
                 a, w = bt.inputs[k], self.w[k]
                 out_k = w.shape[0]
                 dz = None
-                if dw[k] is not None:
-                    dz = (a @ dw_in[k]).view(n, m, out_k)
-                if db[k] is not None:
-                    dz = db[k][None].expand(n, m, out_k).clone() if dz is None else dz.add_(db[k][None])
+                if dw[k] is not None:  # the bias tangent rides in the GEMM, broadcast over the samples
+                    dz = (a @ dw_in[k] if db[k] is None else torch.addmm(db[k].reshape(-1), a, dw_in[k])).view(n, m, out_k)
+                elif db[k] is not None:
+                    dz = db[k][None].expand(n, m, out_k).clone()
                 if da is not None:
                     if dz is None:
                         dz = (da.view(n * m, -1) @ w.T).view(n, m, out_k)
                     else:
                         dz.view(n * m, out_k).addmm_(da.view(n * m, -1), w.T)
                 dzs.append(dz)
-                if k < nl - 1:
-                    da = None if dz is None else dz * bt.d1[k][:, None, :]
+                if k < nl - 1:  # dz itself is needed later only for the second-derivative term
+                    d1 = bt.d1[k][:, None, :]
+                    da = None if dz is None else (dz * d1 if bt.c2[k] is not None else dz.mul_(d1))
                     das.append(da)
             # backward tangents: ddelta_L = Lambda dz_L; ddelta_{l-1} = (ddelta_l W_l + delta_l dW_l) act' + c2 dz
             dd = None if dzs[-1] is None else torch.bmm(dzs[-1], bt.lam)  # Lambda symmetric
             for k in range(nl - 1, -1, -1):
                 a, delta, w = bt.inputs[k], bt.delta[k], self.w[k]
                 out_k, in_k = w.shape
-                if gw[k] is not None:
+                if dw[k] is not None:
                     if dd is not None:
-                        gwt[k].addmm_(dd.view(n, m * out_k).T, a)
+                        _accumulate(gwt, k, dd.view(n, m * out_k).T, a)
                     if das[k] is not None:
-                        gw[k].addmm_(delta.T, das[k].view(n, m * in_k))
-                if gb[k] is not None and dd is not None:
-                    gb[k].add_(dd.sum(0))
+                        _accumulate(gw, k, delta.T, das[k].view(n, m * in_k))
+                if db[k] is not None and dd is not None:
+                    gb[k] = dd.sum(0) if gb[k] is None else gb[k].add_(dd.sum(0))
                 if k == 0:
                     break
                 back = None
-                if dd is not None:
-                    back = (dd.view(n * m, out_k) @ w).view(n, m, in_k)
                 if dw[k] is not None:
-                    term = (delta @ dw_out[k]).view(n, m, in_k)
-                    back = term if back is None else back.add_(term)
+                    back = (delta @ dw_out[k]).view(n, m, in_k)
+                if dd is not None:  # accumulated into the first term by the GEMM itself
+                    if back is None:
+                        back = (dd.view(n * m, out_k) @ w).view(n, m, in_k)
+                    else:
+                        back.view(n * m, in_k).addmm_(dd.view(n * m, out_k), w)
                 nxt = None if back is None else back.mul_(bt.d1[k - 1][:, None, :])
                 if bt.c2[k - 1] is not None and dzs[k - 1] is not None:
                     extra = dzs[k - 1] * bt.c2[k - 1][:, None, :]
                     nxt = extra if nxt is None else nxt.add_(extra)
                 dd = nxt
-        out = [None] * len(hess.sizes)
+        out = rows.new_zeros(m, hess.dim) if not idx else rows.new_empty(m, hess.dim)
+        blocks = out.split(hess.sizes, dim=1)
         for k in range(nl):
             if self.wi[k] is not None:
-                out_k, in_k = self.w[k].shape
-                g = gwt[k].view(m, out_k, in_k) + gw[k].view(out_k, m, in_k).transpose(0, 1)
-                out[self.wi[k]] = g.reshape(m, -1)
+                target = blocks[self.wi[k]].view(m, *self.w[k].shape)  # written in place: no concatenation
+                direct = None if gwt[k] is None else gwt[k].view_as(target)
+                crossed = None if gw[k] is None else gw[k].view(target.shape[1], m, -1).transpose(0, 1)
+                if direct is not None and crossed is not None:
+                    torch.add(direct, crossed, out=target)
+                elif direct is not None or crossed is not None:
+                    target.copy_(direct if direct is not None else crossed)
+                else:
+                    target.zero_()
             if self.bi[k] is not None:
-                out[self.bi[k]] = gb[k]
-        return torch.cat(out, dim=1)
+                if gb[k] is None:
+                    blocks[self.bi[k]].zero_()
+                else:
+                    blocks[self.bi[k]].copy_(gb[k])
+        return out

@@ -88,7 +88,7 @@ def _orthonormal_basis(z: Tensor, rel_eps: float | None = None) -> Tensor:
     nz = norms > 0
     if not bool(nz.any()):
         return z[:, :0]
-    z = z[:, nz] / norms[nz]
+    z = z / norms if bool(nz.all()) else z[:, nz] / norms[nz]
     gram = (z.T @ z).double()
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
     keep = evals > (rel_eps ** 2) * evals.max().clamp_min(0)
@@ -251,7 +251,8 @@ def _lissa(apply, rhs, damping, scale, depth, tol, stochastic, repeat):
         h = rhs.clone()
         active = rhs.norm(dim=1) > 0
         for step in range(int(depth)):
-            idx = active.nonzero().squeeze(1) if not stochastic else None
+            # every row still active (or sampled products): the whole block, no gather / scatter
+            idx = None if stochastic or bool(active.all()) else active.nonzero().squeeze(1)
             hi = h if idx is None else h[idx]
             if hi.shape[0] == 0:
                 break
@@ -264,6 +265,8 @@ def _lissa(apply, rhs, damping, scale, depth, tol, stochastic, repeat):
             if idx is None:
                 h += update
                 relres = rr
+                if not stochastic:
+                    active = rr > tol
             else:
                 h[idx] = hi + update
                 relres[idx] = rr
