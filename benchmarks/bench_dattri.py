@@ -26,6 +26,9 @@ Rows:
 fgtrac's Hessian-vector products take its structured MLP path here (the model is an
 ``nn.Sequential`` of Linear layers and ReLUs: hand-written forward-over-reverse, see
 ``fgtrac_assets/attribution/hessian.py``); ``--generic`` forces the torch.func path.
+Each fgtrac row runs twice: with the products' GEMMs in bfloat16
+(``product_dtype=torch.bfloat16``, the setting the speed-up target is read from) and
+with the default float32 products.
 
 Agreement: Pearson and cosine of the (1000 x 200) score matrices against the exact
 solution (fgtrac explicit, float64 factorisation) and between the two libraries.
@@ -260,16 +263,20 @@ def main():
                pearson(s_o, s_d), cosine(s_o, exact), cosine(s_d, exact), reps,
                med.get("fgtrac_bf16"), None if s_b is None else pearson(s_b, exact))
         rows.append(row)
-        print(f"{name:<20} fgtrac {med['fgtrac']:7.2f} s  dattri {med['dattri']:7.2f} s  "
-              f"x{med['dattri'] / med['fgtrac']:5.1f}  Pearson vs exact {row[5]:.5f} / {row[6]:.5f}  "
-              f"fgtrac-dattri {row[7]:.5f}", flush=True)
+        bf = "" if row[11] is None else f"bf16 {row[11]:6.2f} s x{row[3] / row[11]:5.1f}  "
+        print(f"{name:<20} dattri {med['dattri']:7.2f} s  {bf}fp32 {med['fgtrac']:6.2f} s x{row[3] / row[4]:5.1f}  "
+              f"Pearson vs exact {row[5]:.5f} / {row[6]:.5f}  fgtrac-dattri {row[7]:.5f}", flush=True)
 
-    head = ["solver", "fgtrac", "dattri", "dattri s", "fgtrac s", "speed-up", "Pearson vs exact (fgtrac / dattri)",
-            "cosine vs exact (fgtrac / dattri)", "Pearson fgtrac vs dattri",
-            "fgtrac with bf16 products: s, speed-up, Pearson vs exact", "reps"]
-    md = [[r[0], r[1], r[2], f"{r[3]:.2f}", f"{r[4]:.2f}", f"{r[3] / r[4]:.1f}x", f"{r[5]:.5f} / {r[6]:.5f}",
-           f"{r[8]:.5f} / {r[9]:.5f}", f"{r[7]:.5f}",
-           "-" if r[11] is None else f"{r[11]:.2f} s, {r[3] / r[11]:.1f}x, {r[12]:.5f}", r[10]] for r in rows]
+    head = ["solver", "fgtrac", "dattri", "dattri s", "fgtrac s, bf16 products", "speed-up, bf16",
+            "fgtrac s, fp32 products", "speed-up, fp32", "Pearson vs exact (fgtrac bf16 / fp32 / dattri)",
+            "cosine vs exact (fgtrac fp32 / dattri)", "Pearson fgtrac vs dattri", "reps"]
+
+    def bf16_cell(r, value):
+        return "-" if r[11] is None else value
+
+    md = [[r[0], r[1], r[2], f"{r[3]:.2f}", bf16_cell(r, f"{r[11]:.2f}"), bf16_cell(r, f"**{r[3] / r[11]:.1f}x**"),
+           f"{r[4]:.2f}", f"{r[3] / r[4]:.1f}x", f"{bf16_cell(r, f'{r[12]:.5f}')} / {r[5]:.5f} / {r[6]:.5f}",
+           f"{r[8]:.5f} / {r[9]:.5f}", f"{r[7]:.5f}", r[10]] for r in rows]
     print(table(head, md))
     rep = exact_if.report()["explicit"]
     write_section(
@@ -285,10 +292,10 @@ def main():
         f"{spectrum:.2f}; {rep.get('factorization')} factorisation, H + damping I positive definite: "
         f"{rep.get('positive_definite')}). fgtrac's Hessian-vector products: "
         f"{'torch.func (generic)' if args.generic else 'structured MLP path (hand-written forward-over-reverse)'}. "
-        f"The bf16 column: the same solver with `product_dtype=torch.bfloat16` (the products' GEMMs in bfloat16 "
-        f"with fp32 accumulation inside each GEMM; this CPU has AVX-512 BF16). Exact = fgtrac explicit (float64 "
-        f"factorisation). Target: >= 10x faster than dattri with "
-        f"Pearson >= 0.99 against the exact scores.\n\n" + table(head, md))
+        f"bf16 products: `InfluenceFunction(..., product_dtype=torch.bfloat16)`, the products' GEMMs in bfloat16 "
+        f"with fp32 accumulation inside each GEMM (this CPU has AVX-512 BF16); the solver, gradients and scores "
+        f"stay in float32. fp32 products: the default. Exact = fgtrac explicit (float64 factorisation). Target: "
+        f">= 10x faster than dattri with Pearson >= 0.99 against the exact scores.\n\n" + table(head, md))
 
 
 if __name__ == "__main__":

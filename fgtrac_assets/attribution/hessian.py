@@ -193,8 +193,9 @@ class MeanLossHessian:
         rows = rows.to(device=self.device, dtype=self.dtype)
         idx = range(len(self.batches)) if batches is None else batches
         if self._mlp is not None:
-            out = torch.cat([self._mlp.matmul(rows[s : s + self.tangent_chunk], list(idx))
-                             for s in range(0, rows.shape[0], self.tangent_chunk)])
+            chunks = [self._mlp.matmul(rows[s : s + self.tangent_chunk], list(idx))
+                      for s in range(0, rows.shape[0], self.tangent_chunk)]
+            out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             self.products += rows.shape[0]
             return out.mul_(weight) if weight != 1.0 else out
         out = torch.zeros_like(rows)
@@ -397,11 +398,11 @@ class _StructuredMLP:
         hess = self.hess
         m = rows.shape[0]
         parts = rows.split(hess.sizes, dim=1)
-        dw = [None if i is None else parts[i].reshape(m, *hess.shapes[i]) for i in self.wi]
+        dw = [None if i is None else parts[i].view(m, *hess.shapes[i]) for i in self.wi]  # strided views, no copy
+        db = [None if i is None else parts[i] for i in self.bi]
         # dW_l as (in, m * out) and as (out, m * in): right operands of the two tangent GEMMs
         dw_in = [None if d is None else d.permute(2, 0, 1).reshape(d.shape[2], -1) for d in dw]
         dw_out = [None if d is None else d.transpose(0, 1).reshape(d.shape[1], -1) for d in dw]
-        db = [None if i is None else parts[i] for i in self.bi]
         # sums over the data batches, created by the first batch's GEMM: gw_l (out, m * in), gwt_l (m * out, in)
         gw: list[Tensor | None] = [None] * len(dw)
         gwt: list[Tensor | None] = [None] * len(dw)

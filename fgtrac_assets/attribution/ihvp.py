@@ -73,27 +73,27 @@ class ExplicitInverse:
 
 
 def _orthonormal_basis(z: Tensor, rel_eps: float | None = None) -> Tensor:
-    """Return a basis (P, r) of the span of the columns of z (P, k), orthonormal up to rounding.
+    """Return a basis (r, P) of the span of the rows of z (k, P), orthonormal up to rounding.
 
-    Columns are scaled to unit norm first (the span is unchanged, and small right-hand
+    Rows are scaled to unit norm first (the span is unchanged, and small right-hand
     sides are not dropped next to large ones); directions whose singular value is below
     ``rel_eps`` (default: 10 x the square root of the dtype's epsilon: 3.5e-3 in float32,
     1.5e-7 in float64) are dropped (they stay in the residual, for the next iteration).  The Gram matrix is formed in z's dtype and
-    factorised in float64; block CG uses P^T A P of the basis it gets, so orthonormality
+    factorised in float64; block CG uses P A P^T of the basis it gets, so orthonormality
     to rounding is all it needs.
     """
     if rel_eps is None:
         rel_eps = 10 * torch.finfo(z.dtype).eps ** 0.5
-    norms = z.norm(dim=0)
-    nz = norms > 0
+    norms = z.norm(dim=1, keepdim=True)
+    nz = norms[:, 0] > 0
     if not bool(nz.any()):
-        return z[:, :0]
-    z = z / norms if bool(nz.all()) else z[:, nz] / norms[nz]
-    gram = (z.T @ z).double()
+        return z[:0]
+    z = z / norms if bool(nz.all()) else z[nz] / norms[nz]
+    gram = (z @ z.T).double()
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
     keep = evals > (rel_eps ** 2) * evals.max().clamp_min(0)
     v = evecs[:, keep] / evals[keep].sqrt()
-    return z @ v.to(z.dtype)
+    return v.T.to(z.dtype) @ z
 
 
 def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 100, tol: float = 1e-4,
@@ -104,26 +104,26 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
     ~ (H + damping I)^{-1}: preconditioned block CG (Ji & Li's breakdown-free BFBPCG),
     same solution, fewer iterations when M is good.  Stops when every row's residual
     norm is below ``tol`` times its right-hand side's norm.  Iterations where the
-    projected matrix P^T (H + damping I) P is not positive definite are counted as
-    ``negative_curvature`` (raise ``damping``).
+    projected matrix P (H + damping I) P^T is not positive definite are counted as
+    ``negative_curvature`` (raise ``damping``).  Every block is held as rows (vectors x
+    parameters), the layout of ``rhs`` and of the products: no transposed copies.
     """
     m = rhs.shape[0]
-    b = rhs.T
-    x = torch.zeros_like(b)
-    r = b.clone()
-    bnorm = b.norm(dim=0)
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    bnorm = rhs.norm(dim=1)
     scale = bnorm.clamp_min(torch.finfo(bnorm.dtype).tiny)
 
     def precond(res: Tensor) -> Tensor:
-        return res if precondition is None else precondition(res.T.contiguous()).T
+        return res if precondition is None else precondition(res)
 
     basis = _orthonormal_basis(precond(r))
     iters, products, negative = 0, 0, 0
-    relres = torch.where(bnorm > 0, r.norm(dim=0) / scale, torch.zeros_like(bnorm))
-    while iters < int(max_iter) and bool((relres > tol).any()) and basis.shape[1] > 0:
-        q = apply(basis.T.contiguous()).T.add_(basis, alpha=damping)
-        products += basis.shape[1]
-        pq = basis.T @ q
+    relres = torch.where(bnorm > 0, r.norm(dim=1) / scale, torch.zeros_like(bnorm))
+    while iters < int(max_iter) and bool((relres > tol).any()) and basis.shape[0] > 0:
+        q = apply(basis).add_(basis, alpha=damping)
+        products += basis.shape[0]
+        pq = basis @ q.T
         pq = ((pq + pq.T) / 2).double()
         chol, info = torch.linalg.cholesky_ex(pq)
         if int(info) != 0:
@@ -131,15 +131,15 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
             solve = lambda rhs_: torch.linalg.solve(pq, rhs_)  # noqa: E731
         else:
             solve = lambda rhs_: torch.cholesky_solve(rhs_, chol)  # noqa: E731
-        alpha = solve((basis.T @ r).double()).to(b.dtype)
-        x += basis @ alpha
-        r -= q @ alpha
+        alpha = solve((basis @ r.T).double()).to(rhs.dtype)  # (r, m): coefficients of the basis rows
+        x.addmm_(alpha.T, basis)
+        r.addmm_(alpha.T, q, alpha=-1.0)
         iters += 1
-        relres = torch.where(bnorm > 0, r.norm(dim=0) / scale, torch.zeros_like(bnorm))
+        relres = torch.where(bnorm > 0, r.norm(dim=1) / scale, torch.zeros_like(bnorm))
         if iters < int(max_iter) and bool((relres > tol).any()):  # the next search directions, only if needed
             z = precond(r)
-            beta = -solve((q.T @ z).double()).to(b.dtype)
-            basis = _orthonormal_basis(z + basis @ beta)
+            beta = -solve((q @ z.T).double()).to(rhs.dtype)
+            basis = _orthonormal_basis(torch.addmm(z, beta.T, basis))
     report = {
         "solver": "block_cg" if precondition is None else "block_pcg", "damping": float(damping),
         "max_iter": int(max_iter), "tol": float(tol),
@@ -148,7 +148,7 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
         "not_converged": int((relres > tol).sum()), "negative_curvature": negative,
         "hessian_vector_products": products,
     }
-    return x.T.contiguous(), report
+    return x, report
 
 
 def solve_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 100, tol: float = 1e-4) -> tuple[Tensor, dict]:
@@ -257,7 +257,8 @@ def _lissa(apply, rhs, damping, scale, depth, tol, stochastic, repeat):
             if hi.shape[0] == 0:
                 break
             bi = rhs if idx is None else rhs[idx]
-            update = bi - (apply(hi).add_(hi, alpha=damping)) / scale  # = residual of X = h / scale
+            # b - (H + damping I) h / scale, in place on the product: the residual of X = h / scale
+            update = apply(hi).add_(hi, alpha=damping).mul_(-1.0 / scale).add_(bi)
             products += hi.shape[0]
             rr = update.norm(dim=1) / (bnorm if idx is None else bnorm[idx])
             if not bool(torch.isfinite(rr).all()) or float(rr.max()) > 1e3:
