@@ -211,6 +211,12 @@ def _accumulate(
     rows_total, n_test = out.shape
     if rows_total == 0 or n_test == 0:
         return out
+    if out.stride(0) == 1 and out.stride(1) != 1:
+        # out is the transpose of a row-major (n_test, rows) buffer: fill that one, the roles of train and test
+        # swapped (the sum is symmetric in them), so that every tile is written row by row
+        chunk = [[f.rows(row0, row0 + rows_total) for f in ck] for ck in train]
+        _accumulate(out.T, test, chunk, scales, 0, tile, overwrite)
+        return out
     tr, tc = min(tile[0], rows_total), min(tile[1], n_test)
     buf_e = torch.empty(tr * tc, dtype=out.dtype, device=out.device)
     buf_a = torch.empty(tr * tc, dtype=out.dtype, device=out.device)
@@ -304,7 +310,7 @@ def top_k_from_factors(
     scales = [float(lr) for lr in lrs]
     acc = RunningTopK(k)
     chunk = max(1, min(int(chunk), n_train))
-    buf = _new_out(train_by_ckpt, chunk, n_test)
+    buf = _new_out(train_by_ckpt, n_test, chunk).T  # (n_test, chunk) in memory: top-k along contiguous rows
     for r in range(0, n_train, chunk):
         rows = min(chunk, n_train - r)
         scores = _accumulate(buf[:rows], train_by_ckpt, test_by_ckpt, scales, row0=r, overwrite=True)

@@ -259,7 +259,7 @@ class InfluenceFunction:
             total = len(train_targets) if train_targets is not None else -1
             acc, offset = RunningTopK(k), 0
             for g in self._grads(train_inputs, train_targets, min(self.batch_size, int(chunk))):
-                acc.update(g @ x_t, offset)
+                acc.update((x_t.T @ g.T).T, offset)  # (n_test, chunk) in memory: top-k along contiguous rows
                 offset += g.shape[0]
                 if progress is not None:
                     progress(offset, total)

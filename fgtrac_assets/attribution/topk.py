@@ -45,10 +45,17 @@ class RunningTopK:
         return s, torch.gather(idx, 1, pos)
 
     def update(self, scores: Tensor, offset: int) -> None:
-        """Fold in ``scores`` (chunk, n_test) whose row r is train sample ``offset + r``; returns None."""
+        """Fold in ``scores`` (chunk, n_test) whose row r is train sample ``offset + r``; returns None.
+
+        Fastest when ``scores`` is the transpose of a contiguous (n_test, chunk) matrix.
+        """
         c = scores.shape[0]
         if c == 0:
             return
+        if scores.stride(0) != 1 and c > 1:
+            # torch.topk along dim 0 of a row-major chunk walks strided memory: ~4x slower than along contiguous
+            # memory (4,096 x 10,000: 361 vs 96 ms); one transposed copy serves both calls below
+            scores = scores.T.contiguous().T
         kk = min(self.k, c)
         for largest in (True, False):
             s, i = torch.topk(scores, kk, dim=0, largest=largest, sorted=False)

@@ -225,7 +225,8 @@ class TracInCP:
                 scores = None
                 for i, lr in enumerate(lrs):
                     self._load(i)
-                    part = torch.cat(list(self._grads(group, None))) @ test_t[i]
+                    # (n_test, chunk) in memory, handed over transposed: top-k then runs along contiguous rows
+                    part = (test_t[i].T @ torch.cat(list(self._grads(group, None))).T).T
                     scores = part.mul_(lr) if scores is None else scores.add_(part, alpha=lr)
                 acc.update(scores, offset)
                 offset += scores.shape[0]

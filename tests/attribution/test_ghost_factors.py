@@ -74,3 +74,15 @@ def test_top_k_clamps_k_and_merges_chunks():
     assert top.proponent_idx.shape == (3, 7)
     assert torch.equal(top.proponent_idx, torch.argsort(scores, dim=0, descending=True).T)
     assert torch.equal(top.opponent_idx, torch.argsort(scores, dim=0).T)
+
+
+def test_top_k_is_the_same_for_row_major_and_transposed_chunks():
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(300, 40, dtype=torch.float64, generator=gen)
+    row_major = top_k_over_chunks([(0, scores[:128]), (128, scores[128:])], k=5)
+    transposed = [(0, scores[:128].T.contiguous().T), (128, scores[128:].T.contiguous().T)]
+    assert transposed[0][1].stride(0) == 1
+    other = top_k_over_chunks(transposed, k=5)
+    for field in ("proponent_idx", "proponent_score", "opponent_idx", "opponent_score"):
+        assert torch.equal(getattr(row_major, field), getattr(other, field))
+    assert torch.equal(row_major.proponent_idx, torch.argsort(scores, dim=0, descending=True)[:5].T)
