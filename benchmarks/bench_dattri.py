@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results import machine, table, write_section  # noqa: E402
 from fgtrac_assets.attribution import InfluenceFunction  # noqa: E402
-from fgtrac_assets.attribution.hessian import MeanLossHessian  # noqa: E402
+from fgtrac_assets.attribution.hessian import MeanLossHessian, snapshot_state  # noqa: E402
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -128,6 +128,20 @@ def cosine(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
+def block_product_seconds(model, xtr, ytr, m, dtype, reps=15):
+    """Return the median seconds of one structured Hessian product of m random vectors (products in ``dtype``)."""
+    names = [n for n, _ in model.named_parameters()]
+    hess = MeanLossHessian(model, names, snapshot_state(model), xtr, ytr, LOSS, batch_size=200, product_dtype=dtype)
+    v = torch.randn(m, hess.dim, generator=torch.Generator().manual_seed(0))
+    hess.matmul(v)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        hess.matmul(v)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def median_times(fns, reps):
     """Return ({name: median seconds}, {name: last result}), running the callables round-robin ``reps`` times."""
     times = {name: [] for name in fns}
@@ -196,6 +210,13 @@ def main():
     spectrum = exact_if.hessian().top_eigenvalue()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n_params} parameters, {n_train} x {n_test}; "
           f"damping {lam}; fgtrac explicit once {t_exact_once:.1f} s; {exact_if.report()['explicit']}")
+    product_ms = {} if args.generic else {
+        str(dt).removeprefix("torch."): 1e3 * block_product_seconds(model, xtr, ytr, n_test, dt)
+        for dt in (torch.float32, torch.bfloat16)}
+    products = ("" if args.generic else
+                f"; one product of {n_test} vectors over the {n_train:,} samples (median of 15): "
+                f"{product_ms['float32']:.1f} ms with fp32 GEMMs, {product_ms['bfloat16']:.1f} ms with bf16 GEMMs")
+    print(products.removeprefix("; "))
 
     task = dattri_task(model)
 
@@ -291,7 +312,8 @@ def main():
         f"the magnitude of the Hessian's most negative eigenvalue, so that LiSSA converges; largest eigenvalue "
         f"{spectrum:.2f}; {rep.get('factorization')} factorisation, H + damping I positive definite: "
         f"{rep.get('positive_definite')}). fgtrac's Hessian-vector products: "
-        f"{'torch.func (generic)' if args.generic else 'structured MLP path (hand-written forward-over-reverse)'}. "
+        f"{'torch.func (generic)' if args.generic else 'structured MLP path (hand-written forward-over-reverse)'}"
+        f"{products}. "
         f"bf16 products: `InfluenceFunction(..., product_dtype=torch.bfloat16)`, the products' GEMMs in bfloat16 "
         f"with fp32 accumulation inside each GEMM (this CPU has AVX-512 BF16); the solver, gradients and scores "
         f"stay in float32. fp32 products: the default. Exact = fgtrac explicit (float64 factorisation). Target: "

@@ -4,7 +4,8 @@
 per-sample-gradient path (:mod:`.per_sample`), chunked top-k (:mod:`.topk`) and
 FG-Trac's checkpoint selection rule (:mod:`.selection`).  With the final model only:
 ``GradDot`` / ``GradCos`` (:mod:`.final_model`), ``InfluenceFunction`` (explicit, CG or
-LiSSA over the Hessian of :mod:`.hessian`, solvers in :mod:`.ihvp`) and the
+LiSSA over the Hessian of :mod:`.hessian`, solvers in :mod:`.ihvp`, an optional
+(E)K-FAC preconditioner in :mod:`.preconditioner`) and the
 ``FurtherTraining`` gold standard (:mod:`.further_training`); all share TracInCP's
 ``influence`` / ``self_influence`` / ``top_k`` interface and sign (positive = proponent).
 """
@@ -26,6 +27,7 @@ from .hessian import MeanLossHessian
 from .ihvp import ExplicitInverse, solve_block_cg, solve_cg, solve_lissa
 from .influence_function import InfluenceFunction
 from .per_sample import RandomProjection, iter_per_sample_grads, model_guard, per_sample_grads
+from .preconditioner import KroneckerPreconditioner
 from .selection import select_checkpoints
 from .topk import RunningTopK, TopK, top_k_over_chunks
 from .tracin import TracInCP
@@ -38,6 +40,7 @@ __all__ = [
     "GradCos",
     "GradDot",
     "InfluenceFunction",
+    "KroneckerPreconditioner",
     "MeanLossHessian",
     "RandomProjection",
     "RunningTopK",
