@@ -364,3 +364,21 @@ def test_default_description_is_the_label():
     md = proponents_opponents_md(described, [("a" * 64, [("b" * 64, 0.5)], [])])
     assert md_rows(md) == [["`aaaaaaaaaaaa`", "**test**", "", "`aaaaaaaaaaaa`", "3", ""],
                            ["`aaaaaaaaaaaa`", "proponent", "1", "`bbbbbbbbbbbb`", "5", "+0.5"]]
+
+
+def test_audit_and_report_show_who_rated_which_movie(graph_run, tmp_path, capsys):
+    home, _ = graph_run
+    truth = {r["sample_id"]: r for r in MovieLensPipeline().ingest("", LIMIT).table.to_pylist()}
+    test = sorted(split_ids(home, "test"))[0]
+    capsys.readouterr()
+    assert fgtrac(["--home", str(home), "audit", "influence", test, "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {r["kind"] for r in shown} == {"proponent", "opponent"}
+    for r in shown:  # the rating's user, movie and title, as preprocessing recorded them with its split
+        t = truth[r["train_sample_id"]]
+        want = {f"user={t['user']}", f"movie={t['movie']}"} | ({f"title={t['title']}"} if t["title"] else set())
+        assert all(w in r["about"] for w in want) and len(r["about"]) == len(", ".join(want)), (r["about"], want)
+    assert any("title=" in r["about"] for r in shown)
+    assert fgtrac(["--home", str(home), "report", "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "about the train sample" in page and "title=" in page

@@ -1,5 +1,7 @@
 """Named audits over the ledger's views; every one is a read-only query."""
 
+import json
+
 import duckdb
 
 from .store import Ledger
@@ -40,6 +42,24 @@ def resolve_run(con: duckdb.DuckDBPyConnection, prefix: str) -> str:
 
 
 Result = tuple[list[str], list[tuple]]
+
+#: what preprocessing recorded about each sample in ``ids`` (a subquery yielding sample ids): the detail of its
+#: latest ``split`` event (e.g. a rating's user, movie and title), as ``about``
+ABOUT_SQL = ("SELECT DISTINCT ON (sample_id) sample_id, detail AS about FROM events "
+             "WHERE kind = 'split' AND sample_id IN ({ids}) ORDER BY sample_id, leaf_index DESC")
+
+
+def describe_about(detail: str | None) -> str:
+    """Return a split event's detail as 'key=value, ...' without the split itself ('' when there is nothing else)."""
+    if not detail:
+        return ""
+    try:
+        about = json.loads(detail)
+    except ValueError:
+        return ""
+    if not isinstance(about, dict):
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in about.items() if k != "split" and v is not None)
 
 
 def _q(con, sql: str, params: list | None = None) -> Result:
@@ -98,10 +118,14 @@ def influence(ledger: Ledger, test: str, run: str | None = None) -> Result:
             if not rows:
                 raise AuditError(f"sample {tid[:16]}… has no influence scores (is it a test sample?)")
             rid = rows[0][0]
-        return _q(con, "SELECT i.kind, i.rank, i.train_sample_id, i.score, s.label, s.source "
-                       "FROM influence_top i LEFT JOIN (SELECT DISTINCT ON (sample_id) sample_id, label, source "
-                       "FROM samples) s ON s.sample_id = i.train_sample_id "
-                       "WHERE i.test_sample_id = ? AND i.training_run = ? ORDER BY i.kind DESC, i.rank", [tid, rid])
+        cols, rows = _q(con, "WITH top AS (SELECT kind, rank, train_sample_id, score FROM influence_top "
+                             "WHERE test_sample_id = ? AND training_run = ?) "
+                             "SELECT t.kind, t.rank, t.train_sample_id, t.score, s.label, s.source, a.about "
+                             "FROM top t LEFT JOIN (SELECT DISTINCT ON (sample_id) sample_id, label, source "
+                             "FROM samples) s ON s.sample_id = t.train_sample_id "
+                             f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) a "
+                             "ON a.sample_id = t.train_sample_id ORDER BY t.kind DESC, t.rank", [tid, rid])
+        return cols, [(*r[:-1], describe_about(r[-1])) for r in rows]
 
 
 def sql(ledger: Ledger, statement: str) -> Result:

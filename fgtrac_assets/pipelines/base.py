@@ -33,7 +33,8 @@ class Preprocessed:
     """Preprocessed samples (sample_id, split, label, payload) and one detail dict per row.
 
     A detail holds input, output and split, and optionally ``about``: facts about the sample
-    recorded with its `split` event (a rating's user and movie)."""
+    recorded with its `split` event (a rating's user, movie and the movie's title), shown
+    beside the sample in audits and the report."""
 
     table: pa.Table
     details: list[dict]

@@ -572,7 +572,8 @@ class MovieLensPipeline(Pipeline):
                 out[k].append(v)
             digest = hashlib.sha256(f"{ui}\t{mi}\t{rating!r}\t{split}\t".encode() + x_bytes[mi]).hexdigest()
             details.append({"input": sid, "output": digest, "split": split,
-                            "about": {"user": col["user"][i], "movie": col["movie"][i]}})
+                            "about": {"user": col["user"][i], "movie": col["movie"][i],
+                                      "title": attrs[col["movie"][i]][0]}})
         params = {**params, "split": SPLIT_RULE, "num_users": len(users), "num_movies": len(movies),
                   "movie_features": int(x.shape[1]) if len(movies) else 0}
         table = pa.Table.from_arrays([pa.array(out[f.name], type=f.type) for f in PREPARED_SCHEMA], schema=PREPARED_SCHEMA)

@@ -3,6 +3,7 @@
 import html
 from pathlib import Path
 
+from ..ledger.audit import ABOUT_SQL, describe_about
 from ..ledger.store import Ledger
 from ..ledger.verify import verify_ledger
 from . import plots
@@ -54,19 +55,30 @@ def build_report(ledger: Ledger) -> str:
             if selfinf:
                 parts.append("<h3>Self-influence</h3>" + _img(plots.histogram(selfinf, "self-influence", "TracInCP(z, z)"),
                                                               "self-influence distribution"))
-                top = con.execute("SELECT i.rank, i.train_sample_id, i.score, s.label, s.source FROM influence i "
+                top = con.execute("WITH top AS (SELECT rank, train_sample_id, score FROM influence "
+                                  "WHERE training_run = ? AND kind = 'self' ORDER BY rank LIMIT 15) "
+                                  "SELECT t.rank, t.train_sample_id, t.score, s.label, s.source, a.about FROM top t "
                                   "LEFT JOIN (SELECT DISTINCT ON (sample_id) * FROM samples) s "
-                                  "ON s.sample_id = i.train_sample_id WHERE i.training_run = ? AND i.kind = 'self' "
-                                  "ORDER BY i.rank LIMIT 15", [run]).fetchall()
+                                  "ON s.sample_id = t.train_sample_id "
+                                  f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) a "
+                                  "ON a.sample_id = t.train_sample_id ORDER BY t.rank", [run]).fetchall()
                 parts.append("<p>Highest self-influence (candidates for mislabelled or unusual samples):</p>"
-                             + _table(["rank", "sample", "self-influence", "label", "source"], top))
-            tests = con.execute("SELECT test_sample_id, kind, rank, train_sample_id, score FROM influence_top "
-                                "WHERE training_run = ? AND rank <= 5 AND test_sample_id IN (SELECT DISTINCT "
-                                "test_sample_id FROM influence_top WHERE training_run = ? ORDER BY 1 LIMIT 3) "
-                                "ORDER BY 1, 2 DESC, 3", [run, run]).fetchall()
+                             + _table(["rank", "sample", "self-influence", "label", "source", "about"],
+                                      [(*r[:-1], describe_about(r[-1])) for r in top]))
+            tests = con.execute("WITH top AS (SELECT test_sample_id, kind, rank, train_sample_id, score "
+                                "FROM influence_top WHERE training_run = ? AND rank <= 5 AND test_sample_id IN "
+                                "(SELECT DISTINCT test_sample_id FROM influence_top WHERE training_run = ? "
+                                "ORDER BY 1 LIMIT 3)) "
+                                "SELECT t.*, a.about, b.about FROM top t "
+                                f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT test_sample_id FROM top')}) a "
+                                "ON a.sample_id = t.test_sample_id "
+                                f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) b "
+                                "ON b.sample_id = t.train_sample_id ORDER BY 1, 2 DESC, 3", [run, run]).fetchall()
             if tests:
                 parts.append("<h3>Proponents and opponents of a few test samples</h3>"
-                             + _table(["test sample", "kind", "rank", "train sample", "score"], tests))
+                             + _table(["test sample", "kind", "rank", "train sample", "score", "about the test sample",
+                                       "about the train sample"],
+                                      [(*r[:5], describe_about(r[5]), describe_about(r[6])) for r in tests]))
     style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}pre{background:#f4f4f4;"
              "padding:8px}</style>")
