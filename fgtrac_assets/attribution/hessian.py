@@ -298,11 +298,13 @@ class _MLPBatch:
                 self.c2[k - 1] = self.c2[k - 1] * back
             g = back * self.d1[k - 1]
             self.delta[k - 1] = g
+        # [a, 1]: the forward tangent GEMM then carries the bias tangent, with no broadcast copy into its output
+        self.inputs1 = [torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) for a in self.inputs]
 
     def rows(self, start: int, stop: int) -> "_MLPBatch":
         """Return the share of samples ``start:stop`` (views of this batch's tensors)."""
         part = object.__new__(_MLPBatch)
-        for key in ("inputs", "d1", "c2", "delta"):
+        for key in ("inputs", "inputs1", "d1", "c2", "delta"):
             setattr(part, key, [None if t is None else t[start:stop] for t in getattr(self, key)])
         part.lam = self.lam[start:stop]
         return part
@@ -312,8 +314,19 @@ class _MLPBatch:
         def to(t):
             return None if t is None else t.to(dtype)
 
-        self.inputs, self.d1, self.c2, self.delta = ([to(t) for t in ts] for ts in (self.inputs, self.d1, self.c2, self.delta))
+        self.inputs, self.inputs1, self.d1, self.c2, self.delta = (
+            [to(t) for t in ts] for ts in (self.inputs, self.inputs1, self.d1, self.c2, self.delta))
         self.lam = to(self.lam)
+
+
+def _stack_rows(dw: Tensor, db: Tensor | None) -> Tensor:
+    """Return dW (m, out, in) as (in, m * out), with db (m, out) appended as row ``in`` when given."""
+    m, out, inp = dw.shape
+    rows = dw.new_empty(inp + (db is not None), m * out)
+    rows[:inp].view(inp, m, out).copy_(dw.permute(2, 0, 1))
+    if db is not None:
+        rows[inp].view(m, out).copy_(db)
+    return rows
 
 
 def _accumulate(sums: list[Tensor | None], k: int, a: Tensor, b: Tensor) -> None:
@@ -400,8 +413,9 @@ class _StructuredMLP:
         parts = rows.split(hess.sizes, dim=1)
         dw = [None if i is None else parts[i].view(m, *hess.shapes[i]) for i in self.wi]  # strided views, no copy
         db = [None if i is None else parts[i] for i in self.bi]
-        # dW_l as (in, m * out) and as (out, m * in): right operands of the two tangent GEMMs
-        dw_in = [None if d is None else d.permute(2, 0, 1).reshape(d.shape[2], -1) for d in dw]
+        # right operands of the tangent GEMMs: dW_l as (in, m * out), with db_l appended as row ``in`` when the bias
+        # is chosen too (the inputs then carry a ones column), and as (out, m * in)
+        dw_in = [None if d is None else _stack_rows(d, db[k]) for k, d in enumerate(dw)]
         dw_out = [None if d is None else d.transpose(0, 1).reshape(d.shape[1], -1) for d in dw]
         # sums over the data batches, created by the first batch's GEMM: gw_l (out, m * in), gwt_l (m * out, in)
         gw: list[Tensor | None] = [None] * len(dw)
@@ -418,8 +432,8 @@ class _StructuredMLP:
                 a, w = bt.inputs[k], self.w[k]
                 out_k = w.shape[0]
                 dz = None
-                if dw[k] is not None:  # the bias tangent rides in the GEMM, broadcast over the samples
-                    dz = (a @ dw_in[k] if db[k] is None else torch.addmm(db[k].reshape(-1), a, dw_in[k])).view(n, m, out_k)
+                if dw[k] is not None:
+                    dz = ((a if db[k] is None else bt.inputs1[k]) @ dw_in[k]).view(n, m, out_k)
                 elif db[k] is not None:
                     dz = db[k][None].expand(n, m, out_k).clone()
                 if da is not None:
