@@ -72,8 +72,9 @@ class ExplicitInverse:
         return x.T.to(rows.dtype)
 
 
-def _orthonormal_basis(z: Tensor, rel_eps: float | None = None) -> Tensor:
-    """Return a basis (r, P) of the span of the rows of z (k, P), orthonormal up to rounding.
+def _orthonormal_basis(z: Tensor, rel_eps: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Return a basis B (r, P) of the span of the rows of z (k, P), orthonormal up to rounding, and B z^T (r, k)
+    when it comes for free (no zero rows), else None.
 
     Rows are scaled to unit norm first (the span is unchanged, and small right-hand
     sides are not dropped next to large ones); directions whose singular value is below
@@ -87,13 +88,15 @@ def _orthonormal_basis(z: Tensor, rel_eps: float | None = None) -> Tensor:
     norms = z.norm(dim=1, keepdim=True)
     nz = norms[:, 0] > 0
     if not bool(nz.any()):
-        return z[:0]
-    z = z / norms if bool(nz.all()) else z[nz] / norms[nz]
+        return z[:0], None
+    full = bool(nz.all())
+    z = z / norms if full else z[nz] / norms[nz]
     gram = (z @ z.T).double()
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
     keep = evals > (rel_eps ** 2) * evals.max().clamp_min(0)
     v = evecs[:, keep] / evals[keep].sqrt()
-    return v.T.to(z.dtype) @ z
+    coords = v.T @ gram * norms[:, 0].double() if full else None  # B z^T = V^T (Z Z^T) diag(norms)
+    return v.T.to(z.dtype) @ z, coords
 
 
 def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 100, tol: float = 1e-4,
@@ -117,7 +120,9 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
     def precond(res: Tensor) -> Tensor:
         return res if precondition is None else precondition(res)
 
-    basis = _orthonormal_basis(precond(r))
+    basis, coords = _orthonormal_basis(precond(r))  # coords = basis @ r.T, unless preconditioned
+    if precondition is not None:
+        coords = None
     iters, products, negative = 0, 0, 0
     relres = torch.where(bnorm > 0, r.norm(dim=1) / scale, torch.zeros_like(bnorm))
     while iters < int(max_iter) and bool((relres > tol).any()) and basis.shape[0] > 0:
@@ -131,7 +136,9 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
             solve = lambda rhs_: torch.linalg.solve(pq, rhs_)  # noqa: E731
         else:
             solve = lambda rhs_: torch.cholesky_solve(rhs_, chol)  # noqa: E731
-        alpha = solve((basis @ r.T).double()).to(rhs.dtype)  # (r, m): coefficients of the basis rows
+        proj = basis @ r.T if coords is None else coords
+        coords = None
+        alpha = solve(proj.double()).to(rhs.dtype)  # (r, m): coefficients of the basis rows
         x.addmm_(alpha.T, basis)
         r.addmm_(alpha.T, q, alpha=-1.0)
         iters += 1
@@ -139,7 +146,7 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
         if iters < int(max_iter) and bool((relres > tol).any()):  # the next search directions, only if needed
             z = precond(r)
             beta = -solve((q @ z.T).double()).to(rhs.dtype)
-            basis = _orthonormal_basis(torch.addmm(z, beta.T, basis))
+            basis, _ = _orthonormal_basis(torch.addmm(z, beta.T, basis))
     report = {
         "solver": "block_cg" if precondition is None else "block_pcg", "damping": float(damping),
         "max_iter": int(max_iter), "tol": float(tol),
