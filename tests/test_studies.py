@@ -67,3 +67,18 @@ def test_final_model_study_materialises_with_every_method_and_a_winner(tmp_path)
     assert all(m in meta["table"] for m in methods)
     assert meta["best"] in methods and meta["plot"].startswith("![final_model_attribution](data:image/png;base64,")
     assert verify_ledger(Ledger(tmp_path), update_witness=False).findings == []
+
+
+def test_graph_noise_study_materialises_with_table_plot_and_winner(tmp_path):
+    asset = next(a for a in all_assets if a.key.path == ["multimodal_graph", "noisy_rating_evaluation"])
+    result = materialize([asset], resources={"fgtrac": FgtracResource(home=str(tmp_path))})
+    assert result.success
+    meta = {k: v.value for k, v in
+            result.asset_materializations_for_node("multimodal_graph__noisy_rating_evaluation")[0].metadata.items()}
+    methods = {"tracincp_all", "tracincp_fgtrac", "grad_dot", "loss", "random"}
+    assert all(f"| {m} |" in meta["table"] for m in methods)
+    assert meta["best"] in methods - {"random"}
+    assert meta["plot"].startswith("![noisy_rating_evaluation](data:image/png;base64,")
+    arts = Ledger(tmp_path).query("SELECT kind FROM artifacts WHERE asset = 'noisy_rating_evaluation'").to_pylist()
+    assert sorted(a["kind"] for a in arts) == ["study_plot", "study_table"]
+    assert verify_ledger(Ledger(tmp_path), update_witness=False).findings == []

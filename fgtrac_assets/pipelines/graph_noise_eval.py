@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .mislabel_eval import INSPECTED, auroc, found_fraction
+from .mislabel_eval import INSPECTED, auroc, detection_curve, detection_plot, found_fraction
 
 
 def _flip(prepared: pa.Table, noise_fraction: float, seed: int) -> tuple[pa.Table, set[str]]:
@@ -54,12 +54,15 @@ def noisy_rating_evaluation(
     lr: float = 0.01,
     batch_size: int = 256,
     hidden: int = 32,
+    plot: bool = True,
 ) -> dict:
     """Run the noisy-rating detection study on MovieLens; return the table (one row per method) and the run's figures.
 
     ``table`` rows: ``method``, ``checkpoints`` (epoch indices or None), ``weights``,
     ``found_5`` .. ``found_30`` (fraction of noisy ratings among the first 5..30% of the
-    ranking), ``auroc``.  ``run``: sizes, settings, val losses, lrs, RMSEs, timings.
+    ranking), ``auroc``.  ``plot_png``: noisy ratings found vs fraction inspected (None if
+    ``plot`` is False); ``best``: the method with the highest found_10 (then AUROC), random
+    excluded.  ``run``: sizes, settings, val losses, lrs, RMSEs, timings.
     """
     import torch
 
@@ -102,16 +105,21 @@ def noisy_rating_evaluation(
                ("grad_dot", per_ckpt[:, -1].copy(), [len(history) - 1], None),
                ("loss", final_loss, None, None),
                ("random", np.random.default_rng(seed + 1).random(len(ids)), None, None)]
-    table = []
+    table, curves = [], {}
     for name, score, idx, weights in methods:
         row = {"method": name, "checkpoints": idx, "weights": weights}
         for p in INSPECTED:
             row[f"found_{int(round(p * 100))}"] = found_fraction(score, flipped, p)
         row["auroc"] = auroc(score, flipped)
         table.append(row)
+        curves[name] = detection_curve(score, flipped)
+    best = max((r for r in table if r["method"] != "random"), key=lambda r: (r["found_10"], r["auroc"]))["method"]
     change = np.abs(5.5 - 2 * ratings.double().numpy()[flipped])  # |noisy - clean| of each noisy rating
+    title = f"Noisy MovieLens ratings ({noise_fraction:.0%} set to 5.5 - rating): self-influence ranking"
     return {
         "table": table,
+        "plot_png": detection_plot(curves, noise_fraction, title=title, found="noisy ratings") if plot else None,
+        "best": best,
         "run": {"model": f"MovieLensPipeline GNN (hidden {hidden}), influence layer {pipeline.influence_layer}",
                 "settings": {"seed": seed, "noise_fraction": noise_fraction, "limit": limit, "epochs": epochs,
                              "lr": lr, "batch_size": batch_size},

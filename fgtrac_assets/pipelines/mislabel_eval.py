@@ -334,8 +334,9 @@ def _ceiling(per_ckpt: np.ndarray, lrs: np.ndarray, flipped: np.ndarray, size: i
     return out
 
 
-def detection_plot(curves: dict, flip_fraction: float = 0.10, max_inspected: float = 0.4) -> bytes:
-    """Return a PNG in the style of the TracIn paper's Figure 1: flipped labels found vs fraction inspected."""
+def detection_plot(curves: dict, flip_fraction: float = 0.10, max_inspected: float = 0.4,
+                   title: str | None = None, found: str = "flipped labels") -> bytes:
+    """Return a PNG in the style of the TracIn paper's Figure 1: flipped labels (or ``found``) found vs fraction inspected."""
     from ..report.plots import _figure, _png
 
     fig, ax = _figure(7.0, 4.2)
@@ -352,8 +353,8 @@ def detection_plot(curves: dict, flip_fraction: float = 0.10, max_inspected: flo
     ax.set_xlim(0, max_inspected)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("fraction of training data inspected (by decreasing score)")
-    ax.set_ylabel("fraction of flipped labels found")
-    ax.set_title(f"Mislabelled digits ({flip_fraction:.0%} flipped): self-influence ranking")
+    ax.set_ylabel(f"fraction of {found} found")
+    ax.set_title(title or f"Mislabelled digits ({flip_fraction:.0%} flipped): self-influence ranking")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     return _png(fig)
