@@ -72,6 +72,12 @@ class ExplicitInverse:
         return x.T.to(rows.dtype)
 
 
+def _product(apply: Apply, rows: Tensor) -> Tensor:
+    """Return apply(rows) as a tensor of its own: the solvers update products in place."""
+    out = apply(rows)
+    return out.clone() if out.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr() else out
+
+
 def _orthonormal_basis(z: Tensor, rel_eps: float | None = None) -> tuple[Tensor, Tensor | None]:
     """Return a basis B (r, P) of the span of the rows of z (k, P), orthonormal up to rounding, and B z^T (r, k)
     when it comes for free (no zero rows), else None.
@@ -126,7 +132,7 @@ def solve_block_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 10
     iters, products, negative = 0, 0, 0
     relres = torch.where(bnorm > 0, r.norm(dim=1) / scale, torch.zeros_like(bnorm))
     while iters < int(max_iter) and bool((relres > tol).any()) and basis.shape[0] > 0:
-        q = apply(basis).add_(basis, alpha=damping)
+        q = _product(apply, basis).add_(basis, alpha=damping)
         products += basis.shape[0]
         pq = basis @ q.T
         pq = ((pq + pq.T) / 2).double()
@@ -180,7 +186,7 @@ def solve_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 100, tol
         if idx.numel() == 0:
             break
         di = d[idx]
-        ad = apply(di).add_(di, alpha=damping)
+        ad = _product(apply, di).add_(di, alpha=damping)
         products += idx.numel()
         curv = (di * ad).sum(1)
         bad = curv <= 0
@@ -265,7 +271,7 @@ def _lissa(apply, rhs, damping, scale, depth, tol, stochastic, repeat):
                 break
             bi = rhs if idx is None else rhs[idx]
             # b - (H + damping I) h / scale, in place on the product: the residual of X = h / scale
-            update = apply(hi).add_(hi, alpha=damping).mul_(-1.0 / scale).add_(bi)
+            update = _product(apply, hi).add_(hi, alpha=damping).mul_(-1.0 / scale).add_(bi)
             products += hi.shape[0]
             rr = update.norm(dim=1) / (bnorm if idx is None else bnorm[idx])
             if not bool(torch.isfinite(rr).all()) or float(rr.max()) > 1e3:

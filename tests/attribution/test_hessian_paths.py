@@ -121,3 +121,18 @@ def copy_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).to(dtype)
+
+
+@pytest.mark.parametrize("solver", ["block_cg", "cg", "lissa"])
+def test_solvers_never_update_a_product_that_is_their_own_input(solver):
+    from fgtrac_assets.attribution.ihvp import solve_cg, solve_lissa
+
+    rhs = torch.randn(5, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    identity = lambda v: v  # noqa: E731 - an operator that hands back its input
+    if solver == "block_cg":
+        x, _ = solve_block_cg(identity, rhs, damping=0.5, max_iter=5, tol=1e-12)
+    elif solver == "cg":
+        x, _ = solve_cg(identity, rhs, damping=0.5, max_iter=5, tol=1e-12)
+    else:
+        x, _ = solve_lissa(identity, rhs, damping=0.5, scale=1.0, depth=60, tol=1e-12)
+    assert torch.allclose(x, rhs / 1.5, rtol=1e-9, atol=1e-12)
