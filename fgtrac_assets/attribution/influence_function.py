@@ -255,11 +255,11 @@ class InfluenceFunction:
         """Return the k proponents / opponents in train per test sample as :class:`.TopK`, each field (n_test, k)."""
         train_inputs, test_inputs = reiterable(train_inputs), reiterable(test_inputs)
         with self._at_final():
-            x_t = self._test_solution(test_inputs, test_targets).T
+            solution = self._test_solution(test_inputs, test_targets)
             total = len(train_targets) if train_targets is not None else -1
             acc, offset = RunningTopK(k), 0
             for g in self._grads(train_inputs, train_targets, min(self.batch_size, int(chunk))):
-                acc.update((x_t.T @ g.T).T, offset)  # (n_test, chunk) in memory: top-k along contiguous rows
+                acc.update((solution @ g.T).T, offset)  # (n_test, chunk) in memory: top-k along contiguous rows
                 offset += g.shape[0]
                 if progress is not None:
                     progress(offset, total)

@@ -214,10 +214,10 @@ class TracInCP:
 
         def general() -> TopK:
             lrs = self._lrs()
-            test_t = []
+            test_g = []
             for i in range(len(self.checkpoints)):
                 self._load(i)
-                test_t.append(self._grads_all(test_inputs, test_targets).T)
+                test_g.append(self._grads_all(test_inputs, test_targets))
             total = len(train_targets) if train_targets is not None else -1
             acc = RunningTopK(k)
             offset = 0
@@ -226,7 +226,7 @@ class TracInCP:
                 for i, lr in enumerate(lrs):
                     self._load(i)
                     # (n_test, chunk) in memory, handed over transposed: top-k then runs along contiguous rows
-                    part = (test_t[i].T @ torch.cat(list(self._grads(group, None))).T).T
+                    part = (test_g[i] @ torch.cat(list(self._grads(group, None))).T).T
                     scores = part.mul_(lr) if scores is None else scores.add_(part, alpha=lr)
                 acc.update(scores, offset)
                 offset += scores.shape[0]
