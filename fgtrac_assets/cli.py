@@ -3,8 +3,11 @@
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+
+import duckdb
 
 from .config import resolve_home
 from .ledger.lock import LedgerBusy
@@ -32,14 +35,17 @@ def cmd_verify(args) -> int:
     witness = Path(args.witness) if args.witness else None
     report = verify_ledger(ledger, witness=witness, trusted_keys=args.key or None)
     summary = "; ".join(f.line() for f in report.findings[:3])
-    ledger.record_verification(report.leaves, report.ok, len(report.findings), summary or "OK")
+    try:
+        ledger.record_verification(report.leaves, report.ok, len(report.findings), summary or "OK")
+    except (duckdb.Error, LedgerDamaged, LedgerBusy):
+        pass  # a damaged or busy file: the outcome is printed below all the same
     if args.json:
         print(json.dumps({"ok": report.ok, "notices": report.notices, "leaves": report.leaves, "tree_heads": report.tree_heads,
                           "artifacts": report.artifacts, "rows": report.rows,
                           "findings": [f.to_dict() for f in report.findings]}, indent=2))
     else:
         for notice in report.notices:
-            print(f"NOTE {notice}")
+            print(f"NOTE {printable(notice)}")
     if args.json:
         pass
     elif report.ok:
@@ -47,7 +53,7 @@ def cmd_verify(args) -> int:
               f"{report.tree_heads} signed tree heads, {report.artifacts} artifacts verified")
     else:
         for f in report.findings:
-            print(f"FAIL {f.line()}")
+            print(f"FAIL {printable(f.line())}")
         print(f"{len(report.findings)} finding(s)")
     return 0 if report.ok else 1
 
@@ -79,21 +85,22 @@ def cmd_summary(args) -> int:
 
 
 def cmd_key(args) -> int:
-    """Print the log's verifier key (public; safe to share), or rotate to a new key."""
+    """Print the log's verifier key (public; safe to share), list the key history, or rotate to a new key."""
     ledger = _ledger(args)
     if args.action == "rotate":
-        signer = ledger.keystore.rotate(ledger.origin)
+        signer = ledger.rotate_key()
         print(signer.verifier_key)
-        print("rotated: new tree heads are signed with this key; older ones stay verifiable with the retired keys",
-              file=sys.stderr)
+        print("rotated: new tree heads are signed with this key; the old key endorsed it in the log, and older "
+              "heads stay verifiable with it", file=sys.stderr)
         return 0
     current = ledger.keystore.current_verifier_key(ledger.origin)
     if current is None:
         print(f"no key under {ledger.home.keys}: nothing has been signed yet", file=sys.stderr)
         return 1
     if args.action == "list":
-        for k in ledger.keystore.verifier_keys():
-            print(f"{k}  {'current' if k == current else 'retired'}")
+        keys = (ledger.key_history().keys if ledger.exists() else []) or [current]
+        for k in keys:
+            print(f"{k}  {'current' if k == keys[-1] else 'retired'}")
     else:
         print(current)
     return 0
@@ -112,18 +119,24 @@ def cmd_prove(args) -> int:
     """Write inclusion receipts for a sample's rows, or an absence receipt against a training run."""
     from .ledger import proofs
 
+    from .ledger.audit import AuditError, resolve_run, resolve_sample
+    from .ledger.nodes import TreeDamaged
+
     ledger = _ledger(args)
     try:
+        if args.absent and not args.run:
+            print("fgtrac prove --absent needs --run TRAINING_RUN", file=sys.stderr)
+            return 2
+        with ledger.reader() as con:  # ids by unique prefix, runs also as `latest`, as in the audits
+            run = resolve_run(con, args.run) if args.run else None
+            sample = args.sample_id if args.absent else resolve_sample(con, args.sample_id)
         if args.absent:
-            if not args.run:
-                print("fgtrac prove --absent needs --run TRAINING_RUN", file=sys.stderr)
-                return 2
-            receipt = proofs.absence(ledger, args.sample_id, args.run)
+            receipt = proofs.absence(ledger, sample, run)
         else:
-            receipts = proofs.sample_receipts(ledger, args.sample_id, args.asset)
+            receipts = proofs.sample_receipts(ledger, sample, args.asset)
             receipt = receipts[0] if len(receipts) == 1 else receipts
-    except proofs.ProofError as exc:
-        print(f"fgtrac prove: {exc}", file=sys.stderr)
+    except (proofs.ProofError, AuditError, TreeDamaged) as exc:
+        print(f"fgtrac prove: {printable(str(exc))}", file=sys.stderr)
         return 1
     _write_json(receipt, args.out)
     return 0
@@ -143,10 +156,10 @@ def cmd_verify_receipt(args) -> int:
     for i, receipt in enumerate(items):
         label = f"{args.file}[{i}]" if isinstance(data, list) else args.file
         try:
-            print(f"OK {label}: {verify_receipt(receipt, args.key or None)}")
+            print(f"OK {label}: {printable(verify_receipt(receipt, args.key or None))}")
         except (ReceiptError, TypeError, AttributeError) as exc:
             failed += 1
-            print(f"FAIL {label}: {exc}")
+            print(f"FAIL {label}: {printable(str(exc))}")
     return 1 if failed else 0
 
 
@@ -182,7 +195,7 @@ def cmd_audit(args) -> int:
         else:
             cols, rows = audit.sql(ledger, args.query)
     except audit.AuditError as exc:
-        print(f"fgtrac audit: {exc}", file=sys.stderr)
+        print(f"fgtrac audit: {printable(str(exc))}", file=sys.stderr)
         return 2
     _print_result(cols, rows, args.format)
     return 0
@@ -234,12 +247,20 @@ def _print_result(cols: list[str], rows: list[tuple], fmt: str) -> None:
         _print_table(cols, rows)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """Return text with control characters (newlines, ANSI escapes, ...) escaped, safe to print on a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _cell(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
-    return str(v)
+    return printable(str(v))
 
 
 def _print_table(cols: list[str], rows: list[tuple]) -> None:
@@ -313,7 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("test_id")
     a.add_argument("--run", help="training run (default: the latest that scored it)")
     audit_parser("sql", "arbitrary read-only SQL (tables and views: see README)").add_argument("query")
+    _accept_home_everywhere(parser)
     return parser
+
+
+def _accept_home_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every subcommand take --home after its name too (`fgtrac verify --home DIR`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--home" not in sub._option_string_actions:
+                    sub.add_argument("--home", default=argparse.SUPPRESS, help="FGTRAC_HOME (default: $FGTRAC_HOME or ./data)")
+                _accept_home_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except (LedgerMissing, LedgerDamaged, LedgerBusy, ValueError, OSError) as exc:
-        print(f"fgtrac: {exc}", file=sys.stderr)
+        print(f"fgtrac: {printable(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -159,8 +159,8 @@ def rebuild_and_resign(home, keep_size=None):
     rebuild_tiles(con, levels[0])
     for (size,) in con.execute("SELECT size FROM tree_heads").fetchall():
         root = merkle.root_from(lambda lv, i: levels[lv][i], size)
-        con.execute("UPDATE tree_heads SET root = ?, note = ? WHERE size = ?",
-                    [root, signer.sign(notes.format_checkpoint(ledger.origin, size, root)), size])
+        con.execute("UPDATE tree_heads SET root = ?, note = ?, verifier_key = ? WHERE size = ?",
+                    [root, signer.sign(notes.format_checkpoint(ledger.origin, size, root)), signer.verifier_key, size])
     con.close()
 
 

@@ -344,6 +344,39 @@ class KeyStore:
             vkey_path.unlink(missing_ok=True)
         return self.load_or_create(name)
 
+    def stage(self, signer: Signer) -> None:
+        """Store a successor key beside the current one (<name>.key.pending, mode 0600) until promote()."""
+        key_path, _ = self._paths(signer.name)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pending = key_path.with_name(key_path.name + ".pending")
+        tmp = pending.with_name(f".{pending.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(signer.signer_key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, pending)
+
+    def pending_verifier_key(self, name: str) -> str | None:
+        """Return the verifier key of the staged successor of name, or None if none is staged."""
+        key_path, _ = self._paths(name)
+        pending = key_path.with_name(key_path.name + ".pending")
+        return self._load(name, pending).verifier_key if pending.exists() else None
+
+    def promote(self, name: str) -> Signer:
+        """Retire the current key and make the staged successor current; return it."""
+        key_path, vkey_path = self._paths(name)
+        pending = key_path.with_name(key_path.name + ".pending")
+        successor = self._load(name, pending)
+        if key_path.exists():
+            old = self._load(name, key_path)
+            retired_vkey = self.directory / f"{key_path.stem}.{old.key_id:08x}.vkey"
+            retired_vkey.write_text(old.verifier_key + "\n", encoding="utf-8")
+            os.replace(key_path, self.directory / f"{key_path.stem}.{old.key_id:08x}.key.retired")
+        vkey_path.unlink(missing_ok=True)
+        os.replace(pending, key_path)
+        return self.load_or_create(name)
+
     def current_verifier_key(self, name: str) -> str | None:
         """Return the verifier key of the current signer of name, or None if there is none yet."""
         _, vkey_path = self._paths(name)

@@ -63,7 +63,7 @@ class StoredNodes:
         t, k, h, off = tile_of(level, index)
         hashes = self.tile(t, k)
         if off + (1 << h) > len(hashes):
-            raise KeyError(f"log node (level {level}, index {index}) is missing: tile ({t}, {k}) holds "
+            raise TreeDamaged(f"log node (level {level}, index {index}) is missing: tile ({t}, {k}) holds "
                            f"{len(hashes)} of the {off + (1 << h)} hashes it needs")
         if h == 0:
             return hashes[off]
@@ -79,7 +79,8 @@ class StoredNodes:
             self.prefetch_tiles([(t, k)])
             hit = self.tiles.get((t, k))
             if hit is None:
-                raise KeyError(f"log tile (level {t * TILE_HEIGHT}, index {k}) is missing")
+                raise TreeDamaged(f"log tile (level {t * TILE_HEIGHT}, index {k}) is missing: the stored tree is "
+                                  "damaged (`fgtrac verify` names what)")
         return hit
 
     def prefetch_tiles(self, keys: Iterable[tuple[int, int]]) -> None:

@@ -94,6 +94,15 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
         ("size", "BIGINT"),
         ("root", "VARCHAR"),
     ],
+    # The log's key history: the first signing key, and each rotation, endorsed by the key it replaces
+    # (`endorsement` is a signed note by the previous key naming the new one; empty for the first key).
+    "log_keys": [
+        ("origin", "VARCHAR"),
+        ("verifier_key", "VARCHAR"),
+        ("previous_key", "VARCHAR"),
+        ("endorsement", "VARCHAR"),
+        ("created_at", "VARCHAR"),
+    ],
     "materializations": [
         ("pipeline", "VARCHAR"),
         ("asset", "VARCHAR"),
@@ -131,14 +140,6 @@ GROUP_DDL = [
     # The members of event groups: not leaves; their group's members digest commits to them.
     "CREATE TABLE IF NOT EXISTS group_members (leaf_index BIGINT NOT NULL, position BIGINT NOT NULL, "
     "sample_key BIGINT NOT NULL, detail VARCHAR)",
-    """CREATE OR REPLACE VIEW events AS
-       SELECT leaf_index, sample_id, pipeline, run_id, asset, kind, training_run, epoch, step, position, lr,
-              checkpoint_id, detail
-       FROM event_rows
-       UNION ALL
-       SELECT m.leaf_index, k.sample_id, g.pipeline, g.run_id, g.asset, g.kind, g.training_run, g.epoch, g.step,
-              m.position, g.lr, g.checkpoint_id, m.detail
-       FROM group_members m JOIN event_groups g USING (leaf_index) JOIN sample_keys k USING (sample_key)""",
 ]
 
 LOG_DDL = [
@@ -151,6 +152,14 @@ LOG_DDL = [
 ]
 
 VIEW_DDL = [
+    """CREATE OR REPLACE VIEW events AS
+       SELECT leaf_index, sample_id, pipeline, run_id, asset, kind, training_run, epoch, step, position, lr,
+              checkpoint_id, detail
+       FROM event_rows
+       UNION ALL
+       SELECT m.leaf_index, k.sample_id, g.pipeline, g.run_id, g.asset, g.kind, g.training_run, g.epoch, g.step,
+              m.position, g.lr, g.checkpoint_id, m.detail
+       FROM group_members m JOIN event_groups g USING (leaf_index) JOIN sample_keys k USING (sample_key)""",
     # Every stored hash as (level, idx, hash): the leaf hashes (level 0) and the tile roots (levels 8, 16, ...).
     """CREATE OR REPLACE VIEW log_tree AS
        SELECT (tile >> 48) * 8 AS level, (tile & ((1::BIGINT << 48) - 1)) * 256 + i AS idx,
@@ -198,14 +207,19 @@ VIEW_DDL = [
     """CREATE OR REPLACE VIEW influence_top AS
        SELECT pipeline, training_run, method, test_sample_id, kind, rank, train_sample_id, score, leaf_index
        FROM influence WHERE kind IN ('proponent', 'opponent')""",
+    # Advisory: `verifications` rows are written by `fgtrac verify` on this machine and are not log leaves, so
+    # anyone who can write the file can add one. The latest row by insertion order counts (a row dated in the
+    # future does not outrank a later verify), and `advisory` says what the status is worth.
     """CREATE OR REPLACE VIEW integrity_status AS
-       WITH last AS (SELECT * FROM verifications ORDER BY verified_at DESC LIMIT 1)
+       WITH last AS (SELECT * FROM verifications ORDER BY rowid DESC LIMIT 1)
        SELECT m.pipeline, m.asset, max(m.leaf_start + m.leaf_count) AS committed_through,
               (SELECT max(size) FROM tree_heads) AS latest_tree_head,
               any_value(last.verified_at) AS last_verified_at, any_value(last.tree_size) AS verified_tree_size,
               CASE WHEN any_value(last.ok) IS NULL THEN 'never verified'
                    WHEN max(m.leaf_start + m.leaf_count) > any_value(last.tree_size) THEN 'not yet verified'
-                   WHEN any_value(last.ok) THEN 'ok' ELSE 'FAILED' END AS status
+                   WHEN any_value(last.ok) THEN 'ok' ELSE 'FAILED' END AS status,
+              'advisory: the last local `fgtrac verify`; anyone who can write the file can add a row, so run '
+              || '`fgtrac verify` to know' AS advisory
        FROM materializations m LEFT JOIN last ON true GROUP BY m.pipeline, m.asset""",
     """CREATE OR REPLACE VIEW asset_lineage AS
        SELECT DISTINCT m.pipeline, u.key AS upstream_asset, m.asset
@@ -219,6 +233,11 @@ def leaf_table_ddl(name: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {physical(name)} (leaf_index BIGINT NOT NULL, {cols})"
 
 
+def view_ddl() -> list[str]:
+    """Return the statements that create the ledger's views and macros (re-created as TEMP on every read)."""
+    return list(VIEW_DDL)
+
+
 def all_ddl() -> list[str]:
     """Return every statement that creates the ledger's tables and views."""
     return [leaf_table_ddl(t) for t in LEAF_ORDER] + INDEX_DDL + GROUP_DDL + LOG_DDL + VIEW_DDL
@@ -228,5 +247,6 @@ def migrate_events_table(con) -> None:
     """Move a ledger written before event groups (a plain `events` table) to `event_rows`, in the caller's transaction."""
     kind = con.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'events'").fetchall()
     if kind and kind[0][0] == "BASE TABLE":
-        con.execute("CREATE TABLE event_rows AS SELECT * FROM events")
+        con.execute(leaf_table_ddl("events"))  # the code's definition, constraints included (verify compares it)
+        con.execute("INSERT INTO event_rows BY NAME SELECT * FROM events")
         con.execute("DROP TABLE events")  # and its index; INDEX_DDL makes event_rows' own

@@ -14,7 +14,9 @@ import pyarrow as pa
 
 from ..config import Home, log_origin, resolve_home
 from ..integrity import merkle, notes
+from .catalog import install_code_definitions
 from .groups import EventGroups, sample_keys
+from .keys import KeyHistory, endorse, load_history
 from .leaves import row_leaf, table_leaves, to_arrow
 from .lock import LedgerBusy, ledger_lock
 from .nodes import append_hashes, migrate_log_nodes
@@ -89,6 +91,9 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
+                if read_only:
+                    install_code_definitions(con)  # audits read the code's views, never the file's (catalog.py)
+                con.execute("SET lock_configuration = true")  # SQL cannot turn file access back on
                 if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
                     con.execute("BEGIN TRANSACTION")
                     migrate_events_table(con)
@@ -180,13 +185,42 @@ class Ledger:
                                 "exist: the ledger was lost or moved; restore it rather than start a new history")
 
     def _signer(self, con: duckdb.DuckDBPyConnection) -> notes.Signer:
-        """Return the signing key; refuse to create a new one for a log that was signed before."""
-        has_heads = con.execute("SELECT count(*) FROM tree_heads").fetchall()[0][0] > 0
-        if has_heads and self.keystore.current_verifier_key(self.origin) is None:
+        """Return the signing key: the current key of the ledger's key history (keys.py), never another one."""
+        expected = load_history(con, self.origin)[0].current_key
+        store = self.keystore
+        if expected is None:
+            return store.load_or_create(self.origin)
+        held = store.current_verifier_key(self.origin)
+        if held != expected and store.pending_verifier_key(self.origin) == expected:
+            return store.promote(self.origin)  # a rotation committed just before a crash: finish it
+        if held is None:
             raise LedgerDamaged(f"the signing key for {self.origin} is missing under {self.home.keys} although the log "
                                 "has signed tree heads: restore the key (or start a new key deliberately with "
                                 "`fgtrac key rotate`)")
-        return self.keystore.load_or_create(self.origin)
+        if held != expected:
+            raise LedgerDamaged(f"the signing key under {self.home.keys} ({held}) is not the log's current key "
+                                f"({expected}) in the ledger's key history: restore the key; a new key is started "
+                                "only with `fgtrac key rotate`, which the retiring key endorses")
+        return store.load_or_create(self.origin)
+
+    def key_history(self) -> KeyHistory:
+        """Return the log's key history as the ledger records it (keys.py)."""
+        with self.reader() as con:
+            return load_history(con, self.origin)[0]
+
+    def rotate_key(self) -> notes.Signer:
+        """Start a new signing key, endorsed by the current one in a committed `log_keys` record; return it."""
+        store = self.keystore
+        if not self.exists() or store.current_verifier_key(self.origin) is None:
+            return store.rotate(self.origin)  # nothing signed yet: no history to extend
+        old = store.load_or_create(self.origin)
+        new = notes.generate_signer(self.origin)
+        store.stage(new)  # kept until the record is committed; a crash in between is finished by _signer
+        record = {"origin": self.origin, "verifier_key": new.verifier_key, "previous_key": old.verifier_key,
+                  "endorsement": endorse(old, self.origin, new.verifier_key), "created_at": utc_now()}
+        self.commit(Commit(pipeline="fgtrac", asset="key_rotation", run_id=f"key-rotation-{new.key_id:08x}",
+                           rows={"log_keys": [record]}))
+        return store.promote(self.origin)
 
     def record_verification(self, tree_size: int, ok: bool, findings: int, summary: str) -> None:
         """Append one `fgtrac verify` outcome (shown by the integrity_status view)."""
@@ -219,7 +253,8 @@ def _connect_retrying(path: str, read_only: bool, timeout_s: float | None) -> du
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(path, read_only=read_only)
+            # no file access from SQL: not read_text, COPY, ATTACH, EXPORT (a user's `audit sql` runs here too)
+            return duckdb.connect(path, read_only=read_only, config={"enable_external_access": False})
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() and ("not a valid" in str(exc).lower() or "corrupt" in str(exc).lower()):
                 raise LedgerDamaged(f"{path} is not a readable DuckDB ledger ({str(exc).splitlines()[0]}); "

@@ -1,17 +1,20 @@
 """Recompute every leaf, node, signature and artifact hash; report each difference found."""
 
 from dataclasses import asdict, dataclass, field
-
 from pathlib import Path
+
+import duckdb
 
 from ..integrity import merkle, notes
 from .artifacts import check_artifact
+from .catalog import damaged_tables, is_legacy_layout, reference_objects, schema_differences, schema_objects
 from .groups import group_problems, member_count
+from .keys import KeyHistory, load_history
 from .leaves import row_leaf, table_leaves
 from .nodes import TILE_HEIGHT, TILE_WIDTH, all_tiles
 from .proofs import check_training_sets
 from .schema import LEAF_ORDER, physical
-from .store import Ledger
+from .store import Ledger, LedgerDamaged
 from .witness import check_witness, default_witness, write_witness
 
 
@@ -55,25 +58,44 @@ class Report:
 
 def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: list[str] | None = None,
                   update_witness: bool = True) -> Report:
-    """Return a Report over the whole ledger: rows vs leaves, leaves vs tree, tree heads vs signatures and witness, artifacts vs files.
+    """Return a Report over the whole ledger: schema vs code, rows vs leaves, leaves vs tiles, tree heads vs signatures, key history and witness, artifacts vs files.
 
     witness: the file holding the last verified tree head (default $FGTRAC_HOME/witness/<origin>.checkpoint);
-    trusted_keys: verifier keys to trust instead of those stored under $FGTRAC_HOME/keys.
+    trusted_keys: verifier keys to trust as the start of the key history instead of the key that signed the
+    first tree head.
     """
+    try:
+        return _verify(ledger, witness, trusted_keys, update_witness)
+    except LedgerDamaged as exc:
+        return Report([Finding("ledger", "file", str(exc))])
+    except duckdb.Error as exc:  # a truncated or byte-flipped file: one finding, no traceback
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Report([Finding("ledger", "file", f"{ledger.home.ledger} cannot be read as a ledger ({first}): "
+                               "the file is damaged; restore it from a backup")])
+
+
+def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None, update_witness: bool) -> Report:
     findings: list[Finding] = []
     notices: list[str] = []
+    home = ledger.home
     with ledger.reader() as con:
-        existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        # ledgers written before event groups lack their tables (and keep a plain `events`) until their next write
-        grouped = "group_members" in existing
-        stored = {t: physical(t) if grouped else t for t in LEAF_ORDER if grouped or t != "event_groups"}
-        missing = [t for t in [*stored.values(), "log_tiles", "tree_heads"] if t not in existing]
-        if missing and not existing & {*stored.values(), "log_tiles", "tree_heads"}:
-            return Report([], ["the ledger file holds no tables: nothing was ever committed (an interrupted first run)"])
-        if missing:
-            return Report([Finding("ledger", "schema", f"missing tables {missing}: the ledger file is damaged or foreign")])
+        objects = schema_objects(con)
+        ours = {name for kind, name in reference_objects() if kind == "table"}
+        if not {name for kind, name in objects if kind == "table"} & ours:
+            return _not_a_ledger(ledger, objects)
+        differences = schema_differences(con)
+        findings += [Finding("schema", label, what) for label, what in differences]
+        if damaged_tables(differences):  # rows cannot be read as fgtrac's: report the schema alone
+            return Report(findings, notices)
+        # ledgers written before event groups keep a plain `events` table (and no group tables) until their next write
+        grouped = not is_legacy_layout(objects)
+        existing = {name.removeprefix("main.") for kind, name in objects if kind == "table"}
+        stored = {t: physical(t) if grouped else t for t in LEAF_ORDER
+                  if (grouped or t != "event_groups") and (physical(t) if grouped else t) in existing}
         tiles = all_tiles(con)
-        heads = con.execute("SELECT size, root, note, verifier_key, asset FROM tree_heads ORDER BY size, created_at").fetchall()
+        heads = con.execute("SELECT size, root, note, verifier_key, pipeline, asset, run_id, created_at "
+                            "FROM tree_heads ORDER BY size, created_at").fetchall()
+        history, key_problems = load_history(con, ledger.origin)
         tables = {t: con.sql(f"SELECT * FROM {name}").to_arrow_table() for t, name in stored.items()}
         for leaf, problem, asset, sample in group_problems(con) if grouped else []:
             findings.append(Finding("events", f"row leaf_index={leaf}", problem, asset, sample))
@@ -86,7 +108,79 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
     if problem:
         findings.append(Finding("log_tiles", problem[0], problem[1]))
     size = len(logged)
+    findings += _row_findings(tables, logged)
 
+    levels = merkle.build_levels(logged)
+    findings += _tile_findings(tiles, levels, size)
+
+    def perfect(level: int, index: int) -> bytes:
+        return levels[level][index]
+
+    findings += [Finding("log_keys", p.partition(": ")[0].removeprefix("log_keys "), p.partition(": ")[2])
+                 for p in key_problems]
+    try:
+        trusted = _trusted_keys(history, trusted_keys)
+    except ValueError as exc:
+        return Report([Finding("keys", "verifier keys", str(exc))])
+    findings += _head_findings(heads, history, trusted, perfect, size)
+    findings += _materialization_findings(heads, tables["materializations"].to_pylist())
+
+    for art in artifacts:
+        problem = check_artifact(home.root, art["path"], art["sha256"])
+        if problem:
+            findings.append(Finding("artifacts", f"{art['path']}", problem, art.get("asset")))
+
+    committed = {a["path"] for a in artifacts}
+    if home.artifacts.is_dir():
+        stray = [p.relative_to(home.root).as_posix() for p in home.artifacts.rglob("*")
+                 if p.is_file() and p.relative_to(home.root).as_posix() not in committed]
+        partial = [p for p in stray if ".partial-" in p]
+        if stray:
+            notices.append(f"{len(stray)} file(s) under artifacts/ were never committed ({len(partial)} partial "
+                           f"writes), left by interrupted runs; they are not part of the record, e.g. {stray[0]}")
+
+    if heads and ledger.keystore.current_verifier_key(ledger.origin) is None:
+        notices.append(f"the signing key is missing under {home.keys}: the records verify, but new commits are "
+                       "refused until it is restored")
+    signed = max((h[0] for h in heads), default=0)
+    if size > signed:
+        findings.append(Finding("log leaves", f"{signed}..{size - 1}", "no signed tree head covers them "
+                                "(appended outside fgtrac, or a commit was interrupted)"))
+
+    witness_path = witness or default_witness(home.witness, ledger.origin)
+    verifiers = [notes.parse_verifier_key(k) for k in trusted]
+    if witness_path.exists():
+        problem = check_witness(witness_path, verifiers, perfect, size)
+        if problem:
+            findings.append(Finding("witness", str(witness_path), problem))
+    elif witness is not None:
+        findings.append(Finding("witness", str(witness_path), "the witness file is missing"))
+    elif heads:
+        notices.append(f"no witness at {witness_path} (first verify, or it was removed): rollback since the last "
+                       "verify cannot be checked; a new witness is written now")
+    if not findings and heads and update_witness:
+        write_witness(witness_path, max(heads, key=lambda h: h[0])[2])
+
+    return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
+                  rows={t: len(tbl) + (members if t == "events" else 0) for t, tbl in tables.items()})
+
+
+def _not_a_ledger(ledger: Ledger, objects: dict) -> Report:
+    """Return the report for a file that holds none of fgtrac's tables."""
+    foreign = sorted(name.removeprefix("main.") for kind, name in objects if kind in ("table", "view"))
+    evidence = [p.name + "/" for p in (ledger.home.keys, ledger.home.witness) if p.is_dir() and any(p.iterdir())]
+    if foreign or evidence:
+        held = f"holds only tables fgtrac does not define ({', '.join(foreign[:5])})" if foreign else "is empty"
+        why = f" while {' and '.join(evidence)} exist: the ledger was replaced or emptied" if evidence else ""
+        return Report([Finding("ledger", str(ledger.home.ledger), f"the file {held}{why}; it is not this "
+                               "home's ledger")])
+    return Report([], ["the ledger file holds no tables: nothing was ever committed (an interrupted first run)"])
+
+
+def _row_findings(tables: dict, logged: list[bytes]) -> list[Finding]:
+    """Return a finding for every row whose leaf is not its logged leaf, and every leaf no row holds."""
+    findings = []
+    size = len(logged)
     claimed = bytearray(size)  # how many rows claim each leaf (saturating at 2)
     for table, tbl in tables.items():
         indexes = tbl.column("leaf_index").to_pylist()
@@ -117,35 +211,70 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
                 findings.append(Finding(table, where, "content differs from the logged leaf (row changed)", asset, sample))
     for i in (j for j in range(size) if not claimed[j]):
         findings.append(Finding("log", f"leaf {i}", "logged, but no ledger row holds it (row deleted)"))
+    return findings
 
-    levels = merkle.build_levels(logged)
-    for t, stored in tiles.items():
+
+def _tile_findings(tiles: dict[int, list[tuple[int, list[bytes]]]], levels: list[list[bytes]], size: int) -> list[Finding]:
+    """Return a finding for every interior tile that is missing, extra or holds other hashes than the leaves give."""
+    findings = []
+    t = 1
+    while (size >> (TILE_HEIGHT * t)) or tiles.get(t):
         level = t * TILE_HEIGHT
-        for k, hashes in stored:
+        count = size >> level  # hashes of complete subtrees at this level
+        stored = dict(tiles.get(t, []))
+        for k in range((count + TILE_WIDTH - 1) // TILE_WIDTH):
             first = k * TILE_WIDTH
-            expect = levels[level][first:first + len(hashes)] if level < len(levels) else []
-            if hashes != expect:
+            expect = levels[level][first:min(first + TILE_WIDTH, count)]
+            if k not in stored:
+                findings.append(Finding("log_tiles", f"level {level} tile {k}", "missing: the log of "
+                                        f"{size} leaves needs it (a tile deleted)"))
+            elif stored.pop(k) != expect:
                 findings.append(Finding("log_tiles", f"level {level} tile {k}", "stored hashes differ from the "
                                         "hashes recomputed from the leaves"))
+        for k in stored:
+            findings.append(Finding("log_tiles", f"level {level} tile {k}", f"beyond the log of {size} leaves "
+                                    "(a tile added outside fgtrac)"))
+        t += 1
+    return findings
 
-    def perfect(level: int, index: int) -> bytes:
-        return levels[level][index]
 
-    try:
-        verifiers = ([notes.parse_verifier_key(k) for k in trusted_keys] if trusted_keys
-                     else ledger.keystore.verifiers())
-    except ValueError as exc:
-        return Report([Finding("keys", "verifier keys", str(exc))])
-    if not verifiers and heads:
-        findings.append(Finding("keys", str(ledger.home.keys), "no verifier key: the tree heads cannot be checked"))
-    for head_size, root, note, _vkey, asset in heads:
+def _trusted_keys(history: KeyHistory, given: list[str] | None) -> list[str]:
+    """Return the keys of the history to trust: all of them, or those from the first given key on."""
+    for key in given or []:
+        notes.parse_verifier_key(key)  # a malformed --key is an error, not a silent mismatch
+    chain = history.keys
+    if not given:
+        return chain
+    starts = [i for i, k in enumerate(chain) if k in given]
+    return chain[starts[0]:] if starts else list(given)
+
+
+def _head_findings(heads: list[tuple], history: KeyHistory, trusted: list[str], perfect, size: int) -> list[Finding]:
+    """Return a finding for every tree head not signed by its key of the history, or not a head of this log."""
+    findings = []
+    seen: set[int] = set()
+    for head_size, root, note, vkey, _pipeline, asset, _run, _created in heads:
         where = f"size={head_size}"
+        if head_size in seen:
+            findings.append(Finding("tree_heads", where, "a second tree head of this size (a duplicated head)", asset))
+            continue
+        seen.add(head_size)
+        key = history.key_for(head_size)
+        if key not in trusted:
+            findings.append(Finding("tree_heads", where, "its signature is by a key you did not trust "
+                                    f"({(key or '')[:48]}…; the ledger's key history names it for this size)", asset))
+            continue
         try:
-            text = notes.open_note(note, verifiers)
+            text = notes.open_note(note, [notes.parse_verifier_key(key)])
             cp = notes.parse_checkpoint(text)
         except ValueError as exc:
-            findings.append(Finding("tree_heads", where, f"signature does not verify ({exc})", asset))
+            findings.append(Finding("tree_heads", where, "signature does not verify with the log's key for this "
+                                    f"size in the ledger's key history ({exc}): signed by a planted key, or edited",
+                                    asset))
             continue
+        if vkey != key:
+            findings.append(Finding("tree_heads", where, "its verifier_key column is not the key that signed it "
+                                    "(row changed)", asset))
         if cp.size != head_size or cp.root != bytes(root):
             findings.append(Finding("tree_heads", where, "signed checkpoint differs from the row's size/root", asset))
         if cp.size > size:
@@ -155,41 +284,36 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
         if merkle.root_from(perfect, cp.size) != cp.root:
             findings.append(Finding("tree_heads", where, "signed root differs from the root recomputed from the "
                                     "ledger's rows (log rewritten)", asset))
+    return findings
 
-    for art in artifacts:
-        problem = check_artifact(ledger.home.root, art["path"], art["sha256"])
-        if problem:
-            findings.append(Finding("artifacts", f"{art['path']}", problem, art.get("asset")))
 
-    committed = {a["path"] for a in artifacts}
-    if ledger.home.artifacts.is_dir():
-        stray = [p.relative_to(ledger.home.root).as_posix() for p in ledger.home.artifacts.rglob("*")
-                 if p.is_file() and p.relative_to(ledger.home.root).as_posix() not in committed]
-        partial = [p for p in stray if ".partial-" in p]
-        if stray:
-            notices.append(f"{len(stray)} file(s) under artifacts/ were never committed ({len(partial)} partial "
-                           f"writes), left by interrupted runs; they are not part of the record, e.g. {stray[0]}")
+def _materialization_findings(heads: list[tuple], materializations: list[dict]) -> list[Finding]:
+    """Return a finding for every head without its logged materialization, and every materialization without its head.
 
-    signed = max((h[0] for h in heads), default=0)
-    if size > signed:
-        findings.append(Finding("log leaves", f"{signed}..{size - 1}", "no signed tree head covers them "
-                                "(appended outside fgtrac, or a commit was interrupted)"))
-
-    witness_path = witness or default_witness(ledger.home.witness, ledger.origin)
-    if witness_path.exists():
-        problem = check_witness(witness_path, verifiers, perfect, size)
-        if problem:
-            findings.append(Finding("witness", str(witness_path), problem))
-    elif witness is not None:
-        findings.append(Finding("witness", str(witness_path), "the witness file is missing"))
-    elif heads:
-        notices.append(f"no witness at {witness_path} (first verify, or it was removed): rollback since the last "
-                       "verify cannot be checked; a new witness is written now")
-    if not findings and heads and update_witness:
-        write_witness(witness_path, max(heads, key=lambda h: h[0])[2])
-
-    return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
-                  rows={t: len(tbl) + (members if t == "events" else 0) for t, tbl in tables.items()})
+    A commit's head has size leaf_start + leaf_count of its `materializations` leaf and repeats its pipeline,
+    asset, run_id and created_at: the signed leaf vouches for the head's unsigned columns.
+    """
+    findings = []
+    by_size = {m["leaf_start"] + m["leaf_count"]: m for m in materializations
+               if m["leaf_start"] is not None and m["leaf_count"] is not None}
+    headed = set()
+    for head_size, _root, _note, _vkey, pipeline, asset, run_id, created_at in heads:
+        m = by_size.get(head_size)
+        if m is None:
+            findings.append(Finding("tree_heads", f"size={head_size}", "no logged materialization ends at this "
+                                    "size (a head added outside fgtrac)", asset))
+            continue
+        headed.add(head_size)
+        row = {"pipeline": pipeline, "asset": asset, "run_id": run_id, "created_at": created_at}
+        changed = [c for c, v in row.items() if v != m[c]]
+        if changed:
+            findings.append(Finding("tree_heads", f"size={head_size}", f"column(s) {', '.join(changed)} differ from "
+                                    "the logged materialization of this commit (row changed)", asset))
+    for head_size in sorted(by_size.keys() - headed):
+        findings.append(Finding("tree_heads", f"size={head_size}", "missing: the logged materialization of "
+                                f"{by_size[head_size]['asset']} ends here but its signed tree head is gone "
+                                "(a head deleted)", by_size[head_size]["asset"]))
+    return findings
 
 
 def _leaf_hashes(tiles: list[tuple[int, list[bytes]]]) -> tuple[list[bytes], tuple[str, str] | None]:
