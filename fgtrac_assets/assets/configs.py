@@ -14,6 +14,8 @@ class RawSamplesConfig(Config):
     limit: int = Field(default=0, description="read at most this many items (0 = all)")
     strict: bool = Field(default=False, description="fail the run if any item is rejected")
     inbox: bool = Field(default=False, description="also ingest everything in $FGTRAC_HOME/inbox/<pipeline>/")
+    image_size: str = Field(default="", description="images: the size every image must have, HEIGHTxWIDTH "
+                                                    "(e.g. 28x28); '' = the pipeline's (8x8 for digits)")
 
 
 class TrainingConfig(Config):

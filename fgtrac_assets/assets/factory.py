@@ -82,7 +82,7 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings,
                  "`ingested` and `rejected` events with reasons.")
     def raw_samples(context: AssetExecutionContext, config: RawSamplesConfig, fgtrac: FgtracResource):
         r = _run(context, stages.ingest, fgtrac.ledger(), pipeline, context.run.run_id, source=config.source,
-                 limit=config.limit, strict=config.strict, inbox=config.inbox)
+                 limit=config.limit, strict=config.strict, inbox=config.inbox, image_size=config.image_size)
         yield from _output(r, r.metadata["samples"])
 
     @chain_asset("preprocessed_samples", "Normalised samples with a deterministic train/val/test split; "

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from ..integrity import merkle, notes
+from .keys import load_history
 from .nodes import StoredNodes
 from .store import Ledger
 
@@ -21,8 +22,10 @@ class CheckOutcome:
 
 def tree_head_check(con: duckdb.DuckDBPyConnection, ledger: Ledger, note: str) -> CheckOutcome:
     """Return whether the commit's signed tree head verifies and equals the root of the stored tree."""
+    history = load_history(con, ledger.origin)[0]  # the ledger's own keys, never a file planted in keys/
     try:
-        cp = notes.parse_checkpoint(notes.open_note(note, ledger.keystore.verifiers()))
+        cp = notes.parse_checkpoint(notes.open_note(note, [notes.parse_verifier_key(k) for k in history.keys]))
+        notes.open_note(note, [notes.parse_verifier_key(history.key_for(cp.size))])
     except ValueError as exc:
         return CheckOutcome("tree_head_verifies", False, f"signature does not verify: {exc}")
     stored = StoredNodes(con).run(merkle.root_from, cp.size)
@@ -38,9 +41,11 @@ def _lineage_sql(asset: str) -> tuple[str, str] | None:
         "raw_samples": ("""SELECT abs((SELECT count(*) FROM samples WHERE run_id = $run)
                                   - (SELECT count(*) FROM events WHERE run_id = $run AND kind = 'ingested'))""",
                         "samples without an `ingested` event"),
+        # an item whose only events in the run are `rejected` was never a sample of it: nothing to preprocess
         "preprocessed_samples": ("""SELECT count(*) FROM (SELECT sample_id FROM events WHERE run_id = $run
-                                    GROUP BY sample_id HAVING count(*) FILTER (kind = 'preprocessed') <> 1
-                                    OR count(*) FILTER (kind = 'split') <> 1)""",
+                                    GROUP BY sample_id HAVING count(*) FILTER (kind <> 'rejected') > 0
+                                    AND (count(*) FILTER (kind = 'preprocessed') <> 1
+                                         OR count(*) FILTER (kind = 'split') <> 1))""",
                                  "samples without exactly one `preprocessed` and one `split` event"),
         "training_checkpoints": ("""SELECT count(*) FROM (SELECT sample_id, count(DISTINCT epoch) AS e FROM events
                                     WHERE training_run = $tr AND kind = 'batched' GROUP BY 1)

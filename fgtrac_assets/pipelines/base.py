@@ -86,6 +86,10 @@ class Pipeline(ABC):
     def ingest(self, source: str, limit: int) -> Ingested:
         """Return the accepted raw samples and the rejected items of a source ('' = bundled default)."""
 
+    def with_image_size(self, size: str) -> "Pipeline":
+        """Return this pipeline expecting images of size 'HxW'; a pipeline that reads no images refuses."""
+        raise ValueError(f"{self.name} reads no images: image_size does not apply to it")
+
     @abstractmethod
     def preprocess(self, raw: pa.Table) -> Preprocessed:
         """Return the preprocessed samples with their split, deterministic in the input."""

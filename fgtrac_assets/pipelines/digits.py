@@ -1,5 +1,6 @@
 """The digits_cnn pipeline: 8x8 digit images (or a user's images) and a small CNN."""
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ..tracing.ids import bytes_digest
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, TrainSettings
 from .ingest import bundled_digits, collect_images, image_folder, table_images
 from .splits import split_of
-from .tables import TABLE_FORMATS
+from .tables import TABLE_FORMATS, name_text
 
 PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()), ("label", pa.int64()),
                              ("x", pa.binary()), ("height", pa.int64()), ("width", pa.int64())])
@@ -40,22 +41,30 @@ class DigitsPipeline(Pipeline):
     description = "A CNN on 8x8 digit images (scikit-learn's bundled digits by default)."
     influence_layer = "fc"
     num_classes = 10
+    image_shape = (8, 8)  # the input size (height, width) every image must have; `image_size` in the config sets it
+
+    def with_image_size(self, size: str) -> "DigitsPipeline":
+        """Return this pipeline expecting images of size 'HxW' (the CNN pools adaptively, so any size trains)."""
+        h, _, w = size.lower().partition("x")
+        if not (h.isdigit() and w.isdigit() and 1 <= int(h) <= 4096 and 1 <= int(w) <= 4096):
+            raise ValueError(f"image_size {size!r}: expected HEIGHTxWIDTH, e.g. 28x28 (each 1..4096)")
+        other = copy.copy(self)
+        other.image_shape = (int(h), int(w))
+        return other
 
     def ingest(self, source: str, limit: int) -> Ingested:
         if not source:
-            return collect_images(bundled_digits(limit), None, self.num_classes)
+            return self._collect(bundled_digits(limit), None)
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"source {source}: no such file or directory")
         if path.is_dir():
-            # class folders of images, plus any Parquet or CSV tables at the top (the inbox takes both)
-            items = [] if not any(p.is_dir() for p in path.iterdir()) else list(image_folder(path, limit))
-            for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_FORMATS):
-                items.extend(table_images(f, limit))
-            if not items:
-                items = list(image_folder(path, limit))  # reports "no class folders"
-            return collect_images(items, 255.0, self.num_classes)
-        return collect_images(table_images(path, limit), 255.0, self.num_classes)
+            return self._collect(_folder_items(path, limit, self.num_classes), 255.0)
+        return self._collect(table_images(path, limit), 255.0)
+
+    def _collect(self, items, value_max: float | None) -> Ingested:
+        """Return the Ingested set of (source, image, label, error) items, checked against this model's input."""
+        return collect_images(items, value_max, self.num_classes, self.image_shape)
 
     def preprocess(self, raw: pa.Table) -> Preprocessed:
         rows = _unique_by_id(raw.to_pylist())
@@ -124,6 +133,21 @@ class DigitsPipeline(Pipeline):
         _, xt, yt = self.tensors(prepared, "train")
         _, xv, yv = self.tensors(prepared, "val")
         yield from train_supervised(model, self.loss_fn(), (xt, yt), (xv, yv), settings, tracer)
+
+
+def _folder_items(path: Path, limit: int, num_classes: int) -> list:
+    """Return the items of a folder: class folders of images and the Parquet or CSV tables at its top (as the inbox)."""
+    top = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    items = list(image_folder(path, limit, num_classes)) if any(p.is_dir() for p in top) else []
+    for f in top:
+        if f.suffix.lower() not in TABLE_FORMATS or f.is_dir():
+            continue
+        if f.is_symlink():
+            items.append((f"{f.suffix.lower()[1:]}:{name_text(f.name)}", None, None,
+                          "symbolic link: not followed (files must lie inside the source folder)"))
+        elif f.is_file():
+            items.extend(table_images(f, limit))
+    return items or list(image_folder(path, limit, num_classes))  # reports "no class folders"
 
 
 def _unique_by_id(rows: list[dict]) -> list[dict]:

@@ -3,11 +3,15 @@
 import hashlib
 from pathlib import Path
 
+from .tables import name_text
+
 
 def scan_inbox(root: Path, known: dict[str, list] | None = None) -> dict[str, list]:
     """Return {relative path: [size, mtime_ns, sha256]} for regular files under root (no links, nothing hidden).
 
     Entries of `known` whose size and mtime are unchanged are reused instead of hashing the file again.
+    A path that is not UTF-8 is keyed with its bytes escaped (\\xNN); a file that vanishes or cannot be
+    read while scanning is left out (ingestion reports it).
     """
     known = known or {}
     out: dict[str, list] = {}
@@ -15,22 +19,30 @@ def scan_inbox(root: Path, known: dict[str, list] | None = None) -> dict[str, li
         return out
     base = root.resolve()
     for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
+        rel = name_text(path.relative_to(root).as_posix())
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(base):
             continue  # a link could point outside the inbox: never follow it
-        st = path.stat()
-        prev = known.get(rel)
-        if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns:
-            out[rel] = prev
+        try:
+            st = path.stat()
+            prev = known.get(rel)
+            if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns:
+                out[rel] = prev
+                continue
+            out[rel] = [st.st_size, st.st_mtime_ns, _sha256(path)]
+        except OSError:
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out[rel] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
     return out
+
+
+def _sha256(path: Path) -> str:
+    """Return the hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def new_content(files: dict[str, list], seen: set[str]) -> list[str]:

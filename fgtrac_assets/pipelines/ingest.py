@@ -2,7 +2,9 @@
 
 import io
 import math
+import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +13,14 @@ import pyarrow as pa
 
 from ..tracing.ids import array_sample_id
 from .base import Ingested, Rejection
-from .tables import TableUnreadable, read_user_table, table_format
+from .tables import TableUnreadable, name_problem, name_text, one_line, read_user_table, table_format
 
 PIXEL_COLUMN = re.compile(r"p\d+")
+ASCII_INTEGER = re.compile(r"[0-9]+")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
+MAX_DECODED_PIXELS = 1 << 24  # 4096 x 4096: an image declaring more is not decoded
+ALPHA_MODES = ("RGBA", "LA", "PA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 RAW_SCHEMA = pa.schema([("sample_id", pa.string()), ("source", pa.string()), ("label", pa.int64()),
                         ("pixels", pa.binary()), ("height", pa.int64()), ("width", pa.int64()),
                         ("value_max", pa.float64())])
@@ -31,60 +37,192 @@ def bundled_digits(limit: int = 0) -> Iterator[tuple[str, np.ndarray, int, None,
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Return a grayscale uint8 array from encoded image bytes; raise ValueError if undecodable."""
+    """Return a grayscale uint8 array from encoded image bytes; raise ValueError saying why they cannot be used."""
+    img = _open_image(data)
+    try:
+        return _grey(img)
+    finally:
+        img.close()
+
+
+def _open_image(data: bytes):
+    """Return the loaded PIL image of encoded bytes (declared size checked first); raise ValueError if unusable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode not in ("L", "1", "P", "RGB", "RGBA", "I;16", "I"):
-                raise ValueError(f"unsupported image mode {img.mode}")
-            return np.asarray(img.convert("L"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"a possible decompression bomb, not decoded ({one_line(exc)})") from None
     except UnidentifiedImageError:
         raise ValueError("not a decodable image") from None
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"corrupt or truncated image ({exc})") from None
+    except Exception as exc:  # a decoder fails on bad bytes in many ways (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"corrupt or truncated image ({one_line(exc)})") from None
+    w, h = img.size
+    if w * h > MAX_DECODED_PIXELS:
+        img.close()
+        raise ValueError(f"declares {w}x{h} pixels, more than {MAX_DECODED_PIXELS:,} "
+                         "(a possible decompression bomb): not decoded")
+    try:
+        frames = getattr(img, "n_frames", 1)
+        img.load()
+    except Exception as exc:
+        img.close()
+        raise ValueError(f"corrupt or truncated image ({one_line(exc)})") from None
+    if frames > 1:
+        img.close()
+        raise ValueError(f"has {frames} frames: one image per file")
+    return img
 
 
-def image_folder(root: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
-    """Yield (source, image or None, label or None, error or None) for an ImageFolder tree (class folders)."""
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        yield f"imagefolder:{root.name}", None, None, "no class folders (expected ROOT/<label>/<image>)"
+def _grey(img) -> np.ndarray:
+    """Return a loaded image as 8-bit grey (16-bit >> 8, colour weighted); raise ValueError rather than lose meaning."""
+    mode = "I;16" if img.mode == "I" and img.format == "PNG" else img.mode  # older Pillow opens 16-bit PNG as I
+    if mode in ALPHA_MODES or "transparency" in img.info:
+        _require_opaque(img)
+        img = img.convert("RGBA").convert("RGB")
+    elif mode in SIXTEEN_BIT_MODES:
+        return (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+    elif mode == "I":
+        a = np.asarray(img)
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"32-bit integer pixels in {a.min()}..{a.max()}, outside 0..255: "
+                             "save it as 8-bit or 16-bit grey")
+        return a.astype(np.uint8)
+    elif mode not in ("L", "1", "P", "RGB"):
+        raise ValueError(f"unsupported image mode {mode}")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _require_opaque(img) -> None:
+    """Raise ValueError if an image with an alpha channel or a transparent colour has any pixel that is not opaque."""
+    if img.mode not in ALPHA_MODES and img.mode not in ("L", "1", "P", "RGB"):
+        raise ValueError(f"image mode {img.mode} with a transparent colour: save it without transparency")
+    alpha = np.asarray(img.convert("RGBA"))[..., 3]
+    see_through = int((alpha < 255).sum())
+    if see_through:
+        raise ValueError(f"has transparent pixels ({see_through} of {alpha.size} with alpha < 255): "
+                         "flatten it onto its background (no alpha channel) before ingesting")
+
+
+def image_folder(root: Path, limit: int = 0, num_classes: int | None = None
+                 ) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
+    """Yield (source, image or None, label or None, error or None) for an ImageFolder tree (integer class folders)."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        yield f"imagefolder:{name_text(root.name)}", None, None, "no class folders (expected ROOT/<label>/<image>)"
         return
-    labels = _class_labels([c.name for c in classes])
     count = 0
-    for cls in classes:
-        files = sorted(p for p in cls.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
+    for cls in folders:
+        folder = f"imagefolder:{name_text(cls.name)}/"
+        if cls.is_symlink():
+            yield folder, None, None, ("symbolic link to a folder: not followed "
+                                       "(class folders must lie inside the source folder)")
+            continue
+        files = folder_files(cls)
+        label, why = class_label(cls.name, num_classes, len(files))
+        if why:
+            yield folder, None, None, why
+            continue
         if not files:
-            yield f"imagefolder:{cls.name}/", None, None, "empty class folder"
+            yield folder, None, None, "empty class folder"
             continue
         for f in files:
             if limit and count >= limit:
                 return
             count += 1
-            source = f"imagefolder:{f.relative_to(root).as_posix()}"
-            if f.is_symlink():
-                yield source, None, None, "symbolic link: not followed (files must lie inside the source folder)"
-                continue
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                yield source, None, None, f"not an image file (suffix {f.suffix or 'none'})"
-                continue
-            try:
-                data = f.read_bytes()
-            except OSError as exc:
-                yield source, None, None, f"unreadable ({exc.strerror or exc})"
-                continue
-            try:
-                yield source, decode_image(data), labels[cls.name], None
-            except ValueError as exc:
-                yield source, None, None, str(exc)
+            yield _image_item(root, f, label)
+
+
+def _count(n: int, what: str) -> str:
+    """Return 'n what' with the plural when n is not 1."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Return every non-hidden entry under a folder except folders, sorted; links are listed, never followed."""
+    out: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return [folder]  # reported as unreadable by _image_item
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            out.extend(folder_files(Path(e.path)))
+        else:
+            out.append(Path(e.path))
+    return sorted(out)
+
+
+def _image_item(root: Path, f: Path, label: int) -> tuple[str, np.ndarray | None, int | None, str | None]:
+    """Return (source, image, label, error) of one entry of a class folder."""
+    rel = f.relative_to(root).as_posix()
+    source = f"imagefolder:{name_text(rel)}"
+    bad_name = name_problem(rel)
+    if bad_name:
+        return source, None, None, bad_name
+    if f.is_symlink():
+        return source, None, None, "symbolic link: not followed (files must lie inside the source folder)"
+    if f.is_dir():
+        return source, None, None, "unreadable folder (permission denied?)"
+    if not f.is_file():
+        return source, None, None, "not a regular file"
+    if f.suffix.lower() not in IMAGE_SUFFIXES:
+        return source, None, None, f"not an image file (suffix {f.suffix or 'none'})"
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        return source, None, None, f"unreadable ({exc.strerror or exc})"
+    try:
+        return source, decode_image(data), label, None
+    except ValueError as exc:
+        return source, None, None, str(exc)
+
+
+def class_label(name: str, num_classes: int | None, files: int) -> tuple[int | None, str | None]:
+    """Return (label, None) for a class folder named by its integer label in ASCII digits, else (None, why not)."""
+    unread = f"{_count(files, 'file')} not read"
+    bad_name = name_problem(name)
+    if bad_name:
+        return None, f"class folder {bad_name} ({unread})"
+    if not ASCII_INTEGER.fullmatch(name):
+        return None, (f"class folder {name!r} is not a label ({_why_not_label(name)}{unread}): name each class "
+                      f"folder by its integer label{_range(num_classes)} in ASCII digits (ROOT/0/, ROOT/1/, ...); "
+                      "class names such as cat/ are not mapped to numbers")
+    label = int(name)
+    if num_classes is not None and label >= num_classes:
+        return None, f"class folder {name!r}: label {label} is out of range{_range(num_classes)} ({unread})"
+    return label, None
+
+
+def _range(num_classes: int | None) -> str:
+    """Return ' 0..N-1' for a known number of classes, else ''."""
+    return "" if num_classes is None else f" 0..{num_classes - 1}"
+
+
+def _why_not_label(name: str) -> str:
+    """Return why a folder name that looks like a number is still not a label, then '; ' ('' for a plain name)."""
+    text = name.strip()
+    if re.fullmatch(r"-[0-9]+", text):
+        return "a negative number; "
+    if re.fullmatch(r"\+?[0-9]+", text):
+        return "a sign or spaces around the digits; "
+    if any(ch.isnumeric() for ch in text) and all(ch.isnumeric() or ch in "+-.,eE" for ch in text):
+        return "not a whole number in ASCII digits 0-9; "
+    return ""
 
 
 def table_images(path: Path, limit: int = 0) -> Iterator[tuple[str, np.ndarray | None, int | None, str | None]]:
     """Yield (source, image, label, error) per row of a Parquet or CSV table of labelled images (layouts: README)."""
     fmt = table_format(path) or "parquet"
-    name = f"{fmt}:{path.name}"
+    name = f"{fmt}:{name_text(path.name)}"
+    bad_name = name_problem(path.name)
+    if bad_name:
+        yield name, None, None, bad_name
+        return
     try:
         got = read_user_table(path, fmt=fmt)
     except TableUnreadable as exc:
@@ -183,18 +321,10 @@ def _integer(value, what: str) -> int:
         raise ValueError(f"{what} {value!r} is not an integer") from None
 
 
-def _class_labels(names: list[str]) -> dict[str, int]:
-    """Folder names that are all integers are their own labels; otherwise their sorted position."""
-    if all(n.isdigit() for n in names):
-        return {n: int(n) for n in names}
-    return {n: i for i, n in enumerate(names)}
-
-
-def collect_images(items, value_max: float | None, num_classes: int | None) -> Ingested:
-    """Return the Ingested set from (source, image, label, error) items: size checks and duplicates resolved."""
+def collect_images(items, value_max: float | None, num_classes: int | None, shape: tuple[int, int]) -> Ingested:
+    """Return the Ingested set from (source, image, label, error) items: size (the pipeline's) checked, duplicates resolved."""
     rows: list[dict] = []
     rejected: list[Rejection] = []
-    shape = None
     for item in items:
         source, img, label, error = item[:4]
         vmax = item[4] if len(item) > 4 else value_max
@@ -205,9 +335,7 @@ def collect_images(items, value_max: float | None, num_classes: int | None) -> I
             rejected.append(Rejection(source, f"expected a single-channel image, got shape {img.shape}"))
             continue
         sid = array_sample_id(img)
-        if shape is None:
-            shape = img.shape
-        if img.shape != shape:
+        if img.shape != tuple(shape):
             rejected.append(Rejection(source, f"wrong size {img.shape[0]}x{img.shape[1]}, expected {shape[0]}x{shape[1]}", sid))
             continue
         if num_classes is not None and not 0 <= label < num_classes:

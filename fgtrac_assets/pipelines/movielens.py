@@ -100,7 +100,7 @@ import pyarrow.compute as pc
 
 from ..integrity.canonical import content_id
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings
-from .tables import TABLE_FORMATS, TableUnreadable, UserTable, read_user_table
+from .tables import TABLE_FORMATS, TableUnreadable, UserTable, name_text, read_user_table
 
 BUNDLED = ("dslabs", "movielens")
 TITLE_DIM = 64
@@ -178,13 +178,15 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
         try:
             tables[name] = read_user_table(p, text_columns=TEXT_COLUMNS[name])
         except TableUnreadable as exc:
-            raise ValueError(f"{p}: {exc}") from None
+            raise ValueError(f"{name_text(str(p))}: {exc}") from None
         missing = GRAPH_COLUMNS[name] - set(tables[name].table.column_names)
         if missing:
-            raise ValueError(f"{p}: missing columns {sorted(missing)} (has {sorted(tables[name].table.column_names)})")
+            raise ValueError(f"{name_text(str(p))}: missing columns {sorted(missing)} "
+                             f"(has {sorted(tables[name].table.column_names)})")
+    where = name_text(root.name)
     rejected: list[Rejection] = []
     for name, got in tables.items():
-        rejected += [Rejection(f"{root.name}/{paths[name].name}#row={r}", why) for r, why in sorted(got.skipped.items())]
+        rejected += [Rejection(f"{where}/{paths[name].name}#row={r}", why) for r, why in sorted(got.skipped.items())]
     nodes_got = tables["nodes"]
     nodes = nodes_got.table.to_pydict()
     kinds: dict[str, str] = {}
@@ -192,7 +194,7 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
     first_row: dict[str, int] = {}
     for i, row in enumerate(nodes_got.rows):
         nid, kind = nodes["node_id"][i], nodes["type"][i]
-        source = f"{root.name}/{paths['nodes'].name}#row={row}"
+        source = f"{where}/{paths['nodes'].name}#row={row}"
         unreadable = nodes_got.problems(row, ("node_id", "type"))
         if unreadable:
             rejected.append(Rejection(source, "; ".join(unreadable)))
@@ -224,7 +226,7 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
         u, m = (None if u is None else str(u)), (None if m is None else str(m))
         title, year, genres = attrs.get(m, (None, None, None))
         unreadable = "; ".join(edges_got.problems(row)) or None
-        cols["source"].append(f"{root.name}/{paths['edges'].name}#row={row}")
+        cols["source"].append(f"{where}/{paths['edges'].name}#row={row}")
         cols["user_order"].append(u or "")
         cols["user"].append(u)
         cols["movie"].append(m)
@@ -302,14 +304,33 @@ def _rating_problem(rating, timestamp) -> str | None:
         return f"rating {r} is not finite"
     if not RATING_RANGE[0] <= r <= RATING_RANGE[1]:
         return f"rating {r} is outside {RATING_RANGE[0]}..{RATING_RANGE[1]}"
-    if timestamp is None or isinstance(timestamp, bool):
-        return "timestamp is missing"
     try:
-        if not float(timestamp).is_integer():
-            return f"timestamp {timestamp!r} is not an integer"
-    except (TypeError, ValueError):
-        return f"timestamp {timestamp!r} is not a number"
+        _timestamp(timestamp)
+    except ValueError as exc:
+        return str(exc)
     return None
+
+
+def _timestamp(value) -> int:
+    """Return a timestamp (a number or its text, e.g. '1700000000' or '2e3') as whole seconds; raise ValueError why not."""
+    if value is None or isinstance(value, bool):
+        raise ValueError("timestamp is missing")
+    t = None
+    if isinstance(value, (int, np.integer)):
+        t = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        t = int(value)  # exact, not through a float
+    else:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"timestamp {value!r} is not a number") from None
+        if not f.is_integer():
+            raise ValueError(f"timestamp {value!r} is not an integer")
+        t = int(f)
+    if not -(2 ** 63) <= t < 2 ** 63:
+        raise ValueError(f"timestamp {value!r} is out of range")
+    return t
 
 
 def collect_ratings(cols: dict[str, list], rejected: list[Rejection], limit: int) -> Ingested:
@@ -322,7 +343,7 @@ def collect_ratings(cols: dict[str, list], rejected: list[Rejection], limit: int
         if problem:
             rejected.append(Rejection(source, problem))
             continue
-        rating, ts = float(cols["rating"][i]), int(cols["timestamp"][i])
+        rating, ts = float(cols["rating"][i]), _timestamp(cols["timestamp"][i])
         user, movie = cols["user"][i], cols["movie"][i]
         sid = content_id({"user": user, "movie": movie, "rating": rating, "timestamp": ts})
         rows.append((sid, source, int(round(rating * 2)), user, movie, rating, ts, cols["title"][i], cols["year"][i],

@@ -75,12 +75,14 @@ def _with_constants(rows, common: dict, table: str):
 
 
 def ingest(ledger: Ledger, pipeline: Pipeline, run_id: str, source: str = "", limit: int = 0,
-           strict: bool = False, inbox: bool = False, log: Log = _noop) -> StageResult:
+           strict: bool = False, inbox: bool = False, image_size: str = "", log: Log = _noop) -> StageResult:
     """Read the source (and the pipeline's inbox), record `ingested` events for new content and `rejected` ones.
 
     The raw artifact is this run's whole snapshot; a sample whose content the pipeline ingested before gets no
     second `ingested` event (ids are content hashes), so its history shows where it first came from.
     """
+    if image_size:
+        pipeline = pipeline.with_image_size(image_size)
     got = pipeline.ingest(source, limit)
     inbox_dir = ledger.home.inbox / pipeline.name
     if inbox and inbox_dir.is_dir() and any(inbox_dir.iterdir()):

@@ -18,7 +18,9 @@ Rows are numbered from 0 in file order, the CSV header not counted (the numberin
 ``#row=<i>`` in rejection sources, the same for both formats).
 """
 
+import os
 import sys
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,40 @@ class UserTable:
         return [why for col, why in cells.items() if columns is None or col in columns]
 
 
+def name_text(name: str) -> str:
+    """Return a file name or path as one line of UTF-8 text: undecodable bytes as \\xNN, control characters escaped."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c for c in text)
+
+
+def name_problem(name: str) -> str | None:
+    """Return why a file name (as os.listdir gives it) cannot name a sample, or None: not UTF-8, or control characters."""
+    if not _is_utf8(name):
+        return "name is not UTF-8 text (shown with its bytes escaped as \\xNN): rename it"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "name has control characters (shown escaped): rename it"
+    return None
+
+
+def _is_utf8(name: str) -> bool:
+    """Return whether a name has no undecodable bytes (surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextmanager
+def _readable(path: Path):
+    """Yield what pyarrow can open: the path itself, or an open file when the path is not UTF-8 (pyarrow cannot encode it)."""
+    if _is_utf8(str(path)):
+        yield str(path)
+        return
+    with open(path, "rb") as f:
+        yield f
+
+
 def table_format(path: Path) -> str | None:
     """Return 'parquet' or 'csv' by the file's suffix, or None for any other file."""
     return TABLE_FORMATS.get(path.suffix.lower())
@@ -67,9 +103,10 @@ def _read_parquet(path: Path, text_columns: set[str]) -> UserTable:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with _readable(path) as src:
+            table = pq.read_table(src)
     except Exception as exc:  # pyarrow raises several types for a bad file
-        raise TableUnreadable(f"not a readable Parquet file ({_short(exc)})") from None
+        raise TableUnreadable(f"not a readable Parquet file ({one_line(exc)})") from None
     bad: dict[int, dict[str, str]] = {}
     for i, name in enumerate(table.column_names):
         col = table.column(i)
@@ -100,15 +137,16 @@ def _read_csv(path: Path, text_columns: set[str]) -> UserTable:
     try:
         with _quiet_row_handler_failures():
             width = _csv_width(path)
-            raw = pcsv.read_csv(path, read_options=pcsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
-                                parse_options=pcsv.ParseOptions(invalid_row_handler=malformed),
-                                convert_options=pcsv.ConvertOptions(
-                                    column_types={f"f{i}": pa.binary() for i in range(width)},
-                                    null_values=[""], strings_can_be_null=True))
+            with _readable(path) as src:
+                raw = pcsv.read_csv(src, read_options=pcsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
+                                    parse_options=pcsv.ParseOptions(invalid_row_handler=malformed),
+                                    convert_options=pcsv.ConvertOptions(
+                                        column_types={f"f{i}": pa.binary() for i in range(width)},
+                                        null_values=[""], strings_can_be_null=True))
     except TableUnreadable:
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid for parse errors, OSError for I/O
-        raise TableUnreadable(f"not a readable CSV file ({_short(exc)})") from None
+        raise TableUnreadable(f"not a readable CSV file ({one_line(exc)})") from None
     header = raw.slice(0, 1).to_pylist()[0] if raw.num_rows else {}
     names = []
     for key in raw.column_names:
@@ -157,15 +195,16 @@ def _csv_width(path: Path) -> int:
     import pyarrow.csv as pcsv
 
     try:
-        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(autogenerate_column_names=True, use_threads=False,
-                                                                   block_size=1 << 20),
-                               parse_options=pcsv.ParseOptions(invalid_row_handler=lambda _: "skip"),
-                               convert_options=pcsv.ConvertOptions(check_utf8=False))
+        with _readable(path) as src:
+            reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(autogenerate_column_names=True,
+                                                                      use_threads=False, block_size=1 << 20),
+                                   parse_options=pcsv.ParseOptions(invalid_row_handler=lambda _: "skip"),
+                                   convert_options=pcsv.ConvertOptions(check_utf8=False))
+            return len(reader.schema) or 1
     except pa.ArrowInvalid as exc:
         if "Empty CSV file" in str(exc):
             raise TableUnreadable("empty file (no header, no rows)") from None
         raise
-    return len(reader.schema) or 1
 
 
 def _decode(col: pa.ChunkedArray, name: str, bad: dict[int, dict[str, str]]) -> pa.ChunkedArray:
@@ -195,7 +234,7 @@ def _as_numbers(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return col
 
 
-def _short(exc: Exception, width: int = 200) -> str:
+def one_line(exc: Exception, width: int = 200) -> str:
     """Return an exception's message on one line, non-printable characters escaped, at most `width` characters."""
     text = " ".join(str(exc).split())
     text = text.encode("ascii", "backslashreplace").decode("ascii")
