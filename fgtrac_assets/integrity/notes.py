@@ -91,6 +91,16 @@ def _key_id(name: str, encoded_pubkey: bytes) -> int:
     return struct.unpack(">I", digest[:4])[0]
 
 
+def key_id(name: str, key_type: int, public_key: bytes) -> int:
+    """Return the signed-note key id: SHA-256(name || 0x0A || key_type || public_key)[:4] as a big-endian uint32."""
+    return _key_id(name, bytes([key_type]) + public_key)
+
+
+def valid_key_name(name: str) -> bool:
+    """Return True iff name is a valid signed-note key name (non-empty, no spaces, no '+')."""
+    return _valid_name(name)
+
+
 def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -217,8 +227,18 @@ def signer_from_key(skey: str) -> Signer:
 # --- signed notes ----------------------------------------------------------
 
 
-def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
-    """Return the note text if a known verifier's signature verifies; raise NoteError otherwise."""
+@dataclass(frozen=True)
+class NoteSignature:
+    """One signature line of a signed note: key name, key id, signature bytes and the line itself."""
+
+    name: str
+    key_id: int
+    signature: bytes
+    line: str
+
+
+def split_note(note: str | bytes) -> tuple[str, list[NoteSignature]]:
+    """Return (text, signature lines) of a signed note, checking only its syntax; raise NoteError if malformed."""
     if isinstance(note, bytes):
         try:
             note = note.decode("utf-8")
@@ -236,17 +256,10 @@ def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
     text, sig_block = note[: split + 1], note[split + 2 :]
     if not sig_block.endswith("\n"):
         raise NoteError("malformed note: missing signature lines or final newline")
-
-    known: dict[tuple[str, int], Verifier] = {}
-    for v in verifiers:
-        other = known.setdefault((v.name, v.key_id), v)
-        if other.verifier_key != v.verifier_key:
-            raise NoteError(f"ambiguous key {v.name}+{v.key_id:08x}")
-
     lines = sig_block[:-1].split("\n")
     if len(lines) > _MAX_SIGNATURES:
         raise NoteError("malformed note: too many signatures")
-    verified, unknown = set(), []
+    signatures = []
     for line in lines:
         if not line.startswith(_SIG_PREFIX):
             raise NoteError("malformed note: signature line does not start with an em dash")
@@ -254,16 +267,32 @@ def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
         blob = _b64decode(b64)
         if not _valid_name(name) or not blob or len(blob) < 5:
             raise NoteError("malformed note: bad signature line")
-        key_id = struct.unpack(">I", blob[:4])[0]
-        verifier = known.get((name, key_id))
+        signatures.append(NoteSignature(name, struct.unpack(">I", blob[:4])[0], blob[4:], line + "\n"))
+    return text, signatures
+
+
+def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
+    """Return the note text if a known verifier's signature verifies; raise NoteError otherwise."""
+    text, signatures = split_note(note)
+
+    known: dict[tuple[str, int], Verifier] = {}
+    for v in verifiers:
+        other = known.setdefault((v.name, v.key_id), v)
+        if other.verifier_key != v.verifier_key:
+            raise NoteError(f"ambiguous key {v.name}+{v.key_id:08x}")
+
+    verified, unknown = set(), []
+    for sig in signatures:
+        key = (sig.name, sig.key_id)
+        verifier = known.get(key)
         if verifier is None:
-            unknown.append(f"{name}+{key_id:08x}")
+            unknown.append(f"{sig.name}+{sig.key_id:08x}")
             continue
-        if (name, key_id) in verified:
+        if key in verified:
             continue
-        if not verifier.verify(text, blob[4:]):
-            raise NoteError(f"invalid signature for key {name}+{key_id:08x}")
-        verified.add((name, key_id))
+        if not verifier.verify(text, sig.signature):
+            raise NoteError(f"invalid signature for key {sig.name}+{sig.key_id:08x}")
+        verified.add(key)
     if not verified:
         detail = f" (unknown keys: {', '.join(unknown)})" if unknown else ""
         raise NoteError(f"note has no verifiable signatures{detail}")

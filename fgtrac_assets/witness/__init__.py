@@ -1,0 +1,1 @@
+"""The witness (C2SP tlog-witness): its state, HTTP server, client and commands, over integrity."""
