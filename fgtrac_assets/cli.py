@@ -12,6 +12,7 @@ import duckdb
 from .config import resolve_home
 from .ledger.lock import LedgerBusy
 from .ledger.store import Ledger, LedgerDamaged, LedgerMissing
+from .witness.command import add_witness_commands
 
 
 def _ledger(args) -> Ledger:
@@ -32,8 +33,14 @@ def cmd_verify(args) -> int:
         print(json.dumps({"ok": True, "nothing_to_verify": True}) if args.json
               else f"nothing to verify: no ledger at {ledger.home.ledger}")
         return 0
+    from .integrity.policy import load_policy
+    from .integrity.truststore import TrustStore
+
     witness = Path(args.witness) if args.witness else None
-    report = verify_ledger(ledger, witness=witness, trusted_keys=args.key or None)
+    policy_file = getattr(args, "policy", None) or os.environ.get("FGTRAC_POLICY")
+    policy = load_policy(policy_file) if policy_file else None  # the auditor's, never the home's own policy file
+    report = verify_ledger(ledger, witness=witness, trusted_keys=args.key or None, policy=policy,
+                           trust_store=TrustStore())
     summary = "; ".join(f.line() for f in report.findings[:3])
     try:
         ledger.record_verification(report.leaves, report.ok, len(report.findings), summary or "OK")
@@ -81,12 +88,15 @@ def cmd_summary(args) -> int:
         print("latest signed tree head:")
         print("  " + head["note"].rstrip("\n").replace("\n", "\n  "))
     print("verify           ", end="", flush=True)
-    return cmd_verify(argparse.Namespace(home=args.home, json=False, witness=None, key=None))
+    return cmd_verify(argparse.Namespace(home=args.home, json=False, witness=None, key=None, policy=None))
 
 
 def cmd_key(args) -> int:
     """Print the log's verifier key (public; safe to share), list the key history, or rotate to a new key."""
     ledger = _ledger(args)
+    if args.action == "init":
+        print(ledger.initialise().verifier_key)
+        return 0
     if args.action == "rotate":
         signer = ledger.rotate_key()
         print(signer.verifier_key)
@@ -95,7 +105,8 @@ def cmd_key(args) -> int:
         return 0
     current = ledger.keystore.current_verifier_key(ledger.origin)
     if current is None:
-        print(f"no key under {ledger.home.keys}: nothing has been signed yet", file=sys.stderr)
+        print(f"no key under {ledger.home.keys}: nothing has been signed yet (`fgtrac key init` makes one)",
+              file=sys.stderr)
         return 1
     if args.action == "list":
         keys = (ledger.key_history().keys if ledger.exists() else []) or [current]
@@ -218,7 +229,17 @@ def cmd_run(args) -> int:
         limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(name, 0)
         roots = run_pipeline(ledger, pipeline, defaults, limit, args.epochs, Progress())
         print(f"{name}: influence_scores root {roots['influence_scores']}")
-    return cmd_verify(argparse.Namespace(home=args.home, json=False, witness=None, key=None))
+    return cmd_verify(argparse.Namespace(home=args.home, json=False, witness=None, key=None, policy=None))
+
+
+def cmd_witness_sync(args) -> int:
+    """Submit the latest head to every witness of the policy; print each one's outcome."""
+    outcomes = _ledger(args).witness_sync()
+    for name, outcome in sorted(outcomes.items()):
+        print(f"{'OK  ' if outcome == 'cosigned' else 'FAIL'} {name}: {printable(outcome)}")
+    if not outcomes:
+        print("nothing to submit: the log is empty, or the policy names no witness with a URL")
+    return 0 if all(o == "cosigned" for o in outcomes.values()) else 1
 
 
 def cmd_report(args) -> int:
@@ -281,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="recompute every leaf, tree head signature and artifact hash")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.add_argument("--witness", help="the witness file (default: $FGTRAC_HOME/witness/<origin>.checkpoint)")
-    p.add_argument("--key", action="append", help="trust this verifier key instead of those under keys/ (repeatable)")
+    p.add_argument("--key", action="append", help="trust this verifier key as the log's first key (repeatable)")
+    p.add_argument("--policy", help="a C2SP tlog-policy file: trust only its log keys; ask its witnesses "
+                                    "(default: $FGTRAC_POLICY)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("prove", help="write receipts for a sample (inclusion), or prove it absent from a training run")
     p.add_argument("sample_id")
@@ -302,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_consistency)
     p = sub.add_parser("summary", help="counts, the latest signed tree head, and a verify")
     p.set_defaults(func=cmd_summary)
-    p = sub.add_parser("key", help="print the verifier key; `key list` all; `key rotate` starts a new one")
-    p.add_argument("action", nargs="?", choices=["show", "list", "rotate"], default="show")
+    p = sub.add_parser("key", help="print the verifier key; `key list` the history; `key rotate` starts a new "
+                                   "one; `key init` makes the first before any commit")
+    p.add_argument("action", nargs="?", choices=["show", "list", "rotate", "init"], default="show")
     p.set_defaults(func=cmd_key)
     p = sub.add_parser("run", help="run pipelines' whole chains from plain Python (no Dagster), with progress")
     p.add_argument("pipelines", nargs="*", help="pipeline names (default: all)")
@@ -334,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("test_id")
     a.add_argument("--run", help="training run (default: the latest that scored it)")
     audit_parser("sql", "arbitrary read-only SQL (tables and views: see README)").add_argument("query")
+    witness = add_witness_commands(sub)
+    w = witness.add_parser("sync", help="submit the latest signed tree head to the policy's witnesses again")
+    w.set_defaults(func=cmd_witness_sync)
     _accept_home_everywhere(parser)
     return parser
 

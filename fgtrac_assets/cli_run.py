@@ -43,6 +43,7 @@ def run_pipeline(ledger, pipeline, defaults, limit: int, epochs: int | None, pro
     """
     import dataclasses
 
+    from .ledger.checks import NON_BLOCKING
     from .pipelines import stages
 
     settings = dataclasses.replace(defaults, **({"epochs": epochs} if epochs else {}))
@@ -62,7 +63,7 @@ def run_pipeline(ledger, pipeline, defaults, limit: int, epochs: int | None, pro
     for i, (name, step) in enumerate(chain, 1):
         progress.stage(f"{pipeline.name}/{name}", i, len(chain))
         result = step()
-        blocking = [c for c in result.checks if not c.passed and c.name != "numbers_sane"]
+        blocking = [c for c in result.checks if not c.passed and c.name not in NON_BLOCKING]
         if blocking:
             raise RuntimeError(f"{name}: check {blocking[0].name} failed: {blocking[0].description}")
         h[name] = result.handle

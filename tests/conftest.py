@@ -47,6 +47,8 @@ def one_torch_thread():
 def _isolated_home(tmp_path, monkeypatch):
     """No test ever writes to the repository's ./data."""
     monkeypatch.setenv("FGTRAC_HOME", str(tmp_path / "default-home"))
+    monkeypatch.setenv("FGTRAC_TRUST_STORE", str(tmp_path / "known_logs"))  # never the user's ~/.config
+    monkeypatch.delenv("FGTRAC_POLICY", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from dagster import (
     asset,
 )
 
-from ..ledger.checks import check_names
+from ..ledger.checks import NON_BLOCKING, check_names
 from ..ledger.lock import LedgerBusy
 from ..ledger.store import LedgerDamaged
 from ..pipelines import stages
@@ -48,16 +48,18 @@ def _output(result: StageResult, row_count: int | None = None):
     for c in result.checks:
         yield AssetCheckResult(check_name=c.name, passed=c.passed, description=c.description,
                                metadata=to_dagster(c.metadata),
-                               severity=AssetCheckSeverity.ERROR)
+                               severity=AssetCheckSeverity.WARN if c.name in NON_BLOCKING else AssetCheckSeverity.ERROR)
 
 
 def _check_specs(pipeline: str, asset: str) -> list[AssetCheckSpec]:
     """Every asset's checks; a failed tree head or incomplete lineage blocks the assets downstream."""
     descriptions = {"tree_head_verifies": "the signed tree head of this commit verifies and matches the stored tree",
                     "lineage_complete": "every sample has the lifecycle events this asset must record",
-                    "numbers_sane": "losses and scores are finite and of the expected sign"}
+                    "numbers_sane": "losses and scores are finite and of the expected sign",
+                    "witnessed": "the signed tree head is cosigned by the witness policy's quorum (passes when "
+                                 "there is no policy; a down witness only warns)"}
     return [AssetCheckSpec(name, asset=AssetKey([pipeline, asset]), description=descriptions[name],
-                           blocking=name != "numbers_sane") for name in check_names(asset)]
+                           blocking=name not in NON_BLOCKING) for name in check_names(asset)]
 
 
 def _run(context: AssetExecutionContext, fn, *args, **kwargs) -> StageResult:

@@ -396,7 +396,7 @@ class KeyStore:
         """Retire the current key and make the staged successor current; return it."""
         key_path, vkey_path = self._paths(name)
         pending = key_path.with_name(key_path.name + ".pending")
-        successor = self._load(name, pending)
+        self._load(name, pending)  # refuse a damaged successor before retiring anything
         if key_path.exists():
             old = self._load(name, key_path)
             retired_vkey = self.directory / f"{key_path.stem}.{old.key_id:08x}.vkey"

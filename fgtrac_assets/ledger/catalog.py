@@ -88,7 +88,7 @@ def is_legacy_layout(objects: dict[tuple[str, str], str]) -> bool:
 
 
 #: tables added since ledgers were first written: a file from an older fgtrac lacks them until its next write
-LATER_TABLES = {("table", "main.log_keys")}
+LATER_TABLES = {("table", "main.log_keys"), ("table", "main.cosignatures")}
 
 
 def schema_differences(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:

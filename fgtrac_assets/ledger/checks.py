@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from ..integrity import merkle, notes
+from . import witnessing
 from .keys import load_history
 from .nodes import StoredNodes
 from .store import Ledger
@@ -90,7 +91,31 @@ def check_names(asset: str) -> list[str]:
         names.append("lineage_complete")
     if _numbers_sql(asset):
         names.append("numbers_sane")
+    names.append("witnessed")
     return names
+
+
+#: checks that warn without stopping the assets downstream
+NON_BLOCKING = ("numbers_sane", "witnessed")
+
+
+def witnessed_check(con: duckdb.DuckDBPyConnection, ledger: Ledger, note: str) -> CheckOutcome:
+    """Return whether the commit's tree head is cosigned by the witness policy's quorum (passes with no policy)."""
+    try:
+        policy = witnessing.policy_in_force(ledger.home.root)
+    except ValueError as exc:
+        return CheckOutcome("witnessed", False, f"the witness policy cannot be read: {exc}")
+    if policy is None:
+        return CheckOutcome("witnessed", True, "no witness policy (FGTRAC_POLICY or $FGTRAC_HOME/policy): "
+                            "tree heads are signed but not witnessed")
+    size = notes.parse_checkpoint(notes.split_note(note)[0]).size
+    cosigned = witnessing.cosigned_note(con, size) or note
+    names = sorted(witnessing.witnessed_by(cosigned, policy))
+    ok = policy.satisfied(set(names))
+    return CheckOutcome("witnessed", ok, (f"cosigned by {', '.join(names)}" if ok else
+                                          f"not yet witnessed ({policy.needed()} needed, cosigned by "
+                                          f"{', '.join(names) or 'none'}): run `fgtrac witness sync`"),
+                        {"tree_size": size, "witnesses": ", ".join(names)})
 
 
 def run_checks(ledger: Ledger, asset: str, run_id: str, training_run: str | None, note: str) -> list[CheckOutcome]:
@@ -104,4 +129,5 @@ def run_checks(ledger: Ledger, asset: str, run_id: str, training_run: str | None
             sql, what = spec
             bad = con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql}).fetchall()[0][0]
             out.append(CheckOutcome(name, bad == 0, f"{bad} {what}" if bad else f"no {what}", {"violations": bad}))
+        out.append(witnessed_check(con, ledger, note))
     return out

@@ -148,6 +148,9 @@ LOG_DDL = [
     # The Merkle tree as tiles (see ledger/nodes.py): tile = tile level << 48 | tile index; 256 hashes of the
     # perfect subtrees at level 8 * tile level per full tile, concatenated. One row per 256 hashes keeps appends cheap.
     "CREATE TABLE IF NOT EXISTS log_tiles (tile BIGINT PRIMARY KEY, width INTEGER NOT NULL, hashes BLOB NOT NULL)",
+    # Witness cosignatures of tree heads (C2SP tlog-cosignature lines): not leaves; each verifies on its own.
+    "CREATE TABLE IF NOT EXISTS cosignatures (size BIGINT NOT NULL, witness VARCHAR NOT NULL, vkey VARCHAR NOT NULL, "
+    "line VARCHAR NOT NULL, received_at VARCHAR NOT NULL)",
     "CREATE TABLE IF NOT EXISTS tree_heads (size BIGINT NOT NULL, root BLOB NOT NULL, note VARCHAR NOT NULL, verifier_key VARCHAR NOT NULL, pipeline VARCHAR, asset VARCHAR, run_id VARCHAR, created_at VARCHAR NOT NULL)",
 ]
 

@@ -18,8 +18,9 @@ from .catalog import install_code_definitions
 from .groups import EventGroups, sample_keys
 from .keys import KeyHistory, endorse, load_history
 from .leaves import row_leaf, table_leaves, to_arrow
+from . import witnessing
 from .lock import LedgerBusy, ledger_lock
-from .nodes import append_hashes, migrate_log_nodes
+from .nodes import StoredNodes, append_hashes, migrate_log_nodes
 from .schema import LEAF_ORDER, all_ddl, migrate_events_table, physical
 
 
@@ -55,6 +56,7 @@ class CommitResult:
     root: bytes
     checkpoint: str
     rows: dict[str, int]
+    witnessed: dict[str, str] = field(default_factory=dict)  # witness name -> "cosigned" or why not
 
     @property
     def root_hex(self) -> str:
@@ -83,7 +85,7 @@ class Ledger:
         return self.home.ledger.is_file()
 
     @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, read_only: bool, views: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.exists():
             raise LedgerMissing(f"no ledger at {self.home.ledger}: nothing has been materialised yet")
         if not read_only:
@@ -91,9 +93,9 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
-                if read_only:
+                if read_only and views:
                     install_code_definitions(con)  # audits read the code's views, never the file's (catalog.py)
-                con.execute("SET lock_configuration = true")  # SQL cannot turn file access back on
+                _lock_configuration(con)
                 if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
                     con.execute("BEGIN TRANSACTION")
                     migrate_events_table(con)
@@ -128,6 +130,8 @@ class Ledger:
             leaves.extend(table_leaves(name, tbl))
         hashes = merkle.leaf_hashes(leaves)
         self._refuse_fresh_start()
+        policy = witnessing.policy_in_force(self.home.root)  # a malformed policy fails before anything is written
+        submissions: list[witnessing.Submission] = []
         with self._connect(read_only=False) as con:
             signer = self._signer(con)
             con.execute("BEGIN TRANSACTION")
@@ -157,11 +161,41 @@ class Ledger:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+            if policy is not None:
+                submissions = witnessing.plan(con, policy, size)
+        witnessed = self._witness(policy, submissions, size, note)
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         if "event_groups" in tables:
             counts["events"] = counts.get("events", 0) + groups.num_members
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
-                            checkpoint=note, rows=counts)
+                            checkpoint=note, rows=counts, witnessed=witnessed)
+
+    def _witness(self, policy, submissions: list, size: int, note: str) -> dict[str, str]:
+        """Submit a committed head to the policy's witnesses (outside the lock); store the cosignatures received."""
+        if not submissions:
+            return {}
+
+        def proof_from(old: int) -> list[bytes]:
+            with self._connect(read_only=True, views=False) as con:
+                return StoredNodes(con).run(merkle.consistency_proof_from, old, size)
+
+        outcomes = witnessing.submit(submissions, note, proof_from, witnessing.timeout_s())
+        if any(o.line for o in outcomes):
+            with self._connect(read_only=False) as con:
+                witnessing.store(con, size, policy, outcomes, utc_now())
+        return {o.witness: "cosigned" if o.line else o.problem for o in outcomes}
+
+    def witness_sync(self) -> dict[str, str]:
+        """Submit the latest signed tree head to every witness of the policy again; return each one's outcome."""
+        policy = witnessing.policy_in_force(self.home.root)
+        if policy is None:
+            raise LedgerDamaged(f"no witness policy: set FGTRAC_POLICY or write {self.home.root / 'policy'}")
+        head = self.latest_tree_head()
+        if head is None:
+            return {}
+        with self._connect(read_only=True, views=False) as con:
+            submissions = witnessing.plan(con, policy, head["size"])
+        return self._witness(policy, submissions, head["size"], head["note"])
 
     def ensure_home(self) -> "Home":
         """Return the home after making sure it is a writable directory; raise LedgerDamaged saying why not."""
@@ -202,6 +236,12 @@ class Ledger:
                                 f"({expected}) in the ledger's key history: restore the key; a new key is started "
                                 "only with `fgtrac key rotate`, which the retiring key endorses")
         return store.load_or_create(self.origin)
+
+    def initialise(self) -> notes.Signer:
+        """Create the home, an empty ledger and the signing key (before any commit, e.g. to configure witnesses)."""
+        self._refuse_fresh_start()
+        with self._connect(read_only=False) as con:
+            return self._signer(con)
 
     def key_history(self) -> KeyHistory:
         """Return the log's key history as the ledger records it (keys.py)."""
@@ -245,6 +285,14 @@ def _schema_current(con: duckdb.DuckDBPyConnection) -> bool:
         return con.execute("SELECT digest FROM fgtrac_schema").fetchall() == [(SCHEMA_DIGEST,)]
     except duckdb.CatalogException:
         return False
+
+
+def _lock_configuration(con: duckdb.DuckDBPyConnection) -> None:
+    """Lock the connection's configuration, so SQL cannot turn file access back on."""
+    try:
+        con.execute("SET lock_configuration = true")
+    except duckdb.InvalidInputException:
+        pass  # another connection of this process to the same file locked the shared database already
 
 
 def _connect_retrying(path: str, read_only: bool, timeout_s: float | None) -> duckdb.DuckDBPyConnection:

@@ -6,6 +6,11 @@ from pathlib import Path
 import duckdb
 
 from ..integrity import merkle, notes
+from ..integrity.cosignature import CosignatureError, verify_cosignature
+from ..integrity.policy import Policy
+from ..integrity.truststore import TrustStore
+from ..witness import client
+from . import witnessing
 from .artifacts import check_artifact
 from .catalog import damaged_tables, is_legacy_layout, reference_objects, schema_differences, schema_objects
 from .groups import group_problems, member_count
@@ -57,15 +62,17 @@ class Report:
 
 
 def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: list[str] | None = None,
-                  update_witness: bool = True) -> Report:
+                  update_witness: bool = True, policy: Policy | None = None,
+                  trust_store: TrustStore | None = None) -> Report:
     """Return a Report over the whole ledger: schema vs code, rows vs leaves, leaves vs tiles, tree heads vs signatures, key history and witness, artifacts vs files.
 
     witness: the file holding the last verified tree head (default $FGTRAC_HOME/witness/<origin>.checkpoint);
     trusted_keys: verifier keys to trust as the start of the key history instead of the key that signed the
-    first tree head.
+    first tree head; policy: trust only its log keys and require its witnesses' views and quorum (asks each
+    witness for its latest cosigned checkpoint); trust_store: log keys pinned on first use outside the home.
     """
     try:
-        return _verify(ledger, witness, trusted_keys, update_witness)
+        return _verify(ledger, witness, trusted_keys, update_witness, policy, trust_store)
     except LedgerDamaged as exc:
         return Report([Finding("ledger", "file", str(exc))])
     except duckdb.Error as exc:  # a truncated or byte-flipped file: one finding, no traceback
@@ -74,7 +81,8 @@ def verify_ledger(ledger: Ledger, witness: Path | None = None, trusted_keys: lis
                                "the file is damaged; restore it from a backup")])
 
 
-def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None, update_witness: bool) -> Report:
+def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None, update_witness: bool,
+            policy: Policy | None, trust_store: TrustStore | None) -> Report:
     findings: list[Finding] = []
     notices: list[str] = []
     home = ledger.home
@@ -96,6 +104,8 @@ def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None
         heads = con.execute("SELECT size, root, note, verifier_key, pipeline, asset, run_id, created_at "
                             "FROM tree_heads ORDER BY size, created_at").fetchall()
         history, key_problems = load_history(con, ledger.origin)
+        cosignatures = con.execute("SELECT size, witness, vkey, line FROM cosignatures ORDER BY size").fetchall() \
+            if "cosignatures" in existing else []
         tables = {t: con.sql(f"SELECT * FROM {name}").to_arrow_table() for t, name in stored.items()}
         for leaf, problem, asset, sample in group_problems(con) if grouped else []:
             findings.append(Finding("events", f"row leaf_index={leaf}", problem, asset, sample))
@@ -118,10 +128,19 @@ def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None
 
     findings += [Finding("log_keys", p.partition(": ")[0].removeprefix("log_keys "), p.partition(": ")[2])
                  for p in key_problems]
+    pinned = trust_store.pinned(ledger.origin, str(home.root)) if trust_store is not None else []
+    roots, anchor = ((policy.log_keys, "the policy's log keys") if policy is not None
+                     else (trusted_keys, "the keys given with --key") if trusted_keys
+                     else (pinned, f"the key pinned for this home in {trust_store.path}") if pinned
+                     else (None, ""))
     try:
-        trusted = _trusted_keys(history, trusted_keys)
+        trusted = _trusted_keys(history, roots)
     except ValueError as exc:
         return Report([Finding("keys", "verifier keys", str(exc))])
+    if roots and history.first_key and not set(history.keys) & set(roots):
+        findings.append(Finding("keys", "log key", f"no key of the ledger's key history is among {anchor} "
+                                f"(the first tree head is signed by {history.first_key[:48]}…): the key pair was "
+                                "replaced, or this is another log"))
     findings += _head_findings(heads, history, trusted, perfect, size)
     findings += _materialization_findings(heads, tables["materializations"].to_pylist())
 
@@ -147,6 +166,11 @@ def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None
         findings.append(Finding("log leaves", f"{signed}..{size - 1}", "no signed tree head covers them "
                                 "(appended outside fgtrac, or a commit was interrupted)"))
 
+    if policy is not None:
+        problems, notes_ = _policy_findings(ledger.origin, policy, heads, cosignatures, perfect, size)
+        findings += problems
+        notices += notes_
+
     witness_path = witness or default_witness(home.witness, ledger.origin)
     verifiers = [notes.parse_verifier_key(k) for k in trusted]
     if witness_path.exists():
@@ -160,6 +184,11 @@ def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None
                        "verify cannot be checked; a new witness is written now")
     if not findings and heads and update_witness:
         write_witness(witness_path, max(heads, key=lambda h: h[0])[2])
+    if not findings and trust_store is not None and history.keys:
+        added = trust_store.pin(ledger.origin, str(home.root), history.keys)
+        if added and not pinned:
+            notices.append(f"pinned this log's key on first use in {trust_store.path}: a later verify trusts only "
+                           "it and the rotations it endorses")
 
     return Report(findings, notices, leaves=size, tree_heads=len(heads), artifacts=len(artifacts),
                   rows={t: len(tbl) + (members if t == "events" else 0) for t, tbl in tables.items()})
@@ -285,6 +314,73 @@ def _head_findings(heads: list[tuple], history: KeyHistory, trusted: list[str], 
             findings.append(Finding("tree_heads", where, "signed root differs from the root recomputed from the "
                                     "ledger's rows (log rewritten)", asset))
     return findings
+
+
+def _policy_findings(origin: str, policy: Policy, heads: list[tuple], cosignatures: list[tuple], perfect,
+                     size: int) -> tuple[list[Finding], list[str]]:
+    """Return the findings and notices of a policy: stored cosignatures, the quorum, each witness's own view."""
+    findings, notices = [], []
+    bodies = {h[0]: notes.split_note(h[2])[0] for h in heads if _splits(h[2])}
+    by_vkey = {w.vkey: w for w in policy.witnesses.values()}
+    cosigned: dict[int, set[str]] = {}
+    for head_size, name, vkey, line in cosignatures:
+        w = by_vkey.get(vkey)
+        if w is None or head_size not in bodies:
+            continue  # a witness this policy does not name: not counted
+        try:
+            verify_cosignature(line, bodies[head_size], w.vkey)
+            cosigned.setdefault(head_size, set()).add(w.name)
+        except CosignatureError as exc:
+            findings.append(Finding("cosignatures", f"size={head_size} witness={name}", f"does not verify ({exc}): "
+                                    "forged or edited"))
+    if heads and policy.quorum != "none":
+        quorate = [s for s in sorted(bodies) if policy.satisfied(cosigned.get(s, set()))]
+        if not quorate:
+            findings.append(Finding("witness", "quorum", f"no signed tree head is cosigned by the policy's quorum "
+                                    f"({policy.needed()}): run `fgtrac witness sync`"))
+        elif quorate[-1] < max(bodies):
+            notices.append(f"the newest tree heads (after size {quorate[-1]}) are not yet cosigned by the quorum: "
+                           "run `fgtrac witness sync`")
+    for w in policy.witnesses.values():
+        if not w.url:
+            continue
+        try:
+            latest = client.latest_checkpoint(w.url, origin, timeout_s=witnessing.timeout_s())
+        except client.WitnessError as exc:
+            notices.append(f"witness {w.name} could not be asked for its latest checkpoint ({exc})")
+            continue
+        if latest is None:
+            notices.append(f"witness {w.name} has cosigned nothing of {origin} yet")
+            continue
+        problem = _witness_view_problem(latest, w, policy, perfect, size)
+        if problem:
+            findings.append(Finding("witness", w.name, problem))
+    return findings, notices
+
+
+def _witness_view_problem(note: str, w, policy: Policy, perfect, size: int) -> str | None:
+    """Return why the ledger does not extend a witness's latest cosigned checkpoint, or None if it does."""
+    try:
+        body = notes.open_note(note, [notes.parse_verifier_key(k) for k in policy.log_keys])
+        verify_cosignature(note, body, w.vkey)
+        cp = notes.parse_checkpoint(body)
+    except ValueError as exc:
+        return f"its latest checkpoint does not verify with the policy's keys ({exc})"
+    if cp.size > size:
+        return (f"it cosigned size {cp.size}, but the ledger has {size} leaves: the log was rolled back "
+                "(or truncated) after the witness saw it")
+    if cp.size and merkle.root_from(perfect, cp.size) != cp.root:
+        return (f"it cosigned root {cp.root.hex()[:16]}… at size {cp.size}, but the ledger's first {cp.size} leaves "
+                "hash to another root: the log's history was rewritten")
+    return None
+
+
+def _splits(note: str) -> bool:
+    try:
+        notes.split_note(note)
+        return True
+    except ValueError:
+        return False
 
 
 def _materialization_findings(heads: list[tuple], materializations: list[dict]) -> list[Finding]:

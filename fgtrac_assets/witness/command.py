@@ -23,8 +23,8 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_witness_commands(subparsers) -> None:
-    """Add the `witness` command group (serve, key) to an argparse subparsers object."""
+def add_witness_commands(subparsers):
+    """Add the `witness` command group (serve, key) to an argparse subparsers object; return its own subparsers."""
     p = subparsers.add_parser("witness", help="a C2SP tlog-witness: cosign checkpoints of the logs it follows")
     sub = p.add_subparsers(dest="witness_command", required=True)
     s = sub.add_parser("serve", help="serve add-checkpoint and the latest cosigned checkpoints over HTTP")
@@ -34,6 +34,7 @@ def add_witness_commands(subparsers) -> None:
     k.add_argument("--state", required=True, help="the witness state directory")
     k.add_argument("--name", help="the witness's name when its key is created (default: a random one)")
     k.set_defaults(func=cmd_key)
+    return sub
 
 
 def main(argv: list[str] | None = None) -> int:
