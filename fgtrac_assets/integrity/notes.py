@@ -11,6 +11,7 @@ import os
 import re
 import struct
 from collections.abc import Sequence
+from typing import Protocol
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,15 +303,34 @@ def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> str:
 # --- key storage -----------------------------------------------------------
 
 
-class KeyStore:
-    """Signer keys as <dir>/<name>.key (mode 0600) with public <dir>/<name>.vkey files."""
+class LogSigner(Protocol):
+    """What signs tree heads: a local Ed25519 Signer today; a KMS or HSM client can take its place."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
+    name: str
+
+    @property
+    def verifier_key(self) -> str: ...
+
+    def sign(self, text: str) -> str: ...
+
+
+class KeyStore:
+    """Signer keys as <dir>/<name>.key (mode 0600) with public <dir>/<name>.vkey files.
+
+    With key_file (FGTRAC_SIGNING_KEY), the current key is that one file, kept wherever the deployment
+    wants it (another volume); it must not be readable by group or others. Its public key and any
+    retired keys lie beside it.
+    """
+
+    def __init__(self, directory: Path, key_file: Path | None = None):
+        self.key_file = Path(key_file).expanduser() if key_file else None
+        self.directory = self.key_file.parent if self.key_file else Path(directory)
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         if not _valid_name(name) or "\\" in name or "\0" in name or name.startswith("."):
             raise ValueError(f"invalid key name {name!r}")
+        if self.key_file is not None:
+            return self.key_file, self.key_file.with_name(self.key_file.stem + ".vkey")
         stem = name.replace("/", "_")  # origins look like "example.com/log"
         return self.directory / f"{stem}.key", self.directory / f"{stem}.vkey"
 
@@ -338,6 +358,9 @@ class KeyStore:
         return signer
 
     def _load(self, name: str, key_path: Path) -> Signer:
+        if self.key_file is not None and key_path.exists() and key_path.stat().st_mode & 0o077:
+            raise ValueError(f"signing key {key_path} has mode {key_path.stat().st_mode & 0o777:04o}: others could "
+                             f"read it; `chmod 600 {key_path}`")
         try:
             skey = key_path.read_text(encoding="ascii").strip()
         except OSError as e:

@@ -78,7 +78,8 @@ class Ledger:
 
     @property
     def keystore(self) -> notes.KeyStore:
-        return notes.KeyStore(self.home.keys)
+        """Return the signing key's store: $FGTRAC_SIGNING_KEY if set (a key kept outside the home), else keys/."""
+        return notes.KeyStore(self.home.keys, os.environ.get("FGTRAC_SIGNING_KEY") or None)
 
     def exists(self) -> bool:
         """Return whether the ledger file exists."""
@@ -218,7 +219,7 @@ class Ledger:
             raise LedgerDamaged(f"{self.home.ledger} is missing but {', '.join(p.name + '/' for p in leftovers)} "
                                 "exist: the ledger was lost or moved; restore it rather than start a new history")
 
-    def _signer(self, con: duckdb.DuckDBPyConnection) -> notes.Signer:
+    def _signer(self, con: duckdb.DuckDBPyConnection) -> notes.LogSigner:
         """Return the signing key: the current key of the ledger's key history (keys.py), never another one."""
         expected = load_history(con, self.origin)[0].current_key
         store = self.keystore
@@ -228,11 +229,11 @@ class Ledger:
         if held != expected and store.pending_verifier_key(self.origin) == expected:
             return store.promote(self.origin)  # a rotation committed just before a crash: finish it
         if held is None:
-            raise LedgerDamaged(f"the signing key for {self.origin} is missing under {self.home.keys} although the log "
-                                "has signed tree heads: restore the key (or start a new key deliberately with "
+            raise LedgerDamaged(f"the signing key for {self.origin} is missing under {store.directory} although the "
+                                "log has signed tree heads: restore the key (or start a new key deliberately with "
                                 "`fgtrac key rotate`)")
         if held != expected:
-            raise LedgerDamaged(f"the signing key under {self.home.keys} ({held}) is not the log's current key "
+            raise LedgerDamaged(f"the signing key under {store.directory} ({held}) is not the log's current key "
                                 f"({expected}) in the ledger's key history: restore the key; a new key is started "
                                 "only with `fgtrac key rotate`, which the retiring key endorses")
         return store.load_or_create(self.origin)
