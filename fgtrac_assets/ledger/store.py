@@ -4,6 +4,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -86,7 +87,7 @@ class Ledger:
         return self.home.ledger.is_file()
 
     @contextmanager
-    def _connect(self, read_only: bool, views: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.exists():
             raise LedgerMissing(f"no ledger at {self.home.ledger}: nothing has been materialised yet")
         if not read_only:
@@ -94,7 +95,7 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
-                if read_only and views:
+                if read_only:
                     install_code_definitions(con)  # audits read the code's views, never the file's (catalog.py)
                 _lock_configuration(con)
                 if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
@@ -132,7 +133,7 @@ class Ledger:
         hashes = merkle.leaf_hashes(leaves)
         self._refuse_fresh_start()
         policy = witnessing.policy_in_force(self.home.root)  # a malformed policy fails before anything is written
-        submissions: list[witnessing.Submission] = []
+        witnessed: dict[str, str] = {}
         with self._connect(read_only=False) as con:
             signer = self._signer(con)
             con.execute("BEGIN TRANSACTION")
@@ -162,29 +163,13 @@ class Ledger:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            if policy is not None:
-                submissions = witnessing.plan(con, policy, size)
-        witnessed = self._witness(policy, submissions, size, note)
+            if policy is not None:  # on this connection: the lock is held at most the witnesses' short timeout
+                witnessed = _witness(con, policy, size, note)
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         if "event_groups" in tables:
             counts["events"] = counts.get("events", 0) + groups.num_members
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
                             checkpoint=note, rows=counts, witnessed=witnessed)
-
-    def _witness(self, policy, submissions: list, size: int, note: str) -> dict[str, str]:
-        """Submit a committed head to the policy's witnesses (outside the lock); store the cosignatures received."""
-        if not submissions:
-            return {}
-
-        def proof_from(old: int) -> list[bytes]:
-            with self._connect(read_only=True, views=False) as con:
-                return StoredNodes(con).run(merkle.consistency_proof_from, old, size)
-
-        outcomes = witnessing.submit(submissions, note, proof_from, witnessing.timeout_s())
-        if any(o.line for o in outcomes):
-            with self._connect(read_only=False) as con:
-                witnessing.store(con, size, policy, outcomes, utc_now())
-        return {o.witness: "cosigned" if o.line else o.problem for o in outcomes}
 
     def witness_sync(self) -> dict[str, str]:
         """Submit the latest signed tree head to every witness of the policy again; return each one's outcome."""
@@ -194,9 +179,8 @@ class Ledger:
         head = self.latest_tree_head()
         if head is None:
             return {}
-        with self._connect(read_only=True, views=False) as con:
-            submissions = witnessing.plan(con, policy, head["size"])
-        return self._witness(policy, submissions, head["size"], head["note"])
+        with self._connect(read_only=False) as con:
+            return _witness(con, policy, head["size"], head["note"])
 
     def ensure_home(self) -> "Home":
         """Return the home after making sure it is a writable directory; raise LedgerDamaged saying why not."""
@@ -286,6 +270,23 @@ def _schema_current(con: duckdb.DuckDBPyConnection) -> bool:
         return con.execute("SELECT digest FROM fgtrac_schema").fetchall() == [(SCHEMA_DIGEST,)]
     except duckdb.CatalogException:
         return False
+
+
+def _witness(con: duckdb.DuckDBPyConnection, policy, size: int, note: str) -> dict[str, str]:
+    """Submit a committed head to the policy's witnesses; store the cosignatures received; return each outcome."""
+    submissions = witnessing.plan(con, policy, size)
+    nodes, one_at_a_time = StoredNodes(con), threading.Lock()  # a 409 asks for a proof from a witness's thread
+
+    def proof_from(old: int) -> list[bytes]:
+        with one_at_a_time:
+            return nodes.run(merkle.consistency_proof_from, old, size)
+
+    outcomes = witnessing.submit(submissions, note, proof_from, witnessing.timeout_s())
+    if any(o.line for o in outcomes):
+        con.execute("BEGIN TRANSACTION")
+        witnessing.store(con, size, policy, outcomes, utc_now())
+        con.execute("COMMIT")
+    return {o.witness: "cosigned" if o.line else o.problem for o in outcomes}
 
 
 def _lock_configuration(con: duckdb.DuckDBPyConnection) -> None:

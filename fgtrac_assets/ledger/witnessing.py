@@ -4,7 +4,8 @@ The policy (C2SP tlog-policy, integrity/policy.py) is `$FGTRAC_POLICY`, else `$F
 with neither, nothing here runs. After a commit, every witness with a URL gets the new signed
 checkpoint with a consistency proof from the size it last cosigned (as far as the ledger knows;
 on 409 it says its size and the proof is made from there). A witness that is down, slow or
-refuses never fails the commit: the head stays unwitnessed, the `witnessed` check says so, and
+refuses never fails the commit (the ledger's write lock is held at most the short timeout
+while it answers): the head stays unwitnessed, the `witnessed` check says so, and
 `fgtrac witness sync` submits the latest head again later.
 """
 
@@ -92,6 +93,8 @@ def submit(submissions: list[Submission], note: str, proof_from, timeout: float)
     if not submissions:
         return []
     body = notes.split_note(note)[0]
+    if len(submissions) == 1:
+        return [_submit_one(submissions[0], note, body, proof_from, timeout)]
     with ThreadPoolExecutor(max_workers=len(submissions)) as pool:
         return list(pool.map(lambda s: _submit_one(s, note, body, proof_from, timeout), submissions))
 
