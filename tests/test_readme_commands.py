@@ -18,8 +18,19 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def blocks(lang: str) -> list[str]:
-    """Return the README's fenced code blocks of one language."""
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+    """Return the README's fenced code blocks of one language ('' = blocks without one)."""
+    out, current, fence_lang = [], None, None
+    for line in README.splitlines(keepends=True):
+        if line.startswith("```"):
+            if current is None:
+                current, fence_lang = [], line[3:].strip()
+            else:
+                if fence_lang == lang:
+                    out.append("".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return out
 
 
 def image_folder(root: Path, per_class: int = 12) -> int:
@@ -78,3 +89,22 @@ def concrete(command: str) -> list[str]:
 def test_every_listed_fgtrac_command_parses(command):
     args = build_parser().parse_args(concrete(command) + ["--home", "/nonexistent"])
     assert args.home == "/nonexistent" and callable(args.func)
+
+
+def test_the_policy_example_parses_once_its_keys_are_filled_in():
+    from fgtrac_assets.integrity import notes
+    from fgtrac_assets.integrity.cosignature import generate_cosigner
+    from fgtrac_assets.integrity.policy import parse_policy
+
+    example = next(b for b in blocks("") if "\nquorum " in b and b.lstrip().startswith("# the log's key"))
+    keys = {"log": notes.generate_signer("fgtrac.local/ledger").verifier_key}
+    lines = []
+    for line in example.splitlines():
+        words = line.split()
+        if words[:1] == ["log"]:
+            line = f"log {keys['log']}"
+        elif words[:1] == ["witness"]:
+            line = f"witness {words[1]} {generate_cosigner(words[2].split('+')[0]).verifier_key} {words[3]}"
+        lines.append(line)
+    policy = parse_policy("\n".join(lines) + "\n")
+    assert sorted(policy.witnesses) == ["w1", "w2"] and policy.satisfied({"w1", "w2"}) and not policy.satisfied({"w1"})
