@@ -13,6 +13,7 @@ all belong to killed processes. Prints a table and writes the "Soak" section of 
 
 import argparse
 import collections
+import os
 import random
 import shutil
 import sys
@@ -95,6 +96,68 @@ def check(home: Path, stats: Stats) -> None:
             stats.failures.append(f"lost commits: {lost}")
 
 
+class WitnessChaos(threading.Thread):
+    """One real witness of the home's log, SIGKILLed and restarted (same state, same port) at random moments.
+
+    Its latest cosigned size, read between kills, must never go backwards.
+    """
+
+    def __init__(self, home: Path, state: Path, rng: random.Random, every_s: float):
+        super().__init__(daemon=True)
+        from fgtrac_assets.ledger.store import Ledger
+        from tests.witness_process import Witness
+
+        self.ledger = Ledger(home)
+        vkey = self.ledger.initialise().verifier_key
+        port = _free_port()
+        self.witness = Witness(state, [vkey], name="witness.soak/w1", listen=f"127.0.0.1:{port}").start()
+        (home / "policy").write_text(f"log {vkey}\nwitness w1 {self.witness.vkey} {self.witness.url}\nquorum 1\n")
+        self.rng, self.every_s, self.stop_event = rng, every_s, threading.Event()
+        self.kills, self.sizes, self.backwards = 0, [], []
+
+    def latest_size(self) -> int | None:
+        from fgtrac_assets.integrity import notes
+        from fgtrac_assets.witness import client
+
+        try:
+            note = client.latest_checkpoint(self.witness.url, self.ledger.origin, timeout_s=2)
+        except client.WitnessError:
+            return None
+        return None if note is None else notes.parse_checkpoint(notes.split_note(note)[0]).size
+
+    def observe(self) -> None:
+        size = self.latest_size()
+        if size is not None:
+            if self.sizes and size < self.sizes[-1]:
+                self.backwards.append(f"witness went back from {self.sizes[-1]} to {size}")
+            self.sizes.append(size)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.rng.uniform(0.2, 2) * self.every_s):
+            self.observe()
+            self.witness.kill9()
+            self.kills += 1
+            time.sleep(self.rng.uniform(0, 1.0))
+            self.witness.start()
+            self.observe()
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=60)
+        self.observe()
+
+    def close(self) -> None:
+        self.witness.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def checker(home: Path, stop: threading.Event, stats: Stats) -> None:
     while not stop.is_set():
         if (home / "ledger.duckdb").exists():
@@ -117,6 +180,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=8)
     ap.add_argument("--home", help="FGTRAC_HOME to soak (default: a fresh temporary folder, removed afterwards)")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
+    ap.add_argument("--witness-kill-s", type=float, default=10.0,
+                    help="a witness of the log is SIGKILLed and restarted about this often (0: no witness)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fgtrac-soak-"))
@@ -128,7 +193,14 @@ def main() -> int:
                                                      stats), daemon=True) for i in range(args.workers)]
     check_stop = threading.Event()
     check_thread = threading.Thread(target=checker, args=(home, check_stop, stats), daemon=True)
+    if args.witness_kill_s:
+        os.environ["FGTRAC_WITNESS_TIMEOUT"] = "0.5"  # the forked workers inherit it: a dead witness costs 0.5 s
+        witness = WitnessChaos(home, tmp / "witness-state", random.Random(rng.random()), args.witness_kill_s)
+    else:
+        witness = None
     t0 = time.monotonic()
+    if witness:
+        witness.start()
     audits.start()
     check_thread.start()
     for t in threads:
@@ -148,6 +220,11 @@ def main() -> int:
     check_thread.join(timeout=600)
     audits.finish()
     elapsed = time.monotonic() - t0
+    witness_rows, witness_problems = [], []
+    if witness:
+        witness.finish()
+        witness_rows, witness_problems = _witness_outcome(home, witness)
+        witness.close()
 
     check(home, stats)  # once more over the quiet home
     partial, whole = chaos.uncommitted_files(home)
@@ -168,10 +245,12 @@ def main() -> int:
             ["acknowledged commits", len(stats.acks)], ["rows lost", rows_lost],
             ["partial files left (all from killed runs)", f"{len(partial)} ({len(strays)} not from a killed run)"],
             ["whole uncommitted files left", len(whole)],
-            ["final log size", f"{head['size']:,} leaves" if head else "-"], ["duration", f"{elapsed:.0f} s"]]
+            ["final log size", f"{head['size']:,} leaves" if head else "-"], *witness_rows,
+            ["duration", f"{elapsed:.0f} s"]]
     print()
     print(table(["what", "value"], rows))
     problems = stats.failures + audit_failures + [f"partial file of a live or unknown process: {p}" for p in strays]
+    problems += witness_problems
     for p in problems[:20]:
         print("FAILURE", p[:2000])
     ok = not problems and rows_lost == 0 and stats.failed == 0
@@ -182,11 +261,33 @@ def main() -> int:
                       f"({args.limit} samples, {args.epochs} epochs, stages called directly in forked processes) into "
                       f"one FGTRAC_HOME; {args.kill_fraction:.0%} of runs are killed with SIGKILL at a time uniform "
                       "over the run, while one thread loops `fgtrac audit sql` and another loops `fgtrac verify` "
-                      "plus the whole-materialisation and acknowledged-commit checks. "
+                      "plus the whole-materialisation and acknowledged-commit checks"
+                      + (f"; the log has a witness policy and its one witness is SIGKILLed and restarted about every "
+                         f"{args.witness_kill_s:g} s" if witness else "") + ". "
                       f"Outcome: {'PASS' if ok else 'FAIL'}.\n\n" + table(["what", "value"], rows))
     if not args.home:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _witness_outcome(home: Path, witness: WitnessChaos) -> tuple[list[list], list[str]]:
+    """After the soak: sync, then verify --policy; every stored cosignature must verify and the witness never went back."""
+    from fgtrac_assets.integrity.policy import load_policy
+    from fgtrac_assets.ledger.store import Ledger
+    from fgtrac_assets.ledger.verify import verify_ledger
+
+    sync = Ledger(home).witness_sync()
+    report = verify_ledger(Ledger(home), policy=load_policy(home / "policy"), update_witness=False)
+    cosigned = Ledger(home).query("SELECT count(*) AS n FROM cosignatures").column(0)[0].as_py()
+    heads = Ledger(home).query("SELECT count(*) AS n FROM tree_heads").column(0)[0].as_py()
+    problems = list(witness.backwards) + [f"verify --policy: {f.line()}" for f in report.findings]
+    if sync.get("w1") != "cosigned":
+        problems.append(f"witness sync after the soak: {sync}")
+    rows = [["witness SIGKILLs and restarts", witness.kills],
+            ["tree heads cosigned by the witness", f"{cosigned} of {heads}"],
+            ["witness sizes observed; went backwards", f"{len(witness.sizes)}; {len(witness.backwards)}"],
+            ["`verify --policy` after `witness sync`", "OK" if report.ok else f"{len(report.findings)} findings"]]
+    return rows, problems
 
 
 if __name__ == "__main__":

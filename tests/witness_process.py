@@ -28,14 +28,15 @@ def readline(proc: subprocess.Popen, timeout: float = 15.0) -> str:
 class Witness:
     """One witness server process on a free loopback port."""
 
-    def __init__(self, state: Path, log_keys: list[str], name: str | None = None, extra: list[str] = ()):
-        self.state, self.log_keys, self.name, self.extra = state, log_keys, name, list(extra)
+    def __init__(self, state: Path, log_keys: list[str], name: str | None = None, extra: list[str] = (),
+                 listen: str = "127.0.0.1:0"):
+        self.state, self.log_keys, self.name, self.extra, self.listen = state, log_keys, name, list(extra), listen
         self.proc: subprocess.Popen | None = None
         self.stderr_path = state.with_name(state.name + f".stderr.{id(self)}")
 
     def start(self) -> "Witness":
         argv = [sys.executable, "-m", "fgtrac_assets.witness.server", "--state", str(self.state),
-                "--listen", "127.0.0.1:0", *self.extra]
+                "--listen", self.listen, *self.extra]
         for k in self.log_keys:
             argv += ["--log", k]
         if self.name:

@@ -164,7 +164,7 @@ class Ledger:
                 con.execute("ROLLBACK")
                 raise
             if policy is not None:  # on this connection: the lock is held at most the witnesses' short timeout
-                witnessed = _witness(con, policy, size, note)
+                witnessed = _witness(con, policy, size, note, previous=start)
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         if "event_groups" in tables:
             counts["events"] = counts.get("events", 0) + groups.num_members
@@ -272,9 +272,9 @@ def _schema_current(con: duckdb.DuckDBPyConnection) -> bool:
         return False
 
 
-def _witness(con: duckdb.DuckDBPyConnection, policy, size: int, note: str) -> dict[str, str]:
+def _witness(con: duckdb.DuckDBPyConnection, policy, size: int, note: str, previous: int | None = None) -> dict[str, str]:
     """Submit a committed head to the policy's witnesses; store the cosignatures received; return each outcome."""
-    submissions = witnessing.plan(con, policy, size)
+    submissions = witnessing.plan(con, policy, size, previous)
     nodes, one_at_a_time = StoredNodes(con), threading.Lock()  # a 409 asks for a proof from a witness's thread
 
     def proof_from(old: int) -> list[bytes]:

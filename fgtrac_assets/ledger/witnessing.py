@@ -72,16 +72,22 @@ def cosigned_sizes(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return dict(con.execute("SELECT vkey, max(size) FROM cosignatures GROUP BY vkey").fetchall())
 
 
-def plan(con: duckdb.DuckDBPyConnection, policy: Policy, size: int) -> list[Submission]:
-    """Return the submissions of the head of this size to every witness of the policy that has a URL."""
-    known = cosigned_sizes(con)
+def plan(con: duckdb.DuckDBPyConnection, policy: Policy, size: int, previous: int | None = None) -> list[Submission]:
+    """Return the submissions of the head of this size to every witness of the policy that has a URL.
+
+    previous: the size of the head before it, which each witness is assumed to hold (a commit's common case,
+    saving a query; a witness that holds another size answers 409 with it); else the sizes recorded here.
+    """
+    known = {} if previous is not None else cosigned_sizes(con)
     nodes = StoredNodes(con)
-    out = []
+    out, proofs = [], {}
     for w in policy.witnesses.values():
         if not w.url:
             continue
-        old = min(known.get(w.vkey, 0), size)
-        out.append(Submission(w, old, nodes.run(merkle.consistency_proof_from, old, size) if 0 < old < size else []))
+        old = min(previous if previous is not None else known.get(w.vkey, 0), size)
+        if old not in proofs:
+            proofs[old] = nodes.run(merkle.consistency_proof_from, old, size) if 0 < old < size else []
+        out.append(Submission(w, old, proofs[old]))
     return out
 
 

@@ -6,7 +6,9 @@ environment) and follow no redirects.
 
 import base64
 import http.client
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from .state import origin_hash
@@ -56,8 +58,57 @@ def format_add_checkpoint(old_size: int, proof: list[bytes], note: str) -> bytes
     return ("".join(lines) + "\n" + note).encode("utf-8")
 
 
+class _KeepAlive:
+    """One persistent HTTP/1.1 connection per witness (tlog-witness asks clients to reuse connections)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.connections: dict[tuple[str, int], http.client.HTTPConnection] = {}
+
+    def request(self, req: urllib.request.Request, timeout_s: float) -> tuple[int, str, str] | None:
+        """Return (status, content type, body) over a kept-alive connection; None when the URL is not plain http."""
+        url = urllib.parse.urlsplit(req.full_url)
+        if url.scheme != "http" or not url.hostname:
+            return None
+        key = (url.hostname, url.port or 80)
+        with self.lock:
+            con = self.connections.pop(key, None)
+        for attempt in (0, 1):  # a kept connection the witness closed meanwhile: one fresh try
+            if con is None:
+                con = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout_s)
+            con.timeout = timeout_s
+            if con.sock is not None:
+                con.sock.settimeout(timeout_s)
+            try:
+                path = url.path + (f"?{url.query}" if url.query else "")
+                con.request(req.get_method(), path, body=req.data, headers=dict(req.header_items()))
+                resp = con.getresponse()
+                body = resp.read().decode("utf-8", "replace")
+                if not resp.will_close:
+                    with self.lock:
+                        self.connections[key] = con
+                else:
+                    con.close()
+                return resp.status, resp.headers.get("Content-Type", ""), body
+            except (BrokenPipeError, ConnectionResetError) as e:  # RemoteDisconnected included
+                con.close()
+                con = None
+                if attempt:
+                    raise WitnessUnavailable(f"witness {req.full_url} unavailable: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                con.close()
+                raise WitnessUnavailable(f"witness {req.full_url} unavailable: {e}") from None
+        raise WitnessUnavailable(f"witness {req.full_url} unavailable")
+
+
+_keep_alive = _KeepAlive()
+
+
 def _request(req: urllib.request.Request, timeout_s: float) -> tuple[int, str, str]:
     """Return (status, content type, body text) of a request; raise WitnessUnavailable if there is no answer."""
+    kept = _keep_alive.request(req, timeout_s)
+    if kept is not None:
+        return kept
     try:
         with _opener.open(req, timeout=timeout_s) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode("utf-8", "replace")
