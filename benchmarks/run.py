@@ -28,6 +28,8 @@ SCRIPTS = [  # (script, full args, quick args)
     ("bench_log.py", [], ["--leaves", "1000000", "--events", "200000"]),
     ("bench_audit.py", [], ["--events", "1000000"]),
     ("bench_scale.py", [], ["--samples", "5000", "--train", "20000", "--test", "2000"]),
+    ("bench_witness.py", ["--reps", "40"], ["--reps", "5"]),
+    ("bench_export.py", [], ["--leaves", "200000", "--commit-rows", "100000", "--repeats", "5", "--proofs", "100"]),
 ]
 
 

@@ -14,6 +14,10 @@ Other tests use it through ``go_verify``::
         pytest.skip(go_unavailable_reason())
     proc = go_verify("receipt", receipt_json_obj, key=verifier_key)
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stdout + proc.stderr
+
+A second program, ``read_tiles.go``, reads a C2SP tlog-tiles directory (or URL) and
+tlog-proof files; run it with ``go_read_tiles("tiles", DIR, key=vkey)`` or
+``go_read_tiles("proof", PROOF, LEAF, key=vkey)``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "verify_receipt.go"
+TILES_SOURCE = Path(__file__).resolve().parent / "read_tiles.go"
 XMOD_FILES = ("src/golang.org/x/mod/sumdb/note/note.go", "src/golang.org/x/mod/sumdb/tlog/tlog.go")
 DEFAULT_GOPATH = "/usr/share/gocode"  # where golang-golang-x-mod-dev installs the source
 APT_PACKAGES = ("golang-go", "golang-golang-x-mod-dev")
@@ -34,7 +39,7 @@ APT_PACKAGES = ("golang-go", "golang-golang-x-mod-dev")
 # Exit codes of the Go program.
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
 
-_binary: Path | None = None
+_binaries: dict[Path, Path] = {}
 
 
 def find_gopath() -> str | None:
@@ -59,12 +64,17 @@ def go_unavailable_reason() -> str | None:
 
 def build_verifier(out_dir: Path) -> Path:
     """Build the Go verifier into out_dir and return the binary's path; raises RuntimeError on failure."""
+    return build_go_program(SOURCE, out_dir)
+
+
+def build_go_program(source: Path, out_dir: Path) -> Path:
+    """Build one Go source file into out_dir (offline, GOPATH mode) and return the binary's path; raises RuntimeError on failure."""
     reason = go_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    binary = out_dir / "verify_receipt"
+    binary = out_dir / Path(source).stem
     env = dict(os.environ)
     env.update(
         GO111MODULE="off",  # GOPATH mode: x/mod comes from the Debian package, no network
@@ -77,7 +87,7 @@ def build_verifier(out_dir: Path) -> Path:
         GOWORK="off",
     )
     proc = subprocess.run(
-        ["go", "build", "-o", str(binary), str(SOURCE)],
+        ["go", "build", "-o", str(binary), str(source)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     if proc.returncode != 0:
@@ -85,15 +95,41 @@ def build_verifier(out_dir: Path) -> Path:
     return binary
 
 
-def verifier_binary(out_dir: Path | None = None) -> Path:
-    """Return the Go verifier, building it on first use (once per process) into out_dir or a temp dir."""
-    global _binary
-    if _binary is None or not _binary.exists():
+def go_binary(source: Path, out_dir: Path | None = None) -> Path:
+    """Return the binary of a Go source file, building it on first use (once per process) into out_dir or a temp dir."""
+    binary = _binaries.get(source)
+    if binary is None or not binary.exists():
         if out_dir is None:
             out_dir = Path(tempfile.mkdtemp(prefix="fgtrac-gover-"))
             atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
-        _binary = build_verifier(out_dir)
-    return _binary
+        binary = _binaries[source] = build_go_program(source, out_dir)
+    return binary
+
+
+def verifier_binary(out_dir: Path | None = None) -> Path:
+    """Return the Go verifier, building it on first use (once per process) into out_dir or a temp dir."""
+    return go_binary(SOURCE, out_dir)
+
+
+def tiles_reader_binary(out_dir: Path | None = None) -> Path:
+    """Return the Go tile reader (read_tiles.go), building it on first use into out_dir or a temp dir."""
+    return go_binary(TILES_SOURCE, out_dir)
+
+
+def go_read_tiles(mode: str, *paths: str | os.PathLike, key: str, xmod_only: bool = False,
+                  witnesses: tuple[str, ...] = (), quorum: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the Go tile reader: mode "tiles" with DIR or URL, or "proof" with PROOF_FILE LEAF_FILE.
+
+    Returns the CompletedProcess (text mode): returncode 0 and stdout "OK ..." mean verified,
+    1 and stdout "FAIL <reason>" rejected, 2 usage error. xmod_only: trust x/mod's TileHashReader alone.
+    """
+    if mode not in ("tiles", "proof"):
+        raise ValueError(f"unknown mode {mode!r}")
+    args = [str(tiles_reader_binary()), "-key", key] + (["-xmod-only"] if xmod_only else [])
+    for w in witnesses:
+        args += ["-witness", w]
+    args += ["-quorum", str(quorum)] if witnesses else []
+    return subprocess.run(args + [mode, *map(str, paths)], capture_output=True, text=True, timeout=timeout)
 
 
 def go_verify(mode: str, payload: dict | list | str | bytes, key: str | None = None,

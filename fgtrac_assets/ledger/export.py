@@ -1,0 +1,469 @@
+"""Publish the log as a C2SP tlog-tiles directory: checkpoint, hash tiles and entry bundles.
+
+The stored tiles (ledger/nodes.py) are the C2SP tiles: stored tile level t is C2SP level t, and
+a tile of a tree of size s is the stored tile cut to the width s needs, since a hash in it never
+changes once written. The export copies them; only the entry bundles are built, from the leaf
+tables read a column at a time, and every entry is checked against its level-0 hash.
+
+A re-export continues from the directory's own checkpoint once its root is the log's root at
+that size (so the directory holds a prefix of this log), and writes only the tiles and bundles
+that are new or grew, plus the partial tiles of every tree head signed since (C2SP: a log MUST
+serve the partial tiles of each tree size it made a checkpoint for, until the full tile exists).
+Files are written to a temporary name and renamed; the checkpoint is written last.
+
+Bundles are built a chunk of 1,024 at a time, each chunk in its own short read session so a long
+export does not hold off commits; a large export spreads the chunks over worker processes
+(`python -m fgtrac_assets.ledger.export`, fed a JSON job on stdin).
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from ..integrity import merkle, notes
+from ..integrity.tiles import HASH_SIZE, TILE_WIDTH, EntryTooLarge, Tile, encode_bundles, new_tiles, tiles_between
+from .leaves import table_leaves
+from .nodes import KEY_SHIFT, StoredNodes, tile_key, tile_of
+from .schema import LEAF_ORDER, LEAF_TABLES, physical
+from .store import Ledger
+
+CHECKPOINT = "checkpoint"
+CHUNK_BUNDLES = 1024  # entry bundles per read session: 262,144 leaves
+PARALLEL_CHUNKS = 4  # from this many chunks on, worker processes build them (each starts in about a second)
+MAX_WORKERS = 4
+WRITE_THREADS = 4  # the kernel's file creation is most of a file's cost: let several run at once
+_LOCK = ".fgtrac-export.lock"
+
+
+class ExportError(ValueError):
+    """The log cannot be exported (empty, damaged, or the directory holds another log)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: the published size, the size the directory held before, and file counts."""
+
+    out_dir: Path
+    size: int
+    previous_size: int
+    tiles: int
+    bundles: int
+    bytes: int
+    checkpoint_changed: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Head:
+    size: int
+    root: bytes
+    note: str
+    origin: str
+
+
+class _Writer:
+    """Atomic file writes (temporary name, then rename) under one directory, batches in background threads."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.dirs: set[Path] = set()
+        self.files = 0
+        self.bytes = 0
+        self.tag = f".{os.getpid()}.tmp"
+        self._threads = ThreadPoolExecutor(max_workers=WRITE_THREADS)  # file I/O overlaps with encoding
+        self._pending: list[list[Future]] = []
+        self._count = threading.Lock()
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Write one file now."""
+        path = self.root / rel
+        parent = path.parent
+        if parent not in self.dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.dirs.add(parent)
+        tmp = parent / f".{path.name}{self.tag}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        with self._count:
+            self.files += 1
+            self.bytes += len(data)
+
+    def write_later(self, items: list[tuple[str, bytes]]) -> None:
+        """Queue files for the writer threads (at most two batches wait, bounding memory)."""
+        while len(self._pending) >= 2:
+            for job in self._pending.pop(0):
+                job.result()
+        # folders first, here: the threads then never race to create the same one
+        for parent in {(self.root / rel).parent for rel, _ in items} - self.dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.dirs.add(parent)
+        parts = [items[i::WRITE_THREADS] for i in range(min(WRITE_THREADS, len(items)))]
+        self._pending.append([self._threads.submit(lambda part=part: [self.write(r, d) for r, d in part])
+                              for part in parts])
+
+    def flush(self) -> None:
+        """Wait for the queued files, raising the first error."""
+        try:
+            while self._pending:
+                for job in self._pending.pop(0):
+                    job.result()
+        finally:
+            self._threads.shutdown(wait=True)
+
+
+def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False,
+               workers: int | None = None) -> ExportResult:
+    """Write the C2SP tlog-tiles directory of the latest signed tree head into out_dir; return what was written.
+
+    full: rewrite the directory from scratch (its checkpoint and tile/ are removed first), instead of
+    continuing from the checkpoint it holds. workers: processes building entry bundles (default: one per
+    CPU, up to 4, when there are PARALLEL_CHUNKS chunks or more to build; 1 builds them in this process).
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        before = None if full else _read_checkpoint(out)
+        previous = before.size if before else 0
+        with ledger.reader(code_views=False) as con:
+            head, signed = _heads(con, previous)
+            if before is not None and (before.origin != head.origin or before.size > head.size):
+                raise ExportError(_conflict(out, before, head))
+            written = set(tiles_between([previous], previous))  # the previous export's partial tiles exist
+            wanted = sorted(set(new_tiles(previous, head.size)) | (set(tiles_between(signed, head.size)) - written))
+            upper = [t for t in wanted if t.level > 0]
+            level0 = _Level0([t for t in wanted if t.level == 0], head.size)
+            small = len(level0.chunks) == 1 and workers in (None, 1)  # a re-export: one tile query for all
+            nodes = _prefetch(con, [head.size, previous], upper + (level0.tiles if small else []))
+            if _stored_root(nodes, head.size) != head.root:
+                raise ExportError(f"the stored tiles do not give the signed root of tree size {head.size}: "
+                                  "run `fgtrac verify`")
+            if before is not None and _stored_root(nodes, previous) != before.root:
+                raise ExportError(_conflict(out, before, head))
+            if previous == head.size and _holds(out / CHECKPOINT, head.note.encode("utf-8")):
+                return ExportResult(out, head.size, previous, 0, 0, 0, False, time.perf_counter() - t0)
+            upper_blobs = {(t.level, t.index): _stored_tile(nodes, t.level, t.index) for t in upper}
+            if workers is None:
+                workers = min(MAX_WORKERS, os.cpu_count() or 1) if len(level0.chunks) >= PARALLEL_CHUNKS else 1
+            workers = max(1, min(workers, len(level0.chunks)))
+            first = None
+            if level0.chunks and workers == 1:
+                stored = {k: _stored_tile(nodes, 0, k) for k in level0.chunks[0]} if small else None
+                first = level0.read(con, 0, stored)
+        if full:
+            (out / CHECKPOINT).unlink(missing_ok=True)
+            shutil.rmtree(out / "tile", ignore_errors=True)
+        writer = _Writer(out)
+        try:
+            if workers > 1:
+                files, size = _run_workers(ledger, out, level0, workers)
+                writer.files, writer.bytes = writer.files + files, writer.bytes + size
+            else:
+                for i in range(len(level0.chunks)):
+                    if i:
+                        with ledger.reader(code_views=False) as con:
+                            first = level0.read(con, i)
+                    level0.write(writer, i, first)
+            writer.write_later([(t.path, _cut({t.index: upper_blobs[(t.level, t.index)]}, t)) for t in upper])
+        finally:
+            writer.flush()
+        writer.write(CHECKPOINT, head.note.encode("utf-8"))
+        n0 = len(level0.tiles)
+        return ExportResult(out, head.size, previous, n0 + len(upper), n0, writer.bytes, True, time.perf_counter() - t0)
+
+
+def _heads(con: duckdb.DuckDBPyConnection, previous: int) -> tuple[_Head, list[int]]:
+    """Return the latest signed tree head and the sizes of those signed after `previous` (one query)."""
+    rows = con.execute("SELECT size, CASE WHEN row_number() OVER (ORDER BY size DESC) = 1 THEN note END "
+                       "FROM tree_heads WHERE size >= ? OR size = (SELECT max(size) FROM tree_heads)",
+                       [previous]).fetchall()
+    latest = next((r for r in rows if r[1] is not None), None)
+    if latest is None:
+        raise ExportError("the log is empty: nothing to export yet")
+    size, note = latest
+    try:
+        cp = notes.parse_checkpoint(notes.split_note(note)[0])
+    except ValueError as exc:
+        raise ExportError(f"the signed tree head of size {size} is not a checkpoint ({exc}): run `fgtrac verify`") from None
+    if cp.size != size:
+        raise ExportError(f"the signed tree head stored for size {size} is a checkpoint of size {cp.size}: "
+                          "run `fgtrac verify`")
+    return _Head(size, cp.root, note, cp.origin), sorted({r[0] for r in rows if previous < r[0] <= size})
+
+
+def _prefetch(con: duckdb.DuckDBPyConnection, sizes: list[int], tiles: list[Tile]) -> StoredNodes:
+    """Return StoredNodes holding, from one query, the tiles the roots at these sizes read and the given tiles."""
+    nodes = StoredNodes(con)
+    coords: list[tuple[int, int]] = []
+
+    def record(level: int, index: int) -> bytes:
+        coords.append((level, index))
+        return bytes(HASH_SIZE)
+
+    for size in sizes:
+        merkle.root_from(record, size)
+    nodes.prefetch_tiles([tile_of(lv, ix)[:2] for lv, ix in coords] + [(t.level, t.index) for t in tiles])
+    return nodes
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold the directory's export lock for the block (one exporter per directory)."""
+    fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another export into {out} is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stored_root(nodes: StoredNodes, size: int) -> bytes:
+    """Return the root of the first size leaves from the stored tiles; raise ExportError if a tile is missing."""
+    try:
+        return nodes.run(merkle.root_from, size)
+    except KeyError as exc:
+        raise ExportError(f"{exc.args[0]}: run `fgtrac verify`") from None
+
+
+def _stored_tile(nodes: StoredNodes, level: int, index: int) -> bytes:
+    """Return a stored tile's hashes, concatenated; raise ExportError if it is missing."""
+    try:
+        return b"".join(nodes.tile(level, index))
+    except KeyError as exc:
+        raise ExportError(f"{exc.args[0]}: run `fgtrac verify`") from None
+
+
+def _read_checkpoint(out: Path) -> notes.Checkpoint | None:
+    """Return the checkpoint out holds (None if none); raise ExportError if it holds something else."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        return notes.parse_checkpoint(notes.split_note(path.read_text(encoding="utf-8"))[0])
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ExportError(f"{path} is not a checkpoint ({exc}); pass --full to rewrite {out} from scratch") from None
+
+
+def _conflict(out: Path, before: notes.Checkpoint, head: _Head) -> str:
+    """Return why out's checkpoint is not a prefix of this log, as a one-line message."""
+    path, advice = out / CHECKPOINT, f"pass --full to rewrite {out} from scratch"
+    if before.origin != head.origin:
+        return f"{path} is a checkpoint of log {before.origin!r}, not {head.origin!r}; {advice}"
+    if before.size > head.size:
+        return f"{path} has tree size {before.size}, larger than this log's {head.size}; {advice}"
+    return f"{path} (tree size {before.size}) is not consistent with this log: its root differs; {advice}"
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, level: int, first: int, last: int) -> dict[int, bytes]:
+    """Return the stored hash blobs of tiles first..last of a tile level, by index."""
+    rows = con.execute("SELECT tile, hashes FROM log_tiles WHERE tile BETWEEN ? AND ?",
+                       [tile_key(level, first), tile_key(level, last)]).fetchall()
+    mask = (1 << KEY_SHIFT) - 1
+    return {key & mask: bytes(blob) for key, blob in rows}
+
+
+def _cut(stored: dict[int, bytes], t: Tile) -> bytes:
+    blob = stored.get(t.index, b"")
+    if len(blob) < t.width * HASH_SIZE:
+        raise ExportError(f"log tile (level {t.level * 8}, index {t.index}) holds {len(blob) // HASH_SIZE} hashes "
+                          f"where the log needs {t.width}: run `fgtrac verify`")
+    return blob[:t.width * HASH_SIZE]
+
+
+class _Level0:
+    """The level-0 tiles to write with their entry bundles, in chunks of CHUNK_BUNDLES tile indexes."""
+
+    def __init__(self, tiles: list[Tile], size: int, tables: list[tuple[str, str]] | None = None,
+                 chunk: int | None = None):
+        self.tiles, self.size, self.chunk = tiles, size, chunk or CHUNK_BUNDLES
+        self.tables = tables or [(t, physical(t)) for t in LEAF_ORDER]
+        self.by_index: dict[int, list[Tile]] = {}
+        for t in tiles:
+            self.by_index.setdefault(t.index, []).append(t)
+        indexes = sorted(self.by_index)
+        self.chunks = [indexes[c:c + self.chunk] for c in range(0, len(indexes), self.chunk)]
+
+    def to_json(self) -> dict:
+        """Return the plan as JSON data (for a worker process)."""
+        return {"size": self.size, "tables": self.tables, "chunk": self.chunk,
+                "tiles": [[t.index, t.width] for t in self.tiles]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "_Level0":
+        """Return the plan to_json described."""
+        return cls([Tile(0, k, w) for k, w in data["tiles"]], data["size"], [tuple(t) for t in data["tables"]],
+                   data["chunk"])
+
+    def _span(self, i: int) -> tuple[int, int]:
+        chunk = self.chunks[i]
+        return chunk[0] * TILE_WIDTH, min(self.size, (chunk[-1] + 1) * TILE_WIDTH)
+
+    def read(self, con: duckdb.DuckDBPyConnection, i: int,
+             stored: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], list[bytes]]:
+        """Return the stored level-0 tiles (unless given) and the leaves chunk i needs."""
+        chunk = self.chunks[i]
+        try:
+            leaves = _leaves(con, self.tables, *self._span(i))
+        except duckdb.CatalogException:  # not the current layout: ask the catalog which leaf tables it has
+            self.tables = _leaf_tables(con)
+            leaves = _leaves(con, self.tables, *self._span(i))
+        return (_fetch(con, 0, chunk[0], chunk[-1]) if stored is None else stored), leaves
+
+    def write(self, writer: _Writer, i: int, data: tuple[dict[int, bytes], list[bytes]]) -> None:
+        """Queue chunk i's level-0 tiles and entry bundles, after checking every entry against its leaf hash."""
+        stored, leaves = data
+        lo, _ = self._span(i)
+        try:
+            encoded = encode_bundles(leaves, lo)
+        except EntryTooLarge as exc:
+            raise ExportError(f"cannot publish the log as C2SP tiles: {exc}") from None
+        hashes = b"".join(merkle.leaf_hashes(leaves))
+        items = []
+        for k in self.chunks[i]:
+            start = k * TILE_WIDTH - lo
+            for t in self.by_index[k]:
+                blob = _cut(stored, t)
+                _check_entries(hashes[start * HASH_SIZE:(start + t.width) * HASH_SIZE], blob, k * TILE_WIDTH)
+                if t.width == min(TILE_WIDTH, len(leaves) - start):
+                    bundle = encoded[start // TILE_WIDTH]
+                else:  # the partial bundle of an earlier signed tree head
+                    bundle = encode_bundles(leaves[start:start + t.width])[0]
+                items += [(t.path, blob), (Tile(None, k, t.width).path, bundle)]
+        writer.write_later(items)
+
+
+def _check_entries(computed: bytes, stored: bytes, first: int) -> None:
+    """Raise ExportError unless the entries' leaf hashes are the stored level-0 hashes."""
+    if computed == stored:
+        return
+    bad = next(i for i in range(0, len(stored), HASH_SIZE) if computed[i:i + HASH_SIZE] != stored[i:i + HASH_SIZE])
+    raise ExportError(f"leaf {first + bad // HASH_SIZE}: its ledger row does not hash to the logged leaf hash "
+                      "(the row was changed after it was logged): run `fgtrac verify`")
+
+
+def _leaf_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """Return (leaf table, stored table) for every leaf table the file has (ledgers before event groups keep `events`)."""
+    base = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                                      "AND schema_name = 'main' AND NOT temporary").fetchall()}
+    out = []
+    for t in LEAF_ORDER:
+        stored = physical(t) if physical(t) in base else t
+        if stored in base:
+            out.append((t, stored))
+    return out
+
+
+def _leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> list[bytes]:
+    """Return the leaf bytes of log entries lo..hi-1, read from the leaf tables a column at a time."""
+    where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
+    counts = con.execute(" UNION ALL ".join(f"SELECT {i} AS t, count(*) AS n FROM {stored} {where}"
+                                            for i, (_, stored) in enumerate(tables))).fetchall()
+    slots: list[bytes | None] = [None] * (hi - lo)
+    seen = np.zeros(hi - lo, dtype=bool)
+    found = 0
+    for i, n in counts:
+        if not n:
+            continue
+        name, stored = tables[i]
+        cols = ", ".join(c for c, _ in LEAF_TABLES[name])
+        tbl = con.sql(f"SELECT leaf_index, {cols} FROM {stored} {where}").to_arrow_table()
+        leaves = table_leaves(name, tbl)
+        at = tbl.column("leaf_index").to_numpy() - lo
+        seen[at] = True
+        # a commit's rows of one table are consecutive leaves: place them a run at a time
+        breaks = (np.flatnonzero(np.diff(at) != 1) + 1).tolist()
+        for a, b in zip([0] + breaks, breaks + [len(at)]):
+            slots[int(at[a]):int(at[a]) + b - a] = leaves[a:b]
+        found += tbl.num_rows
+    if found != hi - lo or not seen.all():
+        missing = f" (no row for leaf {lo + int(np.argmin(seen))})" if not seen.all() else ""
+        raise ExportError(f"the leaf tables hold {found} rows for log entries {lo}..{hi - 1}, not {hi - lo}{missing}: "
+                          "run `fgtrac verify`")
+    return slots
+
+
+# --- worker processes ------------------------------------------------------------------------
+
+
+def _run_workers(ledger: Ledger, out: Path, level0: _Level0, workers: int) -> tuple[int, int]:
+    """Build level0's chunks in worker processes (chunk i in worker i % workers); return (files, bytes) written."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    plan = level0.to_json()
+    jobs = [json.dumps({"home": str(ledger.home.root), "lock_timeout_s": ledger.lock_timeout_s, "out": str(out),
+                        "plan": plan, "chunks": list(range(w, len(level0.chunks), workers))}) for w in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, text=True) for _ in jobs]
+    files = size = 0
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            running = {pool.submit(proc.communicate, job): proc for proc, job in zip(procs, jobs)}
+            for done in as_completed(running):
+                (stdout, stderr), proc = done.result(), running[done]
+                if proc.returncode != 0:
+                    for other in procs:  # the first failure ends the export: stop the others now
+                        if other.poll() is None:
+                            other.kill()
+                    reason = stdout.strip() or (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+                    raise ExportError(f"export worker: {reason.removeprefix('error: ')}")
+                result = json.loads(stdout)
+                files, size = files + result["files"], size + result["bytes"]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return files, size
+
+
+def _worker_main() -> int:
+    """Run one worker's job (JSON on stdin); print {"files", "bytes"} or `error: <reason>`; return the exit status."""
+    job = json.loads(sys.stdin.read())
+    ledger = Ledger(job["home"], lock_timeout_s=job["lock_timeout_s"])
+    level0 = _Level0.from_json(job["plan"])
+    writer = _Writer(Path(job["out"]))
+    try:
+        try:
+            for i in job["chunks"]:
+                with ledger.reader(code_views=False) as con:
+                    data = level0.read(con, i)
+                level0.write(writer, i, data)
+        finally:
+            writer.flush()
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 1
+    print(json.dumps({"files": writer.files, "bytes": writer.bytes}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
