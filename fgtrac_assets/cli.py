@@ -12,6 +12,7 @@ import duckdb
 from .config import resolve_home
 from .ledger.lock import LedgerBusy
 from .ledger.store import Ledger, LedgerDamaged, LedgerMissing
+from .ledger.log_command import add_log_export_commands
 from .witness.command import add_witness_commands
 
 
@@ -141,6 +142,16 @@ def cmd_prove(args) -> int:
         with ledger.reader() as con:  # ids by unique prefix, runs also as `latest`, as in the audits
             run = resolve_run(con, args.run) if args.run else None
             sample = args.sample_id if args.absent else resolve_sample(con, args.sample_id)
+        if args.format == "tlog-proof":
+            if args.absent or not args.out:
+                print("fgtrac prove --format tlog-proof needs --out DIR (and proves inclusion, not absence)",
+                      file=sys.stderr)
+                return 2
+            from .ledger.tlog_proofs import tlog_proofs_for_sample
+
+            files = tlog_proofs_for_sample(ledger, sample, args.out, args.asset)
+            print(f"wrote {len(files)} tlog-proof(s) with their .leaf files to {args.out}", file=sys.stderr)
+            return 0
         if args.absent:
             receipt = proofs.absence(ledger, sample, run)
         else:
@@ -155,8 +166,18 @@ def cmd_prove(args) -> int:
 
 def cmd_verify_receipt(args) -> int:
     """Check a receipt file offline: signature, inclusion (or absence) proof; no database needed."""
+    from .integrity.policy import load_policy
     from .integrity.receipts import ReceiptError, verify_receipt
+    from .integrity.tlog_proof import FILE_SUFFIX, TlogProofError, check_proof_file
 
+    policy = load_policy(args.policy) if args.policy else None
+    if args.file.endswith(FILE_SUFFIX):
+        try:
+            print(f"OK {args.file}: {printable(check_proof_file(Path(args.file), args.key or [], policy))}")
+            return 0
+        except TlogProofError as exc:
+            print(f"FAIL {args.file}: {printable(str(exc))}")
+            return 1
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -167,7 +188,7 @@ def cmd_verify_receipt(args) -> int:
     for i, receipt in enumerate(items):
         label = f"{args.file}[{i}]" if isinstance(data, list) else args.file
         try:
-            print(f"OK {label}: {printable(verify_receipt(receipt, args.key or None))}")
+            print(f"OK {label}: {printable(verify_receipt(receipt, (policy.log_keys if policy else args.key) or None))}")
         except (ReceiptError, TypeError, AttributeError) as exc:
             failed += 1
             print(f"FAIL {label}: {printable(str(exc))}")
@@ -311,11 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asset", help="only rows written by this asset")
     p.add_argument("--absent", action="store_true", help="prove the sample is NOT in --run's training set")
     p.add_argument("--run", help="the training run (model version) for --absent")
-    p.add_argument("--out", help="write the receipt(s) to this file instead of stdout")
+    p.add_argument("--out", help="write the receipt(s) to this file instead of stdout (a folder for tlog-proof)")
+    p.add_argument("--format", choices=["json", "tlog-proof"], default="json",
+                   help="json receipts (default), or C2SP tlog-proof files DIR/<leaf_index>.tlog-proof + .leaf")
     p.set_defaults(func=cmd_prove)
     p = sub.add_parser("verify-receipt", help="check a receipt offline with the public key alone")
     p.add_argument("file")
     p.add_argument("--key", action="append", help="the verifier key to trust (default: the receipt's own)")
+    p.add_argument("--policy", help="a C2SP tlog-policy: trust its log keys and require its witness quorum")
     p.set_defaults(func=cmd_verify_receipt)
     p = sub.add_parser("log", help="log proofs")
     log_sub = p.add_subparsers(dest="log_command", required=True)
@@ -323,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--old", type=int, required=True)
     c.add_argument("--new", type=int, required=True)
     c.set_defaults(func=cmd_consistency)
+    add_log_export_commands(log_sub)
     p = sub.add_parser("summary", help="counts, the latest signed tree head, and a verify")
     p.set_defaults(func=cmd_summary)
     p = sub.add_parser("key", help="print the verifier key; `key list` the history; `key rotate` starts a new "

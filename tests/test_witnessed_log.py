@@ -203,3 +203,44 @@ def test_verify_json_with_a_policy_names_the_witness(witnessed, capsys):
     assert fgtrac(["--home", str(home), "verify", "--json", "--policy", str(policy)]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert {f["row"] for f in doc["findings"] if f["table"] == "witness"} >= {"w1", "w2"}
+
+
+def test_a_cosigned_tlog_proof_verifies_offline_in_python_and_go(witnessed, tmp_path, capsys):
+    import hashlib
+
+    from tests.interop.build import go_read_tiles, go_unavailable_reason
+
+    home, policy = witnessed
+    sid = hashlib.sha256(b"a sample").hexdigest()
+    Ledger(home).commit(Commit("p", "raw", "r-s", rows={"samples": [{"sample_id": sid, "source": "x", "label": 1}],
+                                                        "events": [{"sample_id": sid, "kind": "ingested"}]}))
+    out = tmp_path / "proofs"
+    assert fgtrac(["--home", str(home), "prove", sid[:12], "--format", "tlog-proof", "--out", str(out)]) == 0
+    proofs = sorted(out.glob("*.tlog-proof"))
+    assert len(proofs) == 2 and all(p.with_suffix(".leaf").exists() for p in proofs)
+    capsys.readouterr()
+    assert fgtrac(["verify-receipt", str(proofs[0]), "--policy", str(policy)]) == 0
+    assert "cosigned by w1, w2" in capsys.readouterr().out
+    stricter = tmp_path / "stricter"
+    stricter.write_text(policy.read_text().replace("quorum 2", "witness w3 " + _third_witness() + "\nquorum 3"))
+    assert fgtrac(["verify-receipt", str(proofs[0]), "--policy", str(stricter)]) == 1
+    assert "witness policy" in capsys.readouterr().out
+    log_key = Ledger(home).keystore.current_verifier_key(ORIGIN)
+    wkeys = [line.split()[2] for line in policy.read_text().splitlines() if line.startswith("witness ")]
+    if go_unavailable_reason() is None:  # Go and x/mod come from Debian packages (.ci/run, make test)
+        ok = go_read_tiles("proof", proofs[0], proofs[0].with_suffix(".leaf"), key=log_key, witnesses=tuple(wkeys),
+                           quorum=2)
+        assert ok.returncode == 0 and "cosigned by 2 witnesses" in ok.stdout, ok.stdout + ok.stderr
+        short = go_read_tiles("proof", proofs[0], proofs[0].with_suffix(".leaf"), key=log_key,
+                              witnesses=(wkeys[0], _third_witness()), quorum=2)
+        assert short.returncode == 1 and "quorum 2" in short.stdout, short.stdout
+    leaf = proofs[0].with_suffix(".leaf")
+    assert b'"source":"x"' in leaf.read_bytes()
+    leaf.write_bytes(leaf.read_bytes().replace(b'"source":"x"', b'"source":"y"'))
+    assert fgtrac(["verify-receipt", str(proofs[0]), "--policy", str(policy)]) == 1
+
+
+def _third_witness() -> str:
+    from fgtrac_assets.integrity.cosignature import generate_cosigner
+
+    return generate_cosigner("witness.test/w3").verifier_key

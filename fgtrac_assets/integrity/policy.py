@@ -60,6 +60,20 @@ class Policy:
             return name in cosigned
         return sum(self._witnessed(m, cosigned) for m in group.members) >= group.k
 
+    def cosigners(self, note: str) -> set[str]:
+        """Return the names of this policy's witnesses whose cosignature on the signed note verifies."""
+        from . import cosignature, notes
+
+        body = notes.split_note(note)[0]
+        names = set()
+        for w in self.witnesses.values():
+            try:
+                cosignature.verify_cosignature(note, body, w.vkey)
+                names.add(w.name)
+            except cosignature.CosignatureError:
+                pass
+        return names
+
     def needed(self) -> str:
         """Return the quorum rule in words, for messages."""
         if self.quorum == "none":

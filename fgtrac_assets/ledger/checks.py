@@ -110,7 +110,7 @@ def witnessed_check(con: duckdb.DuckDBPyConnection, ledger: Ledger, note: str) -
                             "tree heads are signed but not witnessed")
     size = notes.parse_checkpoint(notes.split_note(note)[0]).size
     cosigned = witnessing.cosigned_note(con, size) or note
-    names = sorted(witnessing.witnessed_by(cosigned, policy))
+    names = sorted(policy.cosigners(cosigned))
     ok = policy.satisfied(set(names))
     return CheckOutcome("witnessed", ok, (f"cosigned by {', '.join(names)}" if ok else
                                           f"not yet witnessed ({policy.needed()} needed, cosigned by "

@@ -87,7 +87,7 @@ class Ledger:
         return self.home.ledger.is_file()
 
     @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, read_only: bool, code_views: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.exists():
             raise LedgerMissing(f"no ledger at {self.home.ledger}: nothing has been materialised yet")
         if not read_only:
@@ -95,7 +95,7 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
-                if read_only:
+                if read_only and code_views:
                     install_code_definitions(con)  # audits read the code's views, never the file's (catalog.py)
                 _lock_configuration(con)
                 if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
@@ -111,9 +111,9 @@ class Ledger:
                 con.close()
 
     @contextmanager
-    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Yield a read-only connection held under the shared lock."""
-        with self._connect(read_only=True) as con:
+    def reader(self, code_views: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Yield a read-only connection held under the shared lock (code_views=False: base tables only, faster)."""
+        with self._connect(read_only=True, code_views=code_views) as con:
             yield con
 
     def query(self, sql: str, params: list | None = None) -> pa.Table:

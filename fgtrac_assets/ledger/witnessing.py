@@ -146,16 +146,3 @@ def cosigned_note(con: duckdb.DuckDBPyConnection, size: int) -> str | None:
     lines = [line for (line,) in con.execute("SELECT DISTINCT line FROM cosignatures WHERE size = ? ORDER BY line",
                                              [size]).fetchall()]
     return head[0][0] + "".join(lines)
-
-
-def witnessed_by(note: str, policy: Policy) -> set[str]:
-    """Return the names of the policy's witnesses whose cosignature on this note verifies."""
-    body = notes.split_note(note)[0]
-    names = set()
-    for w in policy.witnesses.values():
-        try:
-            verify_cosignature(note, body, w.vkey)
-            names.add(w.name)
-        except CosignatureError:
-            pass
-    return names
