@@ -158,9 +158,13 @@ def write_tiles(con: duckdb.DuckDBPyConnection, tiles: list[tuple[int, int, list
         con.unregister("_fgtrac_tiles")
 
 
-def append_hashes(con: duckdb.DuckDBPyConnection, start: int, leaf_hashes: Sequence[bytes]) -> tuple[int, bytes]:
-    """Store leaf hashes appended at start and the tiles they complete; return (new size, root)."""
-    nodes = StoredNodes(con)
+def append_hashes(con: duckdb.DuckDBPyConnection, start: int, leaf_hashes: Sequence[bytes],
+                  nodes: "StoredNodes | None" = None) -> tuple[int, bytes]:
+    """Store leaf hashes appended at start and the tiles they complete; return (new size, root).
+
+    nodes: a StoredNodes to use (it then caches the tiles written, for proofs read right after).
+    """
+    nodes = nodes if nodes is not None else StoredNodes(con)
     tiles = new_tiles(start, leaf_hashes, nodes)
     write_tiles(con, tiles)
     nodes.tiles.update({(t, k): h for t, k, h in tiles})

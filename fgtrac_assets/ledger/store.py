@@ -154,7 +154,8 @@ class Ledger:
                 mat_tbl = to_arrow("materializations", [mat])
                 _insert(con, "materializations", mat_tbl.add_column(0, "leaf_index", pa.array([offset], pa.int64())))
                 hashes.append(merkle.leaf_hash(row_leaf("materializations", mat)))
-                size, root = append_hashes(con, start, hashes)
+                nodes = StoredNodes(con)
+                size, root = append_hashes(con, start, hashes, nodes)
                 text = notes.format_checkpoint(self.origin, size, root)
                 note = signer.sign(text)
                 con.execute("INSERT INTO tree_heads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -164,7 +165,7 @@ class Ledger:
                 con.execute("ROLLBACK")
                 raise
             if policy is not None:  # on this connection: the lock is held at most the witnesses' short timeout
-                witnessed = _witness(con, policy, size, note, previous=start)
+                witnessed = _witness(con, policy, size, note, previous=start, nodes=nodes)
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         if "event_groups" in tables:
             counts["events"] = counts.get("events", 0) + groups.num_members
@@ -272,10 +273,12 @@ def _schema_current(con: duckdb.DuckDBPyConnection) -> bool:
         return False
 
 
-def _witness(con: duckdb.DuckDBPyConnection, policy, size: int, note: str, previous: int | None = None) -> dict[str, str]:
+def _witness(con: duckdb.DuckDBPyConnection, policy, size: int, note: str, previous: int | None = None,
+             nodes: StoredNodes | None = None) -> dict[str, str]:
     """Submit a committed head to the policy's witnesses; store the cosignatures received; return each outcome."""
-    submissions = witnessing.plan(con, policy, size, previous)
-    nodes, one_at_a_time = StoredNodes(con), threading.Lock()  # a 409 asks for a proof from a witness's thread
+    nodes = nodes if nodes is not None else StoredNodes(con)  # the commit's: its tiles are cached already
+    submissions = witnessing.plan(nodes, policy, size, previous)
+    one_at_a_time = threading.Lock()  # a 409 asks for a proof from a witness's thread
 
     def proof_from(old: int) -> list[bytes]:
         with one_at_a_time:

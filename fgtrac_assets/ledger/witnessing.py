@@ -72,14 +72,13 @@ def cosigned_sizes(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return dict(con.execute("SELECT vkey, max(size) FROM cosignatures GROUP BY vkey").fetchall())
 
 
-def plan(con: duckdb.DuckDBPyConnection, policy: Policy, size: int, previous: int | None = None) -> list[Submission]:
+def plan(nodes: StoredNodes, policy: Policy, size: int, previous: int | None = None) -> list[Submission]:
     """Return the submissions of the head of this size to every witness of the policy that has a URL.
 
     previous: the size of the head before it, which each witness is assumed to hold (a commit's common case,
     saving a query; a witness that holds another size answers 409 with it); else the sizes recorded here.
     """
-    known = {} if previous is not None else cosigned_sizes(con)
-    nodes = StoredNodes(con)
+    known = {} if previous is not None else cosigned_sizes(nodes.con)
     out, proofs = [], {}
     for w in policy.witnesses.values():
         if not w.url:
