@@ -8,17 +8,26 @@ transparency-dev/formats reads them, "PRIVATE+KEY+name+keyid+base64(0x04 || seed
 """
 
 import base64
-import binascii
 import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .notes import NoteError, NoteSignature, key_id, parse_checkpoint, split_note, valid_key_name
+from .notes import (
+    NoteError,
+    NoteSignature,
+    encode_signer_key,
+    encode_verifier_key,
+    key_id,
+    parse_checkpoint,
+    parse_key_parts,
+    raw_public_key,
+    split_note,
+    valid_key_name,
+)
 
 ALG_COSIGNATURE_V1 = 4
 _SIG_PREFIX = "\u2014 "  # EM DASH, space
@@ -42,17 +51,6 @@ def cosigned_message(checkpoint_body: str, timestamp: int) -> bytes:
     return f"cosignature/v1\ntime {timestamp}\n{checkpoint_body}".encode()
 
 
-def _b64decode(s: str) -> bytes | None:
-    try:
-        return base64.b64decode(s.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        return None
-
-
-def _raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
 class CosignatureVerifier:
     """An Ed25519 cosigner's public key (type 0x04): name, key id, and verification of its cosignatures."""
 
@@ -63,14 +61,13 @@ class CosignatureVerifier:
             raise CosignatureError(f"invalid cosigner name {name!r}")
         self.name = name
         self._public = public_key
-        self._raw = _raw_public(public_key)
+        self._raw = raw_public_key(public_key)
         self.key_id = key_id(name, ALG_COSIGNATURE_V1, self._raw)
 
     @property
     def verifier_key(self) -> str:
         """Return the vkey "name+keyid+base64(0x04||pubkey)"."""
-        encoded = base64.b64encode(bytes([ALG_COSIGNATURE_V1]) + self._raw).decode()
-        return f"{self.name}+{self.key_id:08x}+{encoded}"
+        return encode_verifier_key(self.name, ALG_COSIGNATURE_V1, self._raw)
 
     def verify_signature(self, checkpoint_body: str, signature: bytes) -> int:
         """Return the timestamp of signature (the blob after the key id) on checkpoint_body; raise CosignatureError."""
@@ -96,14 +93,12 @@ class CosignatureVerifier:
 
 
 def _key_parts(name: str, hash16: str, key64: str, what: str) -> tuple[int, bytes]:
-    key = _b64decode(key64)
-    if not (valid_key_name(name) and _HEX8.fullmatch(hash16) and key):
+    if not _HEX8.fullmatch(hash16):  # cosigner key ids are lowercase hex
         raise CosignatureError(f"malformed cosigner {what} key")
-    if key[0] != ALG_COSIGNATURE_V1:
-        raise CosignatureError(f"cosigner {what} key has type 0x{key[0]:02x}, not 0x04 (cosignature/v1)")
-    if len(key) != 33:
-        raise CosignatureError(f"malformed cosigner {what} key: wrong key length")
-    return int(hash16, 16), key[1:]
+    try:
+        return parse_key_parts(name, hash16, key64, f"cosigner {what}", ALG_COSIGNATURE_V1)
+    except ValueError as e:
+        raise CosignatureError(f"{e} (cosignature/v1)" if "type" in str(e) else str(e)) from None
 
 
 def parse_cosignature_vkey(vkey: str) -> CosignatureVerifier:
@@ -145,11 +140,7 @@ class CosignatureSigner:
     @property
     def signer_key(self) -> str:
         """Return the encoded PRIVATE signer key string (secret: store it, never log it)."""
-        seed = self._private.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-        encoded = base64.b64encode(bytes([ALG_COSIGNATURE_V1]) + seed).decode()
-        return f"PRIVATE+KEY+{self.name}+{self.key_id:08x}+{encoded}"
+        return encode_signer_key(self.name, ALG_COSIGNATURE_V1, self._private)
 
     def cosign(self, checkpoint_body: str, timestamp: int) -> str:
         """Return the cosignature line "— name base64(keyid||timestamp||sig)\\n" over checkpoint_body at timestamp."""

@@ -102,20 +102,34 @@ def valid_key_name(name: str) -> bool:
     return _valid_name(name)
 
 
-def _raw_public(key: Ed25519PublicKey) -> bytes:
+def raw_public_key(key: Ed25519PublicKey) -> bytes:
+    """Return the 32 raw bytes of an Ed25519 public key."""
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _parse_key_parts(name: str, hash16: str, key64: str, what: str) -> tuple[int, bytes]:
-    """Return (key id, key bytes after the algorithm byte) of a signer or verifier key string."""
+def parse_key_parts(name: str, hash16: str, key64: str, what: str, key_type: int = ALG_ED25519) -> tuple[int, bytes]:
+    """Return (key id, key bytes after the type byte) of a signer or verifier key's parts; raise ValueError."""
     key = _b64decode(key64)
     if not (_valid_name(name) and _HEX8.fullmatch(hash16) and key):
         raise ValueError(f"malformed {what} key")
-    if key[0] != ALG_ED25519:
-        raise ValueError(f"unknown {what} key algorithm {key[0]}")
+    if key[0] != key_type:
+        raise ValueError(f"{what} key has type 0x{key[0]:02x}, not 0x{key_type:02x}")
     if len(key) != 33:
         raise ValueError(f"malformed {what} key: wrong key length")
     return int(hash16, 16), key[1:]
+
+
+def encode_verifier_key(name: str, key_type: int, public: bytes) -> str:
+    """Return the signed-note verifier key "name+keyid+base64(type||public key)"."""
+    return f"{name}+{key_id(name, key_type, public):08x}+{base64.b64encode(bytes([key_type]) + public).decode()}"
+
+
+def encode_signer_key(name: str, key_type: int, private_key: Ed25519PrivateKey) -> str:
+    """Return the PRIVATE signer key "PRIVATE+KEY+name+keyid+base64(type||seed)" (secret: never log it)."""
+    seed = private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption())
+    kid = key_id(name, key_type, raw_public_key(private_key.public_key()))
+    return f"PRIVATE+KEY+{name}+{kid:08x}+{base64.b64encode(bytes([key_type]) + seed).decode()}"
 
 
 class Verifier:
@@ -128,13 +142,12 @@ class Verifier:
             raise ValueError(f"invalid key name {name!r}")
         self.name = name
         self._public = public_key
-        self.key_id = _key_id(name, bytes([ALG_ED25519]) + _raw_public(public_key))
+        self.key_id = _key_id(name, bytes([ALG_ED25519]) + raw_public_key(public_key))
 
     @property
     def verifier_key(self) -> str:
         """Return the encoded verifier key "name+keyid+base64(0x01||pubkey)"."""
-        encoded = base64.b64encode(bytes([ALG_ED25519]) + _raw_public(self._public)).decode()
-        return f"{self.name}+{self.key_id:08x}+{encoded}"
+        return encode_verifier_key(self.name, ALG_ED25519, raw_public_key(self._public))
 
     def verify(self, text: str | bytes, sig: bytes) -> bool:
         """Return True iff sig is a valid Ed25519 signature of text (UTF-8) by this key."""
@@ -153,7 +166,7 @@ def parse_verifier_key(vkey: str) -> Verifier:
     """Return the Verifier for an encoded verifier key string; raises ValueError if malformed."""
     name, _, rest = vkey.partition("+")
     hash16, _, key64 = rest.partition("+")
-    key_id, raw = _parse_key_parts(name, hash16, key64, "verifier")
+    key_id, raw = parse_key_parts(name, hash16, key64, "verifier")
     if key_id != _key_id(name, bytes([ALG_ED25519]) + raw):
         raise ValueError("invalid verifier key: key id does not match the key")
     return Verifier(name, Ed25519PublicKey.from_public_bytes(raw))
@@ -187,11 +200,7 @@ class Signer:
     @property
     def signer_key(self) -> str:
         """Return the encoded PRIVATE signer key string (secret: store it, never log it)."""
-        seed = self._private.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-        encoded = base64.b64encode(bytes([ALG_ED25519]) + seed).decode()
-        return f"PRIVATE+KEY+{self.name}+{self.key_id:08x}+{encoded}"
+        return encode_signer_key(self.name, ALG_ED25519, self._private)
 
     def sign(self, text: str) -> str:
         """Return the signed note: text, a blank line and this signer's signature line."""
@@ -218,7 +227,7 @@ def signer_from_key(skey: str) -> Signer:
     if len(parts) != 5 or parts[0] != "PRIVATE" or parts[1] != "KEY":
         raise ValueError("malformed signer key")
     name, hash16, key64 = parts[2:]
-    key_id, seed = _parse_key_parts(name, hash16, key64, "signer")
+    key_id, seed = parse_key_parts(name, hash16, key64, "signer")
     signer = Signer(name, Ed25519PrivateKey.from_private_bytes(seed))
     if signer.key_id != key_id:
         raise ValueError("invalid signer key: key id does not match the key")
