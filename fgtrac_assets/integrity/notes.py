@@ -395,15 +395,18 @@ class KeyStore:
 
     def rotate(self, name: str) -> Signer:
         """Retire the current key (its verifier key stays, so old tree heads still verify); return a new signer."""
+        self._retire(name)
+        return self.load_or_create(name)
+
+    def _retire(self, name: str) -> None:
+        """Move the current key aside as <stem>.<keyid>.key.retired, keeping its verifier key as <stem>.<keyid>.vkey."""
         key_path, vkey_path = self._paths(name)
         if key_path.exists():
             old = self._load(name, key_path)
-            stem = key_path.stem
-            retired_vkey = self.directory / f"{stem}.{old.key_id:08x}.vkey"
+            retired_vkey = self.directory / f"{key_path.stem}.{old.key_id:08x}.vkey"
             retired_vkey.write_text(old.verifier_key + "\n", encoding="utf-8")
-            os.replace(key_path, self.directory / f"{stem}.{old.key_id:08x}.key.retired")
-            vkey_path.unlink(missing_ok=True)
-        return self.load_or_create(name)
+            os.replace(key_path, self.directory / f"{key_path.stem}.{old.key_id:08x}.key.retired")
+        vkey_path.unlink(missing_ok=True)
 
     def stage(self, signer: Signer) -> None:
         """Store a successor key beside the current one (<name>.key.pending, mode 0600) until promote()."""
@@ -426,15 +429,10 @@ class KeyStore:
 
     def promote(self, name: str) -> Signer:
         """Retire the current key and make the staged successor current; return it."""
-        key_path, vkey_path = self._paths(name)
+        key_path, _ = self._paths(name)
         pending = key_path.with_name(key_path.name + ".pending")
         self._load(name, pending)  # refuse a damaged successor before retiring anything
-        if key_path.exists():
-            old = self._load(name, key_path)
-            retired_vkey = self.directory / f"{key_path.stem}.{old.key_id:08x}.vkey"
-            retired_vkey.write_text(old.verifier_key + "\n", encoding="utf-8")
-            os.replace(key_path, self.directory / f"{key_path.stem}.{old.key_id:08x}.key.retired")
-        vkey_path.unlink(missing_ok=True)
+        self._retire(name)
         os.replace(pending, key_path)
         return self.load_or_create(name)
 

@@ -58,3 +58,22 @@ def test_a_different_key_at_the_path_is_refused_for_an_existing_log(tmp_path, ou
     outside.with_name("log.vkey").unlink()
     with pytest.raises(Exception, match="missing"):
         Ledger(home).commit(Commit("p", "raw", "r2", rows=ROWS))
+
+
+def test_a_rotation_killed_after_its_commit_is_finished_by_the_next_commit(tmp_path):
+    from fgtrac_assets.integrity import notes
+    from fgtrac_assets.ledger.keys import endorse
+    from fgtrac_assets.ledger.store import utc_now
+
+    ledger = Ledger(tmp_path / "home")
+    ledger.commit(Commit("p", "raw", "r", rows=ROWS))
+    store, origin = ledger.keystore, ledger.origin
+    old, new = store.load_or_create(origin), notes.generate_signer(origin)
+    store.stage(new)  # what rotate_key does before its commit ...
+    ledger.commit(Commit("fgtrac", "key_rotation", "rot", rows={"log_keys": [{
+        "origin": origin, "verifier_key": new.verifier_key, "previous_key": old.verifier_key,
+        "endorsement": endorse(old, origin, new.verifier_key), "created_at": utc_now()}]}))
+    assert store.current_verifier_key(origin) == old.verifier_key  # ... killed before promoting the new key
+    ledger.commit(Commit("p", "raw", "r2", rows=ROWS))
+    assert store.current_verifier_key(origin) == new.verifier_key
+    assert verify_ledger(ledger).ok and ledger.key_history().keys == [old.verifier_key, new.verifier_key]
