@@ -165,7 +165,10 @@ class Ledger:
                 con.execute("ROLLBACK")
                 raise
             if policy is not None:  # on this connection: the lock is held at most the witnesses' short timeout
-                witnessed = _witness(con, policy, size, note, previous=start, nodes=nodes)
+                try:
+                    witnessed = _witness(con, policy, size, note, previous=start, nodes=nodes)
+                except (duckdb.Error, OSError) as exc:  # the commit is durable: witnessing never undoes it
+                    witnessed = {name: f"not stored: {exc}" for name in policy.witnesses}
         counts = {name: tbl.num_rows for name, tbl in tables.items()}
         if "event_groups" in tables:
             counts["events"] = counts.get("events", 0) + groups.num_members
