@@ -1,64 +1,39 @@
 """Training-data attribution (torch + numpy only): TracInCP and final-model-only methods.
 
-``TracInCP`` ties together the exact Linear-layer shortcut (:mod:`.ghost`), the general
-per-sample-gradient path (:mod:`.per_sample`), chunked top-k (:mod:`.topk`) and
-FG-Trac's checkpoint selection rule (:mod:`.selection`).  With the final model only:
-``GradDot`` / ``GradCos`` (:mod:`.final_model`), ``InfluenceFunction`` (explicit, CG or
-LiSSA over the Hessian of :mod:`.hessian`, solvers in :mod:`.ihvp`, an optional
-(E)K-FAC preconditioner in :mod:`.preconditioner`) and the
-``FurtherTraining`` gold standard (:mod:`.further_training`); all share TracInCP's
-``influence`` / ``self_influence`` / ``top_k`` interface and sign (positive = proponent).
+The public API is the methods, which share one interface (``influence`` / ``self_influence`` /
+``top_k``) and one sign (positive = proponent), and FG-Trac's checkpoint selection rule:
+
+* ``TracInCP``: checkpoint-grounded TracIn; the exact Linear-layer shortcut is in :mod:`.ghost`, the
+  general per-sample-gradient path in :mod:`.per_sample`, chunked top-k in :mod:`.topk`.
+* ``GradDot`` / ``GradCos`` (:mod:`.final_model`), ``InfluenceFunction`` (explicit, CG or LiSSA over the
+  Hessian of :mod:`.hessian`, solvers in :mod:`.ihvp`, an optional (E)K-FAC preconditioner in
+  :mod:`.preconditioner`) with the final model only, and the ``FurtherTraining`` gold standard
+  (:mod:`.further_training`).
+* ``select_checkpoints`` and its settings ``SelectionRule`` (:mod:`.selection`).
+
+Everything else (factors, solvers, guards) is imported from its own module. The names load on first
+use, so ``attribution.selection`` imports without torch.
 """
 
-from .final_model import GradCos, GradDot
-from .further_training import FurtherTraining
-from .ghost import (
-    Factors,
-    GhostNotApplicable,
-    factor_dot,
-    factor_self_dot,
-    influence_from_factors,
-    linear_factors,
-    linear_layer_names,
-    self_influence_from_factors,
-    top_k_from_factors,
-)
-from .hessian import MeanLossHessian
-from .ihvp import ExplicitInverse, solve_block_cg, solve_cg, solve_lissa
-from .influence_function import InfluenceFunction
-from .per_sample import RandomProjection, iter_per_sample_grads, model_guard, per_sample_grads
-from .preconditioner import KroneckerPreconditioner
-from .selection import select_checkpoints
-from .topk import RunningTopK, TopK, top_k_over_chunks
-from .tracin import TracInCP
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ExplicitInverse",
-    "Factors",
-    "FurtherTraining",
-    "GhostNotApplicable",
-    "GradCos",
-    "GradDot",
-    "InfluenceFunction",
-    "KroneckerPreconditioner",
-    "MeanLossHessian",
-    "RandomProjection",
-    "RunningTopK",
-    "TopK",
-    "TracInCP",
-    "factor_dot",
-    "factor_self_dot",
-    "influence_from_factors",
-    "iter_per_sample_grads",
-    "linear_factors",
-    "linear_layer_names",
-    "model_guard",
-    "per_sample_grads",
-    "select_checkpoints",
-    "self_influence_from_factors",
-    "solve_block_cg",
-    "solve_cg",
-    "solve_lissa",
-    "top_k_from_factors",
-    "top_k_over_chunks",
-]
+if TYPE_CHECKING:
+    from .final_model import GradCos, GradDot
+    from .further_training import FurtherTraining
+    from .influence_function import InfluenceFunction
+    from .selection import SelectionRule, select_checkpoints
+    from .tracin import TracInCP
+
+_HOMES = {"FurtherTraining": ".further_training", "GradCos": ".final_model", "GradDot": ".final_model",
+          "InfluenceFunction": ".influence_function", "SelectionRule": ".selection",
+          "TracInCP": ".tracin", "select_checkpoints": ".selection"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    """Return a public name from its module, imported on first use."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

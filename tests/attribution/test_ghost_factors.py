@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgtrac_assets.attribution import (
+from fgtrac_assets.attribution import TracInCP
+from fgtrac_assets.attribution.ghost import (
     Factors,
-    TracInCP,
     factor_dot,
     factor_self_dot,
     influence_from_factors,
@@ -16,8 +16,8 @@ from fgtrac_assets.attribution import (
     linear_layer_names,
     self_influence_from_factors,
     top_k_from_factors,
-    top_k_over_chunks,
 )
+from fgtrac_assets.attribution.topk import top_k_over_chunks
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 

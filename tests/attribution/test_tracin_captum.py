@@ -10,7 +10,8 @@ from torch.utils.data import TensorDataset
 captum_influence = pytest.importorskip("captum.influence")
 from sklearn.datasets import load_digits  # noqa: E402
 
-from fgtrac_assets.attribution import TracInCP, influence_from_factors, linear_factors  # noqa: E402
+from fgtrac_assets.attribution import TracInCP  # noqa: E402
+from fgtrac_assets.attribution.ghost import influence_from_factors, linear_factors  # noqa: E402
 
 N_TRAIN, N_TEST = 300, 50
 LRS = [0.2, 0.1, 0.05]

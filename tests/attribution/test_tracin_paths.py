@@ -9,7 +9,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fgtrac_assets.attribution import GhostNotApplicable, TracInCP, linear_factors
+from fgtrac_assets.attribution import TracInCP
+from fgtrac_assets.attribution.ghost import GhostNotApplicable, linear_factors
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
