@@ -27,7 +27,7 @@ def evaluate(sensor, cursor):
 
 def test_inbox_sensor_triggers_once_per_new_content(tmp_path, monkeypatch):
     monkeypatch.setenv("FGTRAC_HOME", str(tmp_path))
-    sensor = defs.get_sensor_def("digits_cnn_inbox")
+    sensor = defs.resolve_sensor_def("digits_cnn_inbox")
     inbox = tmp_path / "inbox" / "digits_cnn" / "3"
     inbox.mkdir(parents=True)
     requests, skip, cursor = evaluate(sensor, None)
@@ -67,6 +67,22 @@ def test_retraining_ingests_the_inbox_and_new_content_only_once(tmp_path):
     assert n == 51  # every content ingested exactly once across the three runs
 
 
+def test_ingest_metadata_names_the_source_and_the_inbox(tmp_path):
+    """`source` in raw_samples' metadata says where the samples came from, a given source and the inbox alike."""
+    ledger, p = Ledger(tmp_path / "home"), DigitsPipeline()
+    folder = tmp_path / "mine" / "4"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(png(7))
+    inbox = ledger.home.inbox / "digits_cnn" / "2"
+    inbox.mkdir(parents=True)
+    (inbox / "b.png").write_bytes(png(8))
+    mine = str(tmp_path / "mine")
+    both = stages.ingest(ledger, p, "r1", source=mine, inbox=True)
+    assert both.metadata["source"] == f"{mine} + inbox" and both.metadata["samples"] == 2
+    assert stages.ingest(ledger, p, "r2", source=mine).metadata["source"] == mine
+    assert stages.ingest(ledger, p, "r3", limit=5, inbox=True).metadata["source"] == "(bundled default) + inbox"
+
+
 def test_daily_schedule_targets_the_pipeline_job():
-    schedule = defs.get_schedule_def("digits_cnn_daily_retraining")
+    schedule = defs.resolve_schedule_def("digits_cnn_daily_retraining")
     assert schedule.cron_schedule == "0 3 * * *" and schedule.job_name == "digits_cnn_job"

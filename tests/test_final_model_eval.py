@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from fgtrac_assets.assets.configs import SelectionConfig
+from fgtrac_assets.attribution import select_checkpoints
 from fgtrac_assets.pipelines.final_model_eval import METHODS, agreement, final_model_evaluation, table_markdown
 
 STEPS = (5, 20)
@@ -33,6 +35,9 @@ def test_structure(small):
                          "runs": 26, "training_steps": 520, "batch_size": 32}
     assert r["settings"]["further_steps"] == list(STEPS) and r["settings"]["n_probes"] == 12
     assert len(r["run"]["probes"]) == 12 and len(set(r["run"]["probes"])) == 12
+    # `tracincp_fgtrac` sums over the checkpoints the selected_checkpoints asset would select by default
+    assert r["run"]["tracincp_fgtrac_checkpoints"] == select_checkpoints(r["run"]["val_losses"],
+                                                                         **SelectionConfig().model_dump())
     for key in ("training", "further_training", "total", *METHODS):
         assert r["seconds"][key] >= 0, key
     assert [g["steps"] for g in r["gold_reliability"]] == list(STEPS)

@@ -7,6 +7,8 @@ TracInCP over all checkpoints found 35% / 34% / 30% of the noisy ratings in the 
 
 import pytest
 
+from fgtrac_assets.assets.configs import SelectionConfig
+from fgtrac_assets.attribution import select_checkpoints
 from fgtrac_assets.pipelines.graph_noise_eval import noisy_rating_evaluation
 
 SEEDS = (0, 1, 2)
@@ -27,6 +29,9 @@ def test_noise_is_injected_as_specified(runs):
         assert run["noisy_ratings"] == round(0.05 * run["train_ratings"]) > 100, seed
         assert 0 < run["noisy_change_at_least_2"] < run["noisy_ratings"]
         assert len(run["val_losses"]) == 8 and len(run["fgtrac_checkpoints"]) <= 3
+        # the `tracincp_fgtrac` row uses the rule the selected_checkpoints asset uses by default
+        asset_rule = select_checkpoints(run["val_losses"], **SelectionConfig().model_dump())
+        assert by_method(r)["tracincp_fgtrac"]["checkpoints"] == run["fgtrac_checkpoints"] == asset_rule, seed
     # a different seed flips other ratings: the figures are not one run copied three times
     assert len({by_method(r)["tracincp_all"]["auroc"] for r in runs.values()}) == len(SEEDS)
 

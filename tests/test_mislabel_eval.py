@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from fgtrac_assets.assets.configs import SelectionConfig
+from fgtrac_assets.attribution import select_checkpoints
 from fgtrac_assets.pipelines.mislabel_eval import (
     auroc,
     detection_curve,
@@ -32,6 +34,7 @@ def test_structure(reduced):
     rows = {row["method"]: row for row in r["table"]}
     assert rows["tracincp_all"]["checkpoints"] == list(range(10))
     assert len(rows["tracincp_fgtrac"]["checkpoints"]) <= 3 and 9 in rows["tracincp_fgtrac"]["checkpoints"]
+    assert rows["tracincp_fgtrac"]["checkpoints"] == select_checkpoints(run["val_losses"], **SelectionConfig().model_dump())
     assert rows["grad_dot"]["checkpoints"] == [9]
     for row in r["table"]:
         for key in ("found_5", "found_10", "found_20", "found_30", "auroc"):

@@ -5,6 +5,8 @@ from typing import Optional
 from dagster import Config
 from pydantic import Field
 
+from ..attribution.selection import DEFAULT_RULE, SelectionRule
+
 
 class RawSamplesConfig(Config):
     """Where raw samples come from."""
@@ -29,13 +31,20 @@ class TrainingConfig(Config):
 
 
 class SelectionConfig(Config):
-    """FG-Trac's checkpoint selection rule."""
+    """FG-Trac's checkpoint selection rule; the defaults are the rule's own (attribution.selection.DEFAULT_RULE)."""
 
-    min_rel_improvement: float = Field(default=0.05, description="relative validation-loss improvement that counts as substantial")
-    max_checkpoints: int = 3
-    always_keep_last: bool = True
-    consider_from: float = Field(default=0.5, description="apply the rule to checkpoints from this fraction of training "
+    min_rel_improvement: float = Field(default=DEFAULT_RULE.min_rel_improvement,
+                                       description="relative validation-loss improvement that counts as substantial")
+    max_checkpoints: int = DEFAULT_RULE.max_checkpoints
+    always_keep_last: bool = DEFAULT_RULE.always_keep_last
+    consider_from: float = Field(default=DEFAULT_RULE.consider_from,
+                                 description="apply the rule to checkpoints from this fraction of training "
                                  "on: late checkpoints find mislabelled samples best (see the mislabel_evaluation asset)")
+
+    def rule(self) -> SelectionRule:
+        """Return the selection rule these settings describe."""
+        return SelectionRule(min_rel_improvement=self.min_rel_improvement, max_checkpoints=self.max_checkpoints,
+                             always_keep_last=self.always_keep_last, consider_from=self.consider_from)
 
 
 class InfluenceConfig(Config):
@@ -47,5 +56,5 @@ class InfluenceConfig(Config):
 class StudyConfig(Config):
     """Which of a study's settings to run, and its seed."""
 
-    preset: str = Field(default="default", description="'default' (minutes on 2 cores) or 'large' (a real study)")
+    preset: str = Field(default="default", description="'default' (small, runs with the job) or 'large' (a real study)")
     seed: int = 0

@@ -35,16 +35,18 @@ ASSET_NAMES = ("raw_samples", "preprocessed_samples", "training_checkpoints", "s
                "gradient_cache", "influence_scores")
 EXPECTED_ERRORS = (ValueError, OSError, LedgerBusy, LedgerDamaged)
 
-# DataVersion on Output is what records upstream roots on every downstream materialisation.
-warnings.filterwarnings("ignore", category=BetaWarning, message=".*data_version.*")
-
 
 def _output(result: StageResult, row_count: int | None = None):
     """Yield the asset's output (value, metadata, data version = its root) and its check results."""
     meta = to_dagster(result.metadata)
     if row_count is not None:
         meta["dagster/row_count"] = row_count
-    yield Output(result.handle, metadata=meta, data_version=DataVersion(result.handle.root_hex))
+    # Output's data_version is what records upstream roots on every downstream materialisation; Dagster 1.13
+    # marks that parameter beta and warns on each Output: we rely on it knowingly, so silence that one warning here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=BetaWarning, message="Parameter `data_version`")
+        output = Output(result.handle, metadata=meta, data_version=DataVersion(result.handle.root_hex))
+    yield output
     for c in result.checks:
         yield AssetCheckResult(check_name=c.name, passed=c.passed, description=c.description,
                                metadata=to_dagster(c.metadata),
@@ -55,7 +57,8 @@ def _check_specs(pipeline: str, asset: str) -> list[AssetCheckSpec]:
     """Every asset's checks; a failed tree head or incomplete lineage blocks the assets downstream."""
     descriptions = {"tree_head_verifies": "the signed tree head of this commit verifies and matches the stored tree",
                     "lineage_complete": "every sample has the lifecycle events this asset must record",
-                    "numbers_sane": "losses and scores are finite and of the expected sign",
+                    "numbers_sane": "losses are finite; scores are finite and in rank order (no proponent below "
+                                    "an opponent, no negative self-influence)",
                     "witnessed": "the signed tree head is cosigned by the witness policy's quorum (passes when "
                                  "there is no policy; a down witness only warns)"}
     return [AssetCheckSpec(name, asset=AssetKey([pipeline, asset]), description=descriptions[name],
@@ -107,8 +110,7 @@ def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings,
     def selected_checkpoints(context: AssetExecutionContext, config: SelectionConfig, fgtrac: FgtracResource,
                              training_checkpoints: Handle):
         r = _run(context, stages.select, fgtrac.ledger(), pipeline, context.run.run_id, training_checkpoints,
-                 min_rel_improvement=config.min_rel_improvement, max_checkpoints=config.max_checkpoints,
-                 always_keep_last=config.always_keep_last, consider_from=config.consider_from)
+                 rule=config.rule())
         yield from _output(r, len(r.metadata["selected"]))
 
     @chain_asset("gradient_cache", f"Per-sample gradient factors of layer `{pipeline.influence_layer}` at each "

@@ -10,7 +10,8 @@ Setup (:func:`final_model_evaluation`):
    ``grad_dot``, ``grad_cos``, ``if_explicit``, ``if_cg``, ``if_lissa`` (Hessian of the full
    mean training loss, ``damping`` added) over the parameters of ``layer``, and
    ``tracincp`` (every epoch checkpoint, lr-weighted) / ``tracincp_fgtrac`` (FG-Trac's
-   checkpoint selection) over the same layer.
+   checkpoint selection, ``attribution.selection.DEFAULT_RULE`` as the ``selected_checkpoints``
+   asset applies it) over the same layer.
 3. The gold standard: :class:`.FurtherTraining` of ALL parameters from the final model
    with SGD (``further_lr``, ``further_batch_size``), with and without each probe, the
    test-loss difference averaged over ``further_seeds`` seeds and recorded after each
@@ -85,8 +86,8 @@ def final_model_evaluation(
     ``best`` (the winner), ``seconds`` (per stage and method), ``settings``, ``cost`` (the gold
     standard's :meth:`.FurtherTraining.cost`) and ``solvers`` (the influence-function
     reports: damping, iterations, residuals).  ``threads`` sets torch's intra-op threads
-    for the run (restored afterwards; None leaves them): on the busy 2-core machine the
-    default settings took 22 s with 1 thread and 60 s with 2 (these models are small).
+    for the run (restored afterwards; None leaves them): these models are small, so on a
+    busy 2-core machine one thread is faster than two.
     """
     import torch
 
@@ -111,7 +112,7 @@ def _evaluate(seed, n_train, n_val, n_test, n_probes, epochs, lr, batch_size, sc
     import torch
 
     from ..attribution import FurtherTraining, GradCos, GradDot, InfluenceFunction, TracInCP
-    from ..attribution.selection import select_checkpoints
+    from ..attribution.selection import DEFAULT_RULE
     from .base import TrainSettings
     from .mislabel_eval import _digits, _train
 
@@ -131,7 +132,7 @@ def _evaluate(seed, n_train, n_val, n_test, n_probes, epochs, lr, batch_size, sc
 
     common = dict(layer=layer, damping=damping, hvp_batch_size=n_train)
     ckpts = [(h.state_dict, h.lr) for h in history]
-    chosen = select_checkpoints([h.val_loss for h in history])
+    chosen = DEFAULT_RULE.select([h.val_loss for h in history])
     attributors = {
         "grad_dot": GradDot(model, loss_fn, layer=layer),
         "grad_cos": GradCos(model, loss_fn, layer=layer),

@@ -19,8 +19,8 @@ Scores:
   taken through :class:`~fgtrac_assets.attribution.TracInCP` with a ``forward``
   callable (the model's forward over the training graph; the exact Linear-layer path,
   each rating's loss depends on its own row of ``decoder.out`` only).  Rules: ``all``
-  checkpoints; ``fgtrac`` (:func:`select_checkpoints` with its defaults, what the
-  pipeline's ``selected_checkpoints`` asset uses).
+  checkpoints; ``fgtrac`` (``attribution.selection.DEFAULT_RULE``, what the pipeline's
+  ``selected_checkpoints`` asset uses by default).
 * ``grad_dot``: |grad l(w_T, z)|^2 at the final model.
 * ``loss``: the final model's squared error on the (noisy) rating.
 * ``random``: a seeded random order.
@@ -66,7 +66,7 @@ def noisy_rating_evaluation(
     """
     import torch
 
-    from ..attribution.selection import select_checkpoints
+    from ..attribution.selection import DEFAULT_RULE
     from ..attribution.tracin import TracInCP
     from .base import TrainSettings
     from .movielens import MovieLensPipeline
@@ -99,7 +99,7 @@ def noisy_rating_evaluation(
 
     lrs = np.array([h.lr for h in history])
     val_losses = [h.val_loss for h in history]
-    fgtrac = select_checkpoints(val_losses)
+    fgtrac = DEFAULT_RULE.select(val_losses)
     methods = [("tracincp_all", per_ckpt @ lrs, list(range(len(history))), "lr"),
                ("tracincp_fgtrac", per_ckpt[:, fgtrac] @ lrs[fgtrac], fgtrac, "lr"),
                ("grad_dot", per_ckpt[:, -1].copy(), [len(history) - 1], None),

@@ -23,15 +23,16 @@ Scores:
   checkpoints a rule picks, using gradients of the last layer ``fc`` (weight and bias)
   via the exact Linear-layer path (``TracInCP`` -> ``linear_factors``).  Last layer
   because it is what FG-Trac scores in production (``influence_layer``), it costs one
-  forward and backward pass per checkpoint (milliseconds for 1,000 samples), and on
-  this model adding the hidden Linear layer did not find more flipped labels (set
-  ``layers=None`` for all parameters through per-sample gradients, conv included).
+  forward and backward pass per checkpoint, and on this model adding the hidden Linear
+  layer did not find more flipped labels (set ``layers=None`` for all parameters through
+  per-sample gradients, conv included).
   Rules: ``all`` checkpoints; ``even3`` (the end of each third of training, like the
   paper's "every 30th checkpoint starting from the 30th"); ``fgtrac``
-  (:func:`select_checkpoints` with its defaults: val-loss improvement, 3 slots, final
-  kept); ``valdrop3`` (the same rule without the final-checkpoint guard, i.e. the 3
-  largest validation-loss improvements only).  With ``guards=True`` candidate guards
-  are added (see ``GUARD_RULES``), each using at most 3 checkpoints.
+  (``attribution.selection.DEFAULT_RULE``, what the ``selected_checkpoints`` asset uses:
+  val-loss improvement over the second half of training, 3 slots, final kept);
+  ``valdrop3`` (the same rule over all of training and without the final-checkpoint
+  guard, i.e. the 3 largest validation-loss improvements only).  With ``guards=True``
+  candidate guards are added (see ``GUARD_RULES``), each using at most 3 checkpoints.
 * ``grad_dot``: |grad l(w_T, z)|^2 at the final model (Grad-Dot self-influence).
 * ``loss``: the final model's training loss on the (noisy) label.
 * ``random``: a seeded random order (expected found fraction = inspected fraction).
@@ -41,6 +42,7 @@ Also returned: ``ceiling``, the best 3-checkpoint subset chosen *with* the flip 
 3-checkpoint selection rule on this run.
 """
 
+import dataclasses
 import itertools
 import math
 import time
@@ -60,15 +62,17 @@ def _even3(val_losses: Sequence[float]) -> list[int]:
 
 
 def _fgtrac(val_losses: Sequence[float]) -> list[int]:
-    from ..attribution.selection import select_checkpoints
+    """FG-Trac's rule with the defaults the ``selected_checkpoints`` asset uses."""
+    from ..attribution.selection import DEFAULT_RULE
 
-    return select_checkpoints(list(val_losses))
+    return DEFAULT_RULE.select(list(val_losses))
 
 
 def _valdrop3(val_losses: Sequence[float]) -> list[int]:
-    from ..attribution.selection import select_checkpoints
+    """The 3 largest validation-loss improvements over all of training (the rule without its guards)."""
+    from ..attribution.selection import DEFAULT_RULE
 
-    return select_checkpoints(list(val_losses), always_keep_last=False)
+    return dataclasses.replace(DEFAULT_RULE, always_keep_last=False, consider_from=0.0).select(list(val_losses))
 
 
 def _last3(val_losses: Sequence[float]) -> list[int]:
@@ -76,11 +80,11 @@ def _last3(val_losses: Sequence[float]) -> list[int]:
     return list(range(max(0, n - 3), n))
 
 
-def _fgtrac_late(val_losses: Sequence[float]) -> list[int]:
-    """FG-Trac's rule applied to the second half of training only (the final checkpoint kept)."""
-    from ..attribution.selection import select_checkpoints
+def _fgtrac_whole(val_losses: Sequence[float]) -> list[int]:
+    """FG-Trac's rule applied to all of training (``consider_from=0``, the final checkpoint kept)."""
+    from ..attribution.selection import DEFAULT_RULE
 
-    return select_checkpoints(list(val_losses), consider_from=0.5)
+    return dataclasses.replace(DEFAULT_RULE, consider_from=0.0).select(list(val_losses))
 
 
 def _final(val_losses: Sequence[float]) -> list[int]:
@@ -100,7 +104,7 @@ BASE_RULES: list[tuple[str, Rule | None, str]] = [
 #: candidate guards for FG-Trac's rule (guards=True), each with at most 3 checkpoints.
 GUARD_RULES: list[tuple[str, Rule, str]] = [
     ("guard_fgtrac_equal_weights", _fgtrac, "equal"),  # FG-Trac's selection, checkpoints weighted equally
-    ("guard_fgtrac_second_half", _fgtrac_late, "lr"),  # FG-Trac's rule restricted to the second half
+    ("guard_fgtrac_whole_training", _fgtrac_whole, "lr"),  # FG-Trac's rule over all of training, not the second half
     ("guard_last3", _last3, "lr"),  # the final three checkpoints
     ("guard_final_only", _final, "lr"),  # the final checkpoint alone (TracInCP with one checkpoint)
 ]

@@ -1,5 +1,6 @@
 """The chain's stages as plain functions: compute, write artifacts, commit rows to the ledger."""
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -8,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..attribution.selection import DEFAULT_RULE, SelectionRule
 from ..ledger.artifacts import ArtifactFile, write_artifact
 from ..ledger.checks import run_checks
 from ..ledger.groups import GroupLog
@@ -115,7 +117,7 @@ def ingest(ledger: Ledger, pipeline: Pipeline, run_id: str, source: str = "", li
     art = _write_parquet(ledger, f"{pipeline.name}/raw/{run_id}.parquet", "raw_samples", table)
     meta = {"samples": table.num_rows, "unique_samples": len(set(ids)), "new_samples": fresh.num_rows,
             "already_ingested": table.num_rows - fresh.num_rows, "rejected": len(got.rejected),
-            "source": source or "(bundled default)" + (" + inbox" if inbox else ""),
+            "source": (source or "(bundled default)") + (" + inbox" if inbox else ""),
             "rejections": [r.message() for r in got.rejected[:50]]}
     log(f"{table.num_rows} samples ({fresh.num_rows} new, {table.num_rows - fresh.num_rows} already ingested), "
         f"{len(got.rejected)} rejected")
@@ -209,16 +211,11 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
                    [prepared], arts, meta, training_run=training_run, extra=extra, groups=groups)
 
 
-def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, min_rel_improvement: float = 0.05,
-           max_checkpoints: int = 3, always_keep_last: bool = True, consider_from: float = 0.5,
+def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, rule: SelectionRule = DEFAULT_RULE,
            log: Log = _noop) -> StageResult:
     """Choose the checkpoints influence is taken at (FG-Trac's validation-loss rule, final checkpoint kept)."""
-    from ..attribution.selection import select_checkpoints
-
     ckpts = training.extra["checkpoints"]
-    chosen = select_checkpoints([c["val_loss"] for c in ckpts], min_rel_improvement=min_rel_improvement,
-                                max_checkpoints=max_checkpoints, always_keep_last=always_keep_last,
-                                consider_from=consider_from)
+    chosen = rule.select([c["val_loss"] for c in ckpts])
     rank = {i: r + 1 for r, i in enumerate(chosen)}
     rows, best = [], float("inf")
     for i, c in enumerate(ckpts):
@@ -233,8 +230,7 @@ def select(ledger: Ledger, pipeline: Pipeline, run_id: str, training: Handle, mi
     curve = plots.loss_curve(training.extra["history"], [c["epoch"] for c in selected])
     meta = {"selected": [c["checkpoint_id"] for c in selected], "selected_epochs": [c["epoch"] for c in selected],
             "loss_curve_md": plots.markdown_image(curve, "loss per epoch, selected checkpoints circled"),
-            "rule": {"min_rel_improvement": min_rel_improvement, "max_checkpoints": max_checkpoints,
-                     "always_keep_last": always_keep_last, "consider_from": consider_from}}
+            "rule": dataclasses.asdict(rule)}
     return _finish(ledger, pipeline, "selected_checkpoints", run_id, {"checkpoint_selections": rows}, [training], {},
                    meta, training_run=training.training_run, extra={"selected": selected})
 
