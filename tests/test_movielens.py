@@ -10,9 +10,32 @@ import pytest
 
 from fgtrac_assets.cli import main as fgtrac
 from fgtrac_assets.pipelines import movielens
-from fgtrac_assets.pipelines.movielens import ROLE_STEPS_SQL, MovieLensPipeline
+from fgtrac_assets.pipelines.movielens import MovieLensPipeline
 
 from .conftest import small_run_config
+
+# "Which steps did rating $sample_id feed, as a target or as a neighbour?" (DuckDB, named parameter).
+ROLE_STEPS_SQL = """
+WITH nodes AS (
+    SELECT DISTINCT sample_id, json_extract_string(detail, '$.user') AS usr, json_extract_string(detail, '$.movie') AS mov
+    FROM events WHERE kind = 'split'),
+mp AS (SELECT m.training_run, m.sample_id, n.usr, n.mov
+       FROM events m JOIN nodes n USING (sample_id) WHERE m.kind = 'message_passing'),
+x AS (SELECT * FROM mp WHERE sample_id = $sample_id),
+raters_of_x_movie AS (SELECT mp.training_run, mp.usr FROM mp JOIN x USING (training_run) WHERE mp.mov = x.mov),
+movies_of_x_user AS (SELECT mp.training_run, mp.mov FROM mp JOIN x USING (training_run) WHERE mp.usr = x.usr),
+targets AS (SELECT b.training_run, b.epoch, b.step, b.sample_id, mp.usr, mp.mov
+            FROM events b JOIN mp USING (training_run, sample_id) WHERE b.kind = 'batched')
+SELECT training_run, epoch, step, 'target' AS role, 1 AS predictions
+FROM targets WHERE sample_id = $sample_id
+UNION ALL
+SELECT t.training_run, t.epoch, t.step, 'neighbour' AS role, count(*) AS predictions
+FROM targets t
+WHERE EXISTS (SELECT 1 FROM raters_of_x_movie r WHERE r.training_run = t.training_run AND r.usr = t.usr)
+   OR EXISTS (SELECT 1 FROM movies_of_x_user v WHERE v.training_run = t.training_run AND v.mov = t.mov)
+GROUP BY ALL
+ORDER BY training_run, step, role
+"""
 
 PIPELINE = "multimodal_graph"
 LIMIT = 3000   # whole users in id order: the first 20 users, 2,691 ratings

@@ -60,8 +60,11 @@ def _lineage_sql(asset: str) -> tuple[str, str] | None:
                               WHERE c <> (SELECT count(DISTINCT checkpoint_id) FROM events
                                           WHERE run_id = $run AND kind = 'gradient')""",
                            "samples missing a gradient at some selected checkpoint"),
+        # a detail is JSON read as JSON, whatever its spacing; one that is not JSON is no test sample's (verify
+        # reports it)
         "influence_scores": ("""SELECT count(*) FROM (SELECT DISTINCT sample_id FROM events
-                                WHERE kind = 'gradient' AND training_run = $tr AND detail LIKE '%"split": "test"%') t
+                                WHERE kind = 'gradient' AND training_run = $tr
+                                AND CASE WHEN json_valid(detail) THEN json_extract_string(detail, '$.split') END = 'test') t
                                 WHERE t.sample_id NOT IN (SELECT test_sample_id FROM influence
                                                           WHERE run_id = $run AND kind = 'proponent')""",
                              "test samples without influence scores"),
@@ -77,10 +80,22 @@ def _numbers_sql(asset: str) -> tuple[str, str] | None:
                                  "checkpoints without a finite validation/training loss or a positive lr"),
         "gradient_cache": ("""SELECT count(*) FROM events WHERE run_id = $run AND kind = 'gradient'
                               AND (lr IS NULL OR lr <= 0)""", "gradient events without a positive lr"),
-        "influence_scores": ("""SELECT count(*) FROM influence WHERE run_id = $run AND (score IS NULL OR isnan(score)
-                                OR (kind = 'proponent' AND score < 0) OR (kind = 'opponent' AND score > 0)
-                                OR (kind = 'self' AND score < 0))""",
-                             "scores that are missing, NaN, or of the wrong sign for their kind"),
+        # Proponents are a test sample's k largest scores and opponents its k smallest, whatever their sign (when
+        # every score is negative, so are the proponents'): each rank's score is at most the one before it (at least,
+        # for opponents) and no proponent scores below an opponent. Self-influence, sum of lr |g|^2, is never negative.
+        "influence_scores": ("""WITH s AS (SELECT kind, test_sample_id, score,
+                                       lag(score) OVER (PARTITION BY kind, test_sample_id ORDER BY rank) AS before
+                                       FROM influence WHERE run_id = $run),
+                                bounds AS (SELECT test_sample_id, min(score) FILTER (kind = 'proponent') AS lowest,
+                                                  max(score) FILTER (kind = 'opponent') AS highest
+                                           FROM s WHERE kind IN ('proponent', 'opponent') GROUP BY 1)
+                                SELECT (SELECT count(*) FROM s WHERE score IS NULL OR isnan(score) OR isinf(score)
+                                        OR (kind = 'self' AND score < 0)
+                                        OR (kind IN ('proponent', 'self') AND score > before)
+                                        OR (kind = 'opponent' AND score < before))
+                                     + (SELECT count(*) FROM bounds WHERE lowest < highest)""",
+                             "scores that are missing or not finite, out of rank order, negative self-influence, "
+                             "or test samples with a proponent scored below an opponent"),
     }.get(asset)
 
 

@@ -78,8 +78,8 @@ Lineage roles (``training_checkpoints``)
     ratings joined by newlines, ``graph`` the run's message-passing ratings and E(v) those
     at node v: the graph and the two 1-hop sets determine the 2-hop set exactly.
     :func:`khop_edges` and :func:`khop_hash_of` recompute both from the ledger's
-    ``message_passing`` events; :data:`ROLE_STEPS_SQL` answers "which steps did rating X
-    feed, as a target or as a neighbour?".
+    ``message_passing`` events, from which one query answers "which steps did rating X
+    feed, as a target or as a neighbour?" (``tests/test_movielens.py`` holds it).
 
 Model and training
     :func:`graph_model.build_rating_gnn`: GraphSAGE (2 layers, ``to_hetero``) + an edge MLP
@@ -122,29 +122,6 @@ PREPARED_SCHEMA = pa.schema([("sample_id", pa.string()), ("split", pa.string()),
                              ("user", pa.string()), ("movie", pa.string()), ("user_index", pa.int64()),
                              ("movie_index", pa.int64()), ("rating", pa.float64()), ("timestamp", pa.int64()),
                              ("movie_x", pa.binary()), ("title", pa.string())])
-
-# "Which steps did rating $sample_id feed, as a target or as a neighbour?" (DuckDB, named parameter).
-ROLE_STEPS_SQL = """
-WITH nodes AS (
-    SELECT DISTINCT sample_id, json_extract_string(detail, '$.user') AS usr, json_extract_string(detail, '$.movie') AS mov
-    FROM events WHERE kind = 'split'),
-mp AS (SELECT m.training_run, m.sample_id, n.usr, n.mov
-       FROM events m JOIN nodes n USING (sample_id) WHERE m.kind = 'message_passing'),
-x AS (SELECT * FROM mp WHERE sample_id = $sample_id),
-raters_of_x_movie AS (SELECT mp.training_run, mp.usr FROM mp JOIN x USING (training_run) WHERE mp.mov = x.mov),
-movies_of_x_user AS (SELECT mp.training_run, mp.mov FROM mp JOIN x USING (training_run) WHERE mp.usr = x.usr),
-targets AS (SELECT b.training_run, b.epoch, b.step, b.sample_id, mp.usr, mp.mov
-            FROM events b JOIN mp USING (training_run, sample_id) WHERE b.kind = 'batched')
-SELECT training_run, epoch, step, 'target' AS role, 1 AS predictions
-FROM targets WHERE sample_id = $sample_id
-UNION ALL
-SELECT t.training_run, t.epoch, t.step, 'neighbour' AS role, count(*) AS predictions
-FROM targets t
-WHERE EXISTS (SELECT 1 FROM raters_of_x_movie r WHERE r.training_run = t.training_run AND r.usr = t.usr)
-   OR EXISTS (SELECT 1 FROM movies_of_x_user v WHERE v.training_run = t.training_run AND v.mov = t.mov)
-GROUP BY ALL
-ORDER BY training_run, step, role
-"""
 
 
 # ----------------------------------------------------------------------------- ingest
