@@ -30,11 +30,33 @@ def mean_loss(model, loss_fn, inputs, targets, batch_size: int = 1024) -> float:
     return total / len(inputs)
 
 
+class EvenBatches:
+    """A batch sampler: every epoch a fresh permutation of n samples cut into ceil(n / batch_size) near-equal batches.
+
+    Batch sizes differ by at most one and none exceeds batch_size. Cutting full batches and a remainder instead can
+    end an epoch on a tiny batch: 1,249 digits in batches of 32 leave one sample, and a whole SGD step on that single
+    sample's mean loss (at the full lr) undid the epoch's training.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.n == 0:
+            return
+        order = torch.randperm(self.n, generator=self.generator)
+        for batch in order.tensor_split(len(self)):
+            yield batch.tolist()
+
+
 def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
-    """Train with SGD on (inputs, targets), one traced step per batch; yield each epoch's result."""
+    """Train with SGD on (inputs, targets), one traced step per batch (near-equal batches); yield each epoch's result."""
     settings.validate()
     generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(TensorDataset(*train), batch_size=settings.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(TensorDataset(*train), batch_sampler=EvenBatches(len(train[1]), settings.batch_size, generator))
     traced = tracer.wrap_loader(loader)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
     step_opt = tracer.wrap_optimizer(optimizer)
