@@ -20,12 +20,13 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 ## run: install, materialise both pipelines into $FGTRAC_HOME, print a summary and verify
 run: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster job execute -m fgtrac_assets.definitions -j digits_cnn_job
-	$(BIN)/dagster job execute -m fgtrac_assets.definitions -j multimodal_graph_job
+	$(BIN)/dg launch --job digits_cnn_job -m fgtrac_assets.definitions
+	$(BIN)/dg launch --job multimodal_graph_job -m fgtrac_assets.definitions
 	$(BIN)/fgtrac summary
 
-## test: install and run the test suite
+## test: install, add the Debian packages some tests use where it can (tests/system_packages.sh), run the suite
 test: install
+	@sh tests/system_packages.sh
 	$(BIN)/python -m pytest
 
 ## ui: the Dagster UI on http://127.0.0.1:3000

@@ -29,10 +29,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
 from .per_sample import _per_sample_losses, model_guard
-from .hessian import MeanLossHessian
+from .hessian import MeanLossHessian, jvp
 
 __all__ = ["KroneckerPreconditioner", "PRECONDITIONERS"]
 

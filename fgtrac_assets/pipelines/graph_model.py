@@ -24,9 +24,16 @@ def build_rating_gnn(num_users: int, movie_x, mp_edges, global_mean: float, hidd
     ``movie_x`` is a (num_movies, features) float tensor, ``mp_edges`` a (2, E) long tensor of
     message-passing (user index, movie index) edges, ``global_mean`` the output offset.
     """
+    import warnings
+
     import torch
     from torch import nn
-    from torch_geometric.nn import SAGEConv, to_hetero
+
+    with warnings.catch_warnings():
+        # importing torch_geometric runs torch.jit.script in PyG's own modules, which torch 2.13 deprecates: PyG's
+        # warning, not ours, and the import is where it fires
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+        from torch_geometric.nn import SAGEConv, to_hetero
 
     class Encoder(nn.Module):
         """Two GraphSAGE layers (mean aggregation), ReLU between them."""

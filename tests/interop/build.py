@@ -54,7 +54,7 @@ def find_gopath() -> str | None:
 
 def go_unavailable_reason() -> str | None:
     """Return why the Go verifier cannot be built here (go or x/mod missing), or None if it can."""
-    hint = f"(CI: apt-get install -y {' '.join(APT_PACKAGES)})"
+    hint = f"(`make test` installs {' '.join(APT_PACKAGES)} when run as root on Debian)"
     if shutil.which("go") is None:
         return f"`go` is not on PATH {hint}"
     if find_gopath() is None:

@@ -46,7 +46,7 @@ NUX_TEXT = "Join the Dagster community"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` binary on PATH (Debian: apt-get install -y chromium)"),
+    pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` binary on PATH (`make test` installs it when run as root on Debian)"),
 ]
 
 
