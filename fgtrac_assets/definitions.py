@@ -16,7 +16,7 @@ all_assets = [a for pipeline, defaults in PIPELINES
               for a in build_pipeline_assets(pipeline, defaults, tuple(STUDIES.get(pipeline.name, ())))
               + build_sharded_assets(pipeline, SHARDS)]
 
-# One in-process job per pipeline: a torch chain runs ~3x faster without a process per step.
+# One in-process job per pipeline: a torch chain runs faster without a process per step.
 # Their default run config keeps the console at INFO: progress lines, not every engine event.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 

@@ -66,8 +66,8 @@ class InfluenceFunction:
     stopping at ``tol``; k: each step uses one sampled batch of k training samples, all
     ``depth`` steps run), ``repeat`` and ``seed`` (sampled mode).  ``hvp_batch_size``:
     samples per batch of the exact products; ``product_dtype`` (None: the model's dtype;
-    ``torch.bfloat16``: the products' GEMMs in bf16, MLPs only -- 1.7x faster LiSSA on the
-    digits MLP with the same Pearson to the exact scores, on a CPU with native bf16).  :meth:`report` returns what the last solves did.
+    ``torch.bfloat16``: the products' GEMMs in bf16, MLPs only -- faster on a CPU with native
+    bf16, with the same Pearson to the exact scores on the digits MLP).  :meth:`report` returns what the last solves did.
     """
 
     def __init__(

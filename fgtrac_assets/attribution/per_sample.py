@@ -13,9 +13,8 @@ batch.  That fallback is exact but costs one backward pass per sample (roughly
 ``batch_size`` times slower than the vmapped path).  Parameters that all belong to
 ``nn.Linear`` layers (no custom ``forward``, no weight tying) skip vmap: each gradient is
 the outer product of the layer's output gradient and its input, both captured by hooks
-in one ordinary forward and backward (:func:`.ghost.linear_factors`); on the digits
-MLP (1,000 samples, 6,570 parameters) about 11 ms instead of 14 ms (interleaved timing;
-writing the 26 MB of gradients is most of both).
+in one ordinary forward and backward (:func:`.ghost.linear_factors`), a little faster
+(writing the gradients out is most of the cost of both paths).
 """
 
 import contextlib

@@ -193,7 +193,7 @@ VIEW_DDL = [
        FROM samples_of s JOIN runs r USING (pipeline)
        LEFT JOIN used u ON u.sample_id = s.sample_id AND u.training_run = r.training_run""",
     # Parameterised forms of the two views above: the filter sits on the base table, so DuckDB answers
-    # from the events(sample_id) index instead of scanning every event (600 ms -> ~10 ms at 10M events).
+    # from the events(sample_id) index instead of scanning every event.
     """CREATE OR REPLACE MACRO sample_history_of(sid) AS TABLE
        SELECT sample_id, leaf_index, kind, pipeline, asset, run_id, training_run, epoch, step, position, lr,
               checkpoint_id, detail

@@ -32,7 +32,7 @@ FINAL_MODEL_STUDY = Study(
                 "final model, and TracInCP from the checkpoints, against the gold standard of further training "
                 "with and without each probe sample; cosine and Spearman per amount of further training.",
     run=final_model_eval.final_model_evaluation, table_markdown=final_model_eval.table_markdown,
-    # default: ~2 min on 2 cores (further training 3 seeds x 40 probes x 200 steps is most of it)
+    # default: further training (3 seeds x 40 probes x 200 steps) is most of its time
     presets={"default": {"further_seeds": 3, "lissa_depth": 1500}, "large": {"n_train": 1000, "n_test": 100, "n_probes": 100, "further_seeds": 8,
                                       "further_steps": (10, 50, 200, 1000)},
              "smoke": {"n_train": 200, "n_val": 100, "n_test": 20, "n_probes": 10, "epochs": 4,
@@ -46,7 +46,7 @@ NOISY_RATING_STUDY = Study(
                 "rank ratings by self-influence; fraction of noisy ratings found after inspecting 5/10/20/30% and "
                 "AUROC, for TracInCP (all and FG-Trac-selected checkpoints), Grad-Dot, the loss and random.",
     run=noisy_rating_evaluation, table_markdown=table_markdown,
-    # default: the first users' 6,000 ratings, ~3 s on 2 cores; large: the job's default 28,000
+    # default: the first users' 6,000 ratings; large: the job's default 28,000
     presets={"default": {}, "large": {"limit": 28_000}},
     headline=lambda r: {"run": r["run"]})
 
