@@ -42,4 +42,5 @@ verify: install
 
 ## clean-data: forget everything under ./data (the ledger, keys and artifacts)
 clean-data:
+	-[ -x $(BIN)/fgtrac ] && $(BIN)/fgtrac key forget
 	rm -rf data/ledger.duckdb data/ledger.duckdb.wal data/ledger.lock data/artifacts data/keys data/witness data/dagster

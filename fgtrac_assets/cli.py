@@ -98,6 +98,13 @@ def cmd_key(args) -> int:
     if args.action == "init":
         print(ledger.initialise().verifier_key)
         return 0
+    if args.action == "forget":
+        from .integrity.truststore import TrustStore
+
+        store = TrustStore()
+        n = store.forget(ledger.origin, str(ledger.home.root))
+        print(f"forgot {n} pinned key(s) of {ledger.origin} for {ledger.home.root} in {store.path}", file=sys.stderr)
+        return 0
     if args.action == "rotate":
         signer = ledger.rotate_key()
         print(signer.verifier_key)
@@ -352,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
     p = sub.add_parser("key", help="print the verifier key; `key list` the history; `key rotate` starts a new "
                                    "one; `key init` makes the first before any commit")
-    p.add_argument("action", nargs="?", choices=["show", "list", "rotate", "init"], default="show")
+    p.add_argument("action", nargs="?", choices=["show", "list", "rotate", "init", "forget"], default="show",
+                   help="forget: unpin this home's log key from your trust store (after replacing the ledger on purpose)")
     p.set_defaults(func=cmd_key)
     p = sub.add_parser("run", help="run pipelines' whole chains from plain Python (no Dagster), with progress")
     p.add_argument("pipelines", nargs="*", help="pipeline names (default: all)")

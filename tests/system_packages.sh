@@ -45,7 +45,7 @@ go_missing=""
 for pkg in $missing; do
   case $pkg in golang-*) go_missing="$go_missing $pkg" ;; esac
 done
-[ -n "$go_missing" ] && echo "make test: the Go interop tests (tests/test_go_interop.py) will be skipped:" \
+[ -n "$go_missing" ] && echo "make test: the Go checks (tests/test_go_interop.py, test_log_export.py, test_witnessed_log.py) will be skipped:" \
   "$why, so${go_missing} not installed"
 case " $missing " in *" chromium "*)
   echo "make test: the browser tests (tests/ui) will be skipped: $why, so chromium not installed" ;;

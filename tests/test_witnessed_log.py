@@ -244,3 +244,15 @@ def _third_witness() -> str:
     from fgtrac_assets.integrity.cosignature import generate_cosigner
 
     return generate_cosigner("witness.test/w3").verifier_key
+
+
+def test_a_ledger_replaced_on_purpose_is_unpinned_with_key_forget(tmp_path, capsys):
+    home = tmp_path / "own"
+    Ledger(home).commit(Commit("p", "raw", "r", rows=event_rows(3, "a")))
+    assert verify(home, capsys)[0] == 0  # pins the key for this home
+    shutil.rmtree(home)  # `make clean-data`, then a new run: a new key at the same place
+    Ledger(home).commit(Commit("p", "raw", "r", rows=event_rows(3, "b")))
+    code, out = verify(home, capsys)
+    assert code == 1 and "fgtrac key forget" in out, out
+    assert fgtrac(["--home", str(home), "key", "forget"]) == 0
+    assert verify(home, capsys)[0] == 0

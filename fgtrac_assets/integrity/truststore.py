@@ -57,6 +57,18 @@ class TrustStore:
         return new
 
 
+    def forget(self, origin: str, home: str) -> int:
+        """Remove the keys pinned for this log and home (a ledger replaced on purpose); return how many."""
+        entries = self._entries()
+        keep = [e for e in entries if not (e[0] == origin and e[1] == _home_field(home))]
+        if len(keep) == len(entries):
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(f"{o} {h} {k}\n" for o, h, k in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return len(entries) - len(keep)
+
+
 def _home_field(home: str) -> str:
     """Return a home path as one space-free field."""
     return str(home).replace("%", "%25").replace(" ", "%20")

@@ -140,7 +140,9 @@ def _verify(ledger: Ledger, witness: Path | None, trusted_keys: list[str] | None
     if roots and history.first_key and not set(history.keys) & set(roots):
         findings.append(Finding("keys", "log key", f"no key of the ledger's key history is among {anchor} "
                                 f"(the first tree head is signed by {history.first_key[:48]}…): the key pair was "
-                                "replaced, or this is another log"))
+                                "replaced, or this is another log"
+                                + ("; if you replaced the ledger yourself, `fgtrac key forget` unpins the old key"
+                                   if roots is pinned else "")))
     findings += _head_findings(heads, history, trusted, perfect, size)
     findings += _materialization_findings(heads, tables["materializations"].to_pylist())
 
