@@ -351,11 +351,7 @@ class KeyStore:
             signer = generate_signer(name)
             # Write a private temp file, then link it into place: another process never sees a half-written key.
             tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(signer.signer_key + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            _write_private(tmp, signer.signer_key + "\n", exclusive=True)
             try:
                 os.link(tmp, key_path)
             except FileExistsError:
@@ -414,11 +410,7 @@ class KeyStore:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         pending = key_path.with_name(key_path.name + ".pending")
         tmp = pending.with_name(f".{pending.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(signer.signer_key + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _write_private(tmp, signer.signer_key + "\n", exclusive=False)
         os.replace(tmp, pending)
 
     def pending_verifier_key(self, name: str) -> str | None:
@@ -450,3 +442,12 @@ class KeyStore:
     def verifiers(self) -> list[Verifier]:
         """Return a Verifier for every stored verifier key."""
         return [parse_verifier_key(v) for v in self.verifier_keys()]
+
+
+def _write_private(path: Path, text: str, exclusive: bool) -> None:
+    """Write a file only its owner can read (mode 0600), flushed to disk; exclusive: fail if it exists."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
