@@ -1,8 +1,8 @@
 """The inbox: files dropped under FGTRAC_HOME/inbox/<pipeline>/, identified by content."""
 
-import hashlib
 from pathlib import Path
 
+from ..ledger.artifacts import sha256_file
 from .tables import name_text
 
 
@@ -30,19 +30,10 @@ def scan_inbox(root: Path, known: dict[str, list] | None = None) -> dict[str, li
             if prev and prev[0] == st.st_size and prev[1] == st.st_mtime_ns:
                 out[rel] = prev
                 continue
-            out[rel] = [st.st_size, st.st_mtime_ns, _sha256(path)]
+            out[rel] = [st.st_size, st.st_mtime_ns, sha256_file(path)]
         except OSError:
             continue
     return out
-
-
-def _sha256(path: Path) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def new_content(files: dict[str, list], seen: set[str]) -> list[str]:

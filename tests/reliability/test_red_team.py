@@ -17,6 +17,7 @@ from fgtrac_assets.cli import main as fgtrac
 from fgtrac_assets.integrity import notes
 from fgtrac_assets.ledger.store import Commit, Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
+from tests.test_chain import scalar as one
 
 
 def run(home, *argv, capsys) -> tuple[int, str, str]:
@@ -31,14 +32,6 @@ def write_sql(home, *statements) -> None:
     for sql in statements:
         con.execute(sql)
     con.close()
-
-
-def one(home, sql):
-    con = duckdb.connect(str(home / "ledger.duckdb"), read_only=True)
-    try:
-        return con.execute(sql).fetchall()[0][0]
-    finally:
-        con.close()
 
 
 def fail_lines(home, **kw) -> list[str]:
