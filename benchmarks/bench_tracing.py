@@ -4,10 +4,10 @@
 
 Digits: the CNN loop a user would write (plain_loop) against the same loop through the
 Tracer's loader/optimizer wrappers (traced_loop).  Graph: the multimodal_graph
-pipeline's own training loop (MovieLensPipeline.train) with tracer=None against the same
+pipeline's own training loop (MovieLensPipeline.train) with a NullRecorder against the same
 call with a Tracer, which adds the per-target 2-hop details and the `message_passing`
 roles (once per run) and the `batched` events; both then commit to a ledger (one leaf per
-step, ledger/groups.py).  Each configuration runs at the job's default size and, unless
+step, tracing/groups.py).  Each configuration runs at the job's default size and, unless
 --no-large, at a larger one (digits replicated 8x; all of MovieLens), where the fixed
 cost of a commit weighs less.
 
@@ -34,6 +34,7 @@ from fgtrac_assets.pipelines.digits import DigitsPipeline, build_cnn  # noqa: E4
 from fgtrac_assets.pipelines.movielens import MovieLensPipeline  # noqa: E402
 from fgtrac_assets.pipelines.registry import DEFAULT_LIMITS, PIPELINES  # noqa: E402
 from fgtrac_assets.pipelines.training import lr_at  # noqa: E402
+from fgtrac_assets.tracing.recorder import NullRecorder  # noqa: E402
 from fgtrac_assets.tracing.tracer import Tracer  # noqa: E402
 
 
@@ -109,8 +110,8 @@ def time_calls(obj, names: list[str], own: list[float], depth: list[int]) -> Non
 
 
 def graph_plain_loop(pipeline: MovieLensPipeline, prepared, settings: TrainSettings) -> None:
-    """The graph pipeline's training loop without fgtrac (tracer=None)."""
-    for _ in pipeline.train(prepared, settings, None):
+    """The graph pipeline's training loop without records (a NullRecorder)."""
+    for _ in pipeline.train(prepared, settings, NullRecorder()):
         pass
 
 

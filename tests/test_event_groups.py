@@ -1,12 +1,10 @@
 """Event groups: one leaf per training step, members verified against it, old ledgers upgraded in place."""
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-import pytest
 
-from fgtrac_assets.integrity.members import parse_members
-from fgtrac_assets.ledger.groups import build_groups, members_bytes, members_digests
+from fgtrac_assets.integrity.members import StringColumn, members_bytes, members_digests, parse_members
+from fgtrac_assets.ledger.groups import arrow_strings
 from fgtrac_assets.ledger.store import Commit, Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
 from fgtrac_assets.tracing.tracer import Tracer
@@ -14,28 +12,22 @@ from fgtrac_assets.tracing.tracer import Tracer
 IDS = [f"s{i:03d}" for i in range(300)] + ["ünïcode \"quoted\"\n", ""]
 
 
-def test_members_bytes_round_trip_and_digest_per_run():
-    ids = pa.array(IDS)
-    details = pa.array([None if i % 3 else f'{{"i": {i}}}' for i in range(len(IDS))])
-    data = members_bytes(ids, details)
-    assert parse_members(data) == list(zip(ids.to_pylist(), details.to_pylist()))
-    import hashlib
-
-    bounds = [0, 7, 7, 150, len(IDS)]  # an empty run too
-    expect = [hashlib.sha256(members_bytes(ids.slice(a, b - a), details.slice(a, b - a))).hexdigest()
-              for a, b in zip(bounds[:-1], bounds[1:])]
-    assert members_digests(ids, details, bounds) == expect
-    for bad in (data[:-1], data + b"x", b"fgtrac/members/v2\n" + data[18:]):
-        with pytest.raises(ValueError):
-            parse_members(bad)
-
-
-def test_a_batch_larger_than_the_limit_becomes_consecutive_groups():
-    g = build_groups(["batched"], "run", [0], [5], [0.1], [np.arange(250)], pa.array(IDS), limit=100)
-    assert g.groups.column("first_position").to_pylist() == [0, 100, 200]
-    assert np.array_equal(g.position, np.arange(250))
-    assert np.bincount(g.member_group).tolist() == [100, 100, 50]
-    assert g.events().column("sample_id").to_pylist() == IDS[:250]
+def test_arrow_buffers_give_the_members_bytes_of_their_strings():
+    details = [None if i % 3 else f'{{"i": {i}}}' for i in range(len(IDS))]
+    ids, dets = pa.array(IDS), pa.array(details)
+    assert parse_members(members_bytes(arrow_strings(ids), arrow_strings(dets))) == list(zip(IDS, details))
+    bounds = [0, 7, 7, 150, len(IDS)]
+    want = members_digests(StringColumn.of(IDS), StringColumn.of(details), bounds)
+    assert members_digests(arrow_strings(ids), arrow_strings(dets), bounds) == want
+    chunked = pa.chunked_array([ids.slice(0, 10), ids.slice(10)]), pa.chunked_array([dets.slice(0, 10), dets.slice(10)])
+    assert members_digests(*map(arrow_strings, chunked), bounds) == want
+    sliced = ids.cast(pa.large_string()).slice(5, 20), dets.slice(5, 20)  # a non-zero offset into shared buffers
+    assert members_bytes(*map(arrow_strings, sliced)) == members_bytes(StringColumn.of(IDS[5:25]),
+                                                                       StringColumn.of(details[5:25]))
+    assert members_bytes(arrow_strings(ids), arrow_strings(pa.nulls(len(IDS), pa.string()))) == \
+        members_bytes(StringColumn.of(IDS), StringColumn.of([None] * len(IDS)))
+    assert members_bytes(arrow_strings(pa.array(["", ""])), arrow_strings(pa.array(["", None]))) == \
+        members_bytes(StringColumn.of(["", ""]), StringColumn.of(["", None]))
 
 
 def old_layout(home):

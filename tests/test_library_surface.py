@@ -47,7 +47,7 @@ def test_attribution_exports_the_methods_and_the_selection_rule_only():
     # internals stay importable from their own modules
     from fgtrac_assets.attribution.ghost import factor_dot  # noqa: F401
     from fgtrac_assets.attribution.ihvp import solve_block_cg  # noqa: F401
-    from fgtrac_assets.attribution.per_sample import model_guard  # noqa: F401
+    from fgtrac_assets.attribution.model_calls import model_guard  # noqa: F401
 
 
 def test_ledger_and_tracing_packages_export_their_entry_points():

@@ -6,8 +6,8 @@
   is the test-loss change of one SGD step over the data with sample z left out, divided
   by the step size and times n: positive = proponent.
 * ``GradCos``: the cosine of the two gradients, in [-1, 1] (0 when either gradient is
-  zero).  On the Linear-factor path the errors are divided by the gradient norms, which
-  normalises the rank-one gradients exactly.
+  zero): the same TracInCP with ``normalize=True``.  On the Linear-factor path the errors
+  are divided by the gradient norms, which normalises the rank-one gradients exactly.
 """
 
 from collections.abc import Callable
@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .ghost import Factors, factor_dot, factor_self_dot, top_k_from_factors
 from .hessian import snapshot_state
-from .per_sample import ForwardFn, LossFn, reiterable
-from .topk import RunningTopK, TopK
+from .model_calls import ForwardFn, LossFn
+from .topk import TopK
 from .tracin import TracInCP
 
 __all__ = ["GradCos", "GradDot"]
@@ -31,6 +30,8 @@ class GradDot:
     Arguments as :class:`.TracInCP` minus the checkpoints: ``state_dict`` gives the final
     parameters (default: the model's state when this object is built).
     """
+
+    _normalize = False  # GradCos: unit gradients
 
     def __init__(
         self,
@@ -47,7 +48,8 @@ class GradDot:
         self.model = model
         self.state = snapshot_state(model, state_dict)
         self.tracin = TracInCP(model, [(self.state, 1.0)], loss_fn, layer=layer, forward=forward,
-                               batch_size=batch_size, projection_dim=projection_dim, seed=seed, method=method)
+                               batch_size=batch_size, projection_dim=projection_dim, seed=seed, method=method,
+                               normalize=self._normalize)
 
     @property
     def path(self) -> str:
@@ -68,37 +70,14 @@ class GradDot:
         return self.tracin.top_k(train_inputs, train_targets, test_inputs, test_targets, k, chunk, progress)
 
 
-def _unit_factors(factors: list[Factors]) -> list[Factors]:
-    """Return the factors with errors divided by the gradient norm, so the gradients have norm 1 (or 0)."""
-    norm = factor_self_dot(factors).sqrt()
-    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
-    return [Factors(f.errors * inv[:, None], f.activations, f.bias) for f in factors]
-
-
-def _unit_rows(g: Tensor) -> Tensor:
-    norm = g.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g))
-
-
 class GradCos(GradDot):
     """Grad-Cos scores: cosine similarity of the loss gradients at the final parameters, in [-1, 1]."""
 
+    _normalize = True
+
     def influence(self, train_inputs: Any, train_targets: Any, test_inputs: Any, test_targets: Any) -> Tensor:
         """Return gradient cosines (n_train, n_test)."""
-        tr = self.tracin
-        train_inputs, test_inputs = reiterable(train_inputs), reiterable(test_inputs)
-
-        def ghost() -> Tensor:
-            tr._load(0)
-            test_f = _unit_factors(tr._factors(test_inputs, test_targets))
-            return factor_dot(_unit_factors(tr._factors(train_inputs, train_targets)), test_f)
-
-        def general() -> Tensor:
-            tr._load(0)
-            test_t = _unit_rows(tr._grads_all(test_inputs, test_targets)).T
-            return torch.cat([_unit_rows(g) @ test_t for g in tr._grads(train_inputs, train_targets)])
-
-        return tr._run(ghost, general)
+        return super().influence(train_inputs, train_targets, test_inputs, test_targets)
 
     def self_influence(self, train_inputs: Any, train_targets: Any) -> Tensor:
         """Return cos(g, g) per train sample (n_train,): 1, or 0 where the gradient is zero."""
@@ -110,25 +89,4 @@ class GradCos(GradDot):
     def top_k(self, train_inputs: Any, train_targets: Any, test_inputs: Any, test_targets: Any, k: int = 10,
               chunk: int = 4096, progress: Callable[[int, int], None] | None = None) -> TopK:
         """Return the k most / least similar train samples per test sample as :class:`.TopK`, each field (n_test, k)."""
-        tr = self.tracin
-        train_inputs, test_inputs = reiterable(train_inputs), reiterable(test_inputs)
-
-        def ghost() -> TopK:
-            tr._load(0)
-            test_f = _unit_factors(tr._factors(test_inputs, test_targets))
-            train_f = _unit_factors(tr._factors(train_inputs, train_targets))
-            return top_k_from_factors([train_f], [test_f], [1.0], k, chunk=chunk, progress=progress)
-
-        def general() -> TopK:
-            tr._load(0)
-            test_t = _unit_rows(tr._grads_all(test_inputs, test_targets)).T
-            total = len(train_targets) if train_targets is not None else -1
-            acc, offset = RunningTopK(k), 0
-            for g in tr._grads(train_inputs, train_targets):
-                acc.update(_unit_rows(g) @ test_t, offset)
-                offset += g.shape[0]
-                if progress is not None:
-                    progress(offset, total)
-            return acc.result()
-
-        return tr._run(ghost, general)
+        return super().top_k(train_inputs, train_targets, test_inputs, test_targets, k, chunk, progress)

@@ -26,18 +26,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .hessian import snapshot_state
-from .per_sample import (
+from .model_calls import (
     ForwardFn,
     LossFn,
-    _ForwardWrapper,
-    _model_device,
-    _per_sample_losses,
-    _to_device,
     iter_batches,
+    model_device,
     model_guard,
+    per_sample_losses,
     reiterable,
-    selected_parameter_names,
+    to_device,
 )
+from .per_sample import _ForwardWrapper, selected_parameter_names
 from .topk import RunningTopK, TopK
 
 __all__ = ["FurtherTraining"]
@@ -149,10 +148,10 @@ class FurtherTraining:
         """
         x, t = _materialise(train_inputs, train_targets)
         xt, tt = _materialise(test_inputs, test_targets)
-        device = _model_device(self.model)
+        device = model_device(self.model)
         if self.forward is None:
-            x, xt = _to_device(x, device), _to_device(xt, device)
-        t, tt = _to_device(t, device), _to_device(tt, device)
+            x, xt = to_device(x, device), to_device(xt, device)
+        t, tt = to_device(t, device), to_device(tt, device)
         n = len(t)
         probes = self._probe_list(n)
         with self._functional() as (module, fixed, base):
@@ -175,7 +174,7 @@ class FurtherTraining:
                 module, prefix = self.model, ""
             else:
                 module, prefix = _ForwardWrapper(self.model, self.forward), "model."
-            device = _model_device(self.model)
+            device = model_device(self.model)
             chosen = set(self.param_names)
             fixed = {prefix + k: v.to(device) for k, v in self.state.items() if k not in chosen}
             base = {prefix + k: self.state[k].to(device) for k in self.param_names}
@@ -187,7 +186,7 @@ class FurtherTraining:
         n_seeds, per_seed = len(self.seeds), 1 + chunk.numel()
 
         def batch_loss(p, xb, tb, w):
-            losses = _per_sample_losses(loss_fn, functional_call(module, {**fixed, **p}, (xb,)), tb)
+            losses = per_sample_losses(loss_fn, functional_call(module, {**fixed, **p}, (xb,)), tb)
             return (losses * w).sum() / w.sum().clamp_min(1.0)
 
         def outputs(p, xb):
@@ -215,7 +214,7 @@ class FurtherTraining:
             with torch.no_grad():
                 out = run_outputs(params, xt)  # (seeds, runs, n_test, ...)
                 flat = out.reshape(n_seeds * per_seed, *out.shape[2:])
-                lo = torch.stack([_per_sample_losses(loss_fn, o, tt) for o in flat]).view(n_seeds, per_seed, -1)
+                lo = torch.stack([per_sample_losses(loss_fn, o, tt) for o in flat]).view(n_seeds, per_seed, -1)
             loss_seed[:, record] = (lo[:, 1:] - lo[:, :1]).double()
             diff = (out[:, 1:] - out[:, :1]).double().mean(0)
             if out_mean is None:

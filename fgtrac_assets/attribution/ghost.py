@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .per_sample import (
+from .model_calls import (
     ForwardFn,
     LossFn,
-    _call,
-    _model_device,
-    _per_sample_losses,
-    _to_device,
+    call_model,
     iter_batches,
+    model_device,
     model_guard,
+    per_sample_losses,
+    to_device,
 )
 from .topk import RunningTopK, TopK
 
@@ -42,6 +42,7 @@ __all__ = [
     "linear_layer_names",
     "self_influence_from_factors",
     "top_k_from_factors",
+    "unit_factors",
 ]
 
 # Fused tiles: (TILE_ROWS train x TILE_COLS test).  Two tile-sized scratch buffers take
@@ -126,7 +127,7 @@ def linear_factors(
     for m in modules:
         if not isinstance(m, nn.Linear):
             raise GhostNotApplicable(f"{type(m).__name__} is not an nn.Linear")
-    device = _model_device(model)
+    device = model_device(model)
     acts: list[list[Tensor]] = [[] for _ in modules]
     errs: list[list[Tensor]] = [[] for _ in modules]
     with model_guard(model):
@@ -137,8 +138,8 @@ def linear_factors(
         sinks = [m.bias if m.bias is not None else m.weight for m in modules]
         for x, t in iter_batches(inputs, targets, batch_size):
             if forward is None:
-                x = _to_device(x, device)
-            t = _to_device(t, device)
+                x = to_device(x, device)
+            t = to_device(t, device)
             a_seen: list[list[Tensor]] = [[] for _ in modules]
             e_seen: list[list[Tensor]] = [[] for _ in modules]
 
@@ -153,7 +154,7 @@ def linear_factors(
             handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
             try:
                 with torch.enable_grad():
-                    losses = _per_sample_losses(loss_fn, _call(model, forward, x), t)
+                    losses = per_sample_losses(loss_fn, call_model(model, forward, x), t)
                     n = losses.shape[0]
                     for i, a in enumerate(a_seen):
                         if len(a) != 1:
@@ -253,6 +254,13 @@ def _new_out(train: Sequence[Sequence[Factors]], n_rows: int, n_test: int) -> Te
 def factor_dot(train: Sequence[Factors], test: Sequence[Factors], out: Tensor | None = None, scale: float = 1.0) -> Tensor:
     """Return (n_train, n_test) gradient dot products sum_l (E E'^T) * (A A'^T + 1) (added into ``out`` if given)."""
     return influence_from_factors([train], [test], [scale], out=out)
+
+
+def unit_factors(factors: Sequence[Factors]) -> list[Factors]:
+    """Return the factors with errors divided by the gradient norm, so each sample's gradient has norm 1 (or 0)."""
+    norm = factor_self_dot(factors).sqrt()
+    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    return [Factors(f.errors * inv[:, None], f.activations, f.bias) for f in factors]
 
 
 def factor_self_dot(factors: Sequence[Factors]) -> Tensor:

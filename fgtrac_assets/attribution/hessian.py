@@ -25,16 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from .per_sample import (
-    ForwardFn,
-    LossFn,
-    _ForwardWrapper,
-    _model_device,
-    _per_sample_losses,
-    _to_device,
-    iter_batches,
-    model_guard,
-)
+from .model_calls import ForwardFn, LossFn, iter_batches, model_device, model_guard, per_sample_losses, to_device
+from .per_sample import _ForwardWrapper
 
 __all__ = ["MeanLossHessian", "snapshot_state"]
 
@@ -89,7 +81,7 @@ class MeanLossHessian:
         self.names = list(names)
         self.loss_fn = loss_fn
         self.tangent_chunk = int(tangent_chunk)
-        device = _model_device(model)
+        device = model_device(model)
         if forward is None:
             self.module, prefix = model, ""
         else:
@@ -112,8 +104,8 @@ class MeanLossHessian:
         self.batches = []
         for x, t in iter_batches(inputs, targets, batch_size):
             if forward is None:
-                x = _to_device(x, device)
-            self.batches.append((x, _to_device(t, device)))
+                x = to_device(x, device)
+            self.batches.append((x, to_device(t, device)))
         self.n = sum(len(t) for _, t in self.batches)
         if self.n == 0:
             raise ValueError("the Hessian needs at least one training sample")
@@ -152,7 +144,7 @@ class MeanLossHessian:
 
         def f(p: dict[str, Tensor]) -> Tensor:
             out = functional_call(self.module, {**self.fixed, **p}, (x,))
-            return _per_sample_losses(self.loss_fn, out, t).sum() / n
+            return per_sample_losses(self.loss_fn, out, t).sum() / n
 
         return f
 
@@ -377,7 +369,7 @@ class _StructuredMLP:
 
         def fn(out: Tensor) -> tuple[Tensor, Tensor]:
             def total(o):
-                return _per_sample_losses(loss_fn, o, t).sum() / n
+                return per_sample_losses(loss_fn, o, t).sum() / n
 
             c = out.shape[1]
             eye = torch.eye(c, dtype=out.dtype, device=out.device)

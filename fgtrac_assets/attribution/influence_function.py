@@ -29,15 +29,8 @@ from torch import Tensor, nn
 from .hessian import MeanLossHessian, snapshot_state
 from .ihvp import ExplicitInverse, solve_block_cg, solve_cg, solve_lissa
 from .preconditioner import PRECONDITIONERS, KroneckerPreconditioner
-from .per_sample import (
-    ForwardFn,
-    LossFn,
-    iter_per_sample_grads,
-    model_guard,
-    per_sample_grads,
-    reiterable,
-    selected_parameter_names,
-)
+from .model_calls import ForwardFn, LossFn, model_guard, reiterable
+from .per_sample import iter_per_sample_grads, per_sample_grads, selected_parameter_names
 from .topk import RunningTopK, TopK
 
 __all__ = ["InfluenceFunction"]

@@ -1,7 +1,7 @@
 """General path: per-sample gradients over chosen parameters, optionally randomly projected.
 
-Also holds the small helpers every path shares: batching of tensors / loaders,
-parameter selection and a guard that restores a model's state after use.
+Also holds parameter selection, which every path shares (batching, devices and the model
+guard are in :mod:`.model_calls`).
 
 Per-sample gradients are computed with ``torch.func`` (``functional_call`` +
 ``vmap`` + ``grad``): one vectorised forward/backward per batch, the chosen
@@ -17,122 +17,37 @@ in one ordinary forward and backward (:func:`.ghost.linear_factors`), a little f
 (writing the gradients out is most of the cost of both paths).
 """
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-ForwardFn = Callable[[nn.Module, Any], Tensor]
-LossFn = Callable[[Tensor, Any], Tensor]
+from .ghost import GhostNotApplicable, linear_factors
+from .model_calls import (
+    ForwardFn,
+    LossFn,
+    call_model,
+    iter_batches,
+    model_device,
+    model_guard,
+    per_sample_losses,
+    to_device,
+)
 
 __all__ = [
     "RandomProjection",
-    "iter_batches",
     "iter_per_sample_grads",
-    "model_guard",
     "per_sample_grads",
-    "reiterable",
     "selected_parameter_names",
+    "unit_rows",
 ]
 
 
-# --------------------------------------------------------------------------- data
-
-
-def reiterable(data: Any) -> Any:
-    """Return ``data`` unchanged if it can be iterated more than once, else a list of its items."""
-    if isinstance(data, Tensor) or data is None:
-        return data
-    if iter(data) is data:  # a generator / one-shot iterator
-        return list(data)
-    return data
-
-
-def iter_batches(inputs: Any, targets: Any, batch_size: int) -> Iterator[tuple[Any, Any]]:
-    """Yield ``(inputs, targets)`` batches from tensors (sliced by ``batch_size``) or from an iterable of batches."""
-    if targets is not None:
-        if isinstance(inputs, (tuple, list)):
-            n = len(targets)
-            for s in range(0, n, batch_size):
-                yield tuple(x[s : s + batch_size] for x in inputs), targets[s : s + batch_size]
-            return
-        n = len(inputs)
-        if len(targets) != n:
-            raise ValueError(f"inputs ({n}) and targets ({len(targets)}) differ in length")
-        for s in range(0, n, batch_size):
-            yield inputs[s : s + batch_size], targets[s : s + batch_size]
-        return
-    if isinstance(inputs, Tensor):
-        raise ValueError("targets are required when inputs is a tensor")
-    for batch in inputs:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("an iterable of batches must yield (inputs, targets) pairs")
-        yield batch[0], batch[1]
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _call(model: nn.Module, forward: ForwardFn | None, x: Any) -> Tensor:
-    return model(x) if forward is None else forward(model, x)
-
-
-def _per_sample_losses(loss_fn: LossFn, out: Tensor, t: Any) -> Tensor:
-    losses = loss_fn(out, t)
-    if losses.dim() != 1:
-        raise ValueError(
-            "loss_fn must return one loss per sample (a 1-D tensor, e.g. reduction='none'); "
-            f"got shape {tuple(losses.shape)}"
-        )
-    return losses
-
-
-# ---------------------------------------------------------------------- model state
-
-
-@contextlib.contextmanager
-def model_guard(model: nn.Module, restore_state: bool = False) -> Iterator[nn.Module]:
-    """Yield ``model``; afterwards restore its train/eval modes, requires_grad flags, Parameter objects and
-    (optionally) its state_dict.
-
-    The Parameter objects: ``torch.func.functional_call`` (tie_weights=True, torch 2.13) leaves plain
-    tensors in place of the Parameters of a module that appears twice in the model.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    owned = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
-    state = None
-    if restore_state:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        yield model
-    finally:
-        for m, name, p in owned:
-            if m._parameters.get(name) is not p:
-                m.__dict__.pop(name, None)
-                m._parameters[name] = p
-        if state is not None:
-            model.load_state_dict(state)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+# ------------------------------------------------------------------- parameters
 
 
 def selected_parameter_names(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -255,7 +170,7 @@ def _vmap_grads(model, forward, names, loss_fn, x, t, check_losses: bool) -> lis
     g, losses = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0))(params, xs, t)
     if check_losses:
         with torch.no_grad():
-            batch_losses = _per_sample_losses(loss_fn, _call(model, forward, x), t)
+            batch_losses = per_sample_losses(loss_fn, call_model(model, forward, x), t)
         if batch_losses.shape != losses.shape or not torch.allclose(
             batch_losses, losses, rtol=1e-4, atol=1e-6
         ):
@@ -273,7 +188,7 @@ def _loop_grads(model, forward, names, loss_fn, x, t) -> list[Tensor]:
     for p in params:
         p.requires_grad_(True)
     with torch.enable_grad():
-        losses = _per_sample_losses(loss_fn, _call(model, forward, x), t)
+        losses = per_sample_losses(loss_fn, call_model(model, forward, x), t)
         rows: list[list[Tensor]] = [[] for _ in params]
         for i in range(losses.shape[0]):
             gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
@@ -302,8 +217,6 @@ def _factor_grads(model: nn.Module, linear: list[tuple[nn.Linear, str]], loss_fn
                   ) -> tuple[Tensor, list[Tensor]]:
     """Return per-sample gradients (n, P) of Linear-layer parameters and its per-parameter column blocks (views),
     built from each layer's input and output gradient (one forward and backward, no vmap)."""
-    from .ghost import linear_factors  # ghost builds on this module's helpers
-
     modules = list({id(m): m for m, _ in linear}.values())
     factors = dict(zip((id(m) for m in modules), linear_factors(model, modules, x, t, loss_fn, None, len(t))))
     n = len(t)
@@ -320,6 +233,12 @@ def _factor_grads(model: nn.Module, linear: list[tuple[nn.Linear, str]], loss_fn
     return flat, blocks
 
 
+def unit_rows(g: Tensor) -> Tensor:
+    """Return the rows of g divided by their norms (zero rows stay zero)."""
+    norm = g.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+
+
 def iter_per_sample_grads(
     model: nn.Module,
     names: Sequence[str],
@@ -331,17 +250,15 @@ def iter_per_sample_grads(
     projection: RandomProjection | None = None,
 ) -> Iterator[Tensor]:
     """Yield, per batch, the flattened per-sample gradients (b, P) or their projections (b, dim)."""
-    from .ghost import GhostNotApplicable
-
-    device = _model_device(model)
+    device = model_device(model)
     linear = _linear_parameters(model, names) if forward is None else None
     mode = "linear" if linear is not None else "vmap"
     with model_guard(model):
         model.eval()
         for x, t in iter_batches(inputs, targets, batch_size):
             if forward is None:
-                x = _to_device(x, device)
-            t = _to_device(t, device)
+                x = to_device(x, device)
+            t = to_device(t, device)
             blocks = None
             if mode == "linear" and _vmappable(x, t):
                 try:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .per_sample import _per_sample_losses, model_guard
+from .model_calls import model_guard, per_sample_losses
 from .hessian import MeanLossHessian, jvp
 
 __all__ = ["KroneckerPreconditioner", "PRECONDITIONERS"]
@@ -131,7 +131,7 @@ class KroneckerPreconditioner:
         loss_fn = self.hess.loss_fn
 
         def total(o):
-            return _per_sample_losses(loss_fn, o, t).sum()
+            return per_sample_losses(loss_fn, o, t).sum()
 
         if dim > MAX_OUTPUT_DIM:
             self.report["output_curvature"] = "empirical Fisher (loss gradient)"

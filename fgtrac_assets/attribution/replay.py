@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .per_sample import LossFn
+from .model_calls import LossFn
 
 __all__ = ["ReplayResult", "ReplayStep", "replay_steps", "replay_tracin"]
 

@@ -15,17 +15,15 @@ from .ghost import (
     linear_layer_names,
     self_influence_from_factors,
     top_k_from_factors,
+    unit_factors,
 )
+from .model_calls import ForwardFn, LossFn, iter_batches, model_guard, reiterable
 from .per_sample import (
-    ForwardFn,
-    LossFn,
     RandomProjection,
-    iter_batches,
     iter_per_sample_grads,
-    model_guard,
     per_sample_grads,
-    reiterable,
     selected_parameter_names,
+    unit_rows,
 )
 from .topk import RunningTopK, TopK
 
@@ -58,6 +56,8 @@ class TracInCP:
 
     ``method`` ("auto", "ghost", "per_sample") forces a path; "ghost" with a custom
     ``forward`` asserts that sample i's loss depends only on row i of each layer.
+    ``normalize`` divides every per-sample gradient by its norm first, so each checkpoint
+    contributes lr_i times the gradients' cosine (Grad-Cos at one checkpoint of lr 1).
     Gradients are taken in eval mode; afterwards the model's parameters/buffers,
     train/eval modes and requires_grad flags are restored (also on exceptions).
     """
@@ -73,6 +73,7 @@ class TracInCP:
         projection_dim: int | None = None,
         seed: int = 0,
         method: str = "auto",
+        normalize: bool = False,
     ):
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}")
@@ -85,6 +86,7 @@ class TracInCP:
         self.forward = forward
         self.batch_size = int(batch_size)
         self.method = method
+        self.normalize = normalize
         self.param_names = selected_parameter_names(model, self.layers)
         self.linear_layers = linear_layer_names(model, self.layers)
         self.projection = RandomProjection(projection_dim, seed) if projection_dim else None
@@ -106,21 +108,24 @@ class TracInCP:
         return [lr for _, lr in self.checkpoints]
 
     def _factors(self, inputs: Any, targets: Any) -> list[Factors]:
-        return linear_factors(
+        factors = linear_factors(
             self.model, self.linear_layers, inputs, targets, self.loss_fn, self.forward, self.batch_size
         )
+        return unit_factors(factors) if self.normalize else factors
 
     def _grads(self, inputs: Any, targets: Any):
-        return iter_per_sample_grads(
+        grads = iter_per_sample_grads(
             self.model, self.param_names, inputs, targets, self.loss_fn, self.forward,
             self.batch_size, self.projection,
         )
+        return map(unit_rows, grads) if self.normalize else grads
 
     def _grads_all(self, inputs: Any, targets: Any) -> Tensor:
-        return per_sample_grads(
+        grads = per_sample_grads(
             self.model, self.param_names, inputs, targets, self.loss_fn, self.forward,
             self.batch_size, self.projection,
         )
+        return unit_rows(grads) if self.normalize else grads
 
     def _run(self, ghost: Callable[[], Any], general: Callable[[], Any]) -> Any:
         with model_guard(self.model, restore_state=True):

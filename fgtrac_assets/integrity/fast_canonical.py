@@ -2,7 +2,7 @@
 
 A ledger leaf is ``rfc8785.dumps({"table": table, **row})`` where every value is a
 ``str``, ``int``, ``float``, ``bool`` or ``None``.  ``rfc8785.dumps`` walks each row in
-Python (~14 us/row); :func:`encode_rows` instead works a column at a time:
+Python; :func:`encode_rows` instead works a column at a time:
 
 * the object keys (``"table"`` plus the columns) are sorted once, by UTF-16 code units,
   into fixed text pieces (``{"asset":``, ``,"epoch":`` ...);
@@ -10,7 +10,8 @@ Python (~14 us/row); :func:`encode_rows` instead works a column at a time:
   needs no escaping, checked in bulk with numpy; an all-``int`` column, range-checked
   with ``min``/``max``), a constant (an all-``None`` column), or a list of JSON fragments
   (escaped strings, formatted floats, ``true``/``false``/``null``), repeated values
-  being formatted only once;
+  being formatted only once (a caller that already knows a column's distinct values, e.g.
+  from an Arrow dictionary, hands it over as :func:`dictionary_column`);
 * one generated f-string comprehension glues the pieces and the column values of each
   row together and encodes it to UTF-8.
 
@@ -34,18 +35,15 @@ Errors are :class:`CanonicalEncodingError`, a ``rfc8785.CanonicalizationError`` 
 a ``ValueError``, naming the column and, where known, the row.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from json.encoder import encode_basestring as _json_escape  # the C escaper (ensure_ascii=False)
 
 import numpy as np
-import pyarrow as pa
 import rfc8785
 
-__all__ = ["CanonicalEncodingError", "encode_row", "encode_rows", "float_text"]
+__all__ = ["CanonicalEncodingError", "EncodedColumn", "dictionary_column", "encode_rows", "float_text"]
 
 _INT_MAX = 2**53 - 1
 _INT_MIN = -(2**53) + 1
@@ -283,8 +281,8 @@ def _layout(table: str, columns: tuple[str, ...]) -> tuple[tuple[str, ...], tupl
     return tuple(_json_escape(k) for k in order), tuple(keys[k] for k in order)
 
 
-class _Encoded:
-    """A whole column already turned into (how, payload), e.g. from an Arrow dictionary."""
+class EncodedColumn:
+    """A whole column already turned into (how, payload): see :func:`dictionary_column`."""
 
     __slots__ = ("how", "payload", "n")
 
@@ -295,65 +293,57 @@ class _Encoded:
         return self.n
 
     def chunk(self, start: int, stop: int) -> tuple[int, object]:
+        """Return (how, payload) of rows start:stop."""
         if self.how == _CONST or (start == 0 and stop == self.n):
             return self.how, self.payload
         return self.how, self.payload[start:stop]
 
 
-def _column_input(values, column: str) -> list | _Encoded:
-    """Return a column as a list of Python values, or pre-encoded when Arrow makes that cheap."""
-    if isinstance(values, list):
+def dictionary_column(values: Sequence[str], codes: np.ndarray, column: str | None = None) -> EncodedColumn:
+    """Return a string column given as its distinct values and each row's code into them (-1: null) for encode_rows.
+
+    Each distinct value is escaped once; a column of one value throughout folds into the row template.
+    """
+    texts = []
+    for v in values:
+        if not _is_utf8(v):
+            raise CanonicalEncodingError(_SURROGATES, column)
+        texts.append(_json_escape(v))
+    texts.append("null")  # code -1
+    codes = np.asarray(codes)
+    n = len(codes)
+    if n and codes.min() == codes.max():
+        return EncodedColumn(_CONST, texts[int(codes[0])], n)
+    return EncodedColumn(_RAW, np.array(texts, dtype=object)[codes].tolist(), n)
+
+
+def _column_input(values, column: str) -> list | EncodedColumn:
+    """Return a column as a list of Python values, or as given when already encoded."""
+    if isinstance(values, (list, EncodedColumn)):
         return values
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        return _from_arrow(values, column)
     if isinstance(values, np.ndarray):
         return values.tolist()  # Python scalars, as a DuckDB/Arrow fetch would give
     if isinstance(values, (str, bytes, Mapping)):
         raise CanonicalEncodingError("column data must be a sequence of values", column)
-    to_pylist = getattr(values, "to_pylist", None)
+    to_pylist = getattr(values, "to_pylist", None)  # an Arrow array, without importing pyarrow here
     return to_pylist() if to_pylist is not None else list(values)
 
 
-def _from_arrow(a, column: str) -> list | _Encoded:
-    """Arrow column -> values; a string column of few distinct values is encoded via its dictionary."""
-    if isinstance(a, pa.ChunkedArray):
-        a = a.chunk(0) if a.num_chunks == 1 else a.combine_chunks()
-    n = len(a)
-    if not (n >= 256 and (pa.types.is_string(a.type) or pa.types.is_large_string(a.type))):
-        return a.to_pylist()
-    if a.null_count == n:
-        return _Encoded(_CONST, "null", n)
-    probe = a.slice(0, 1024).dictionary_encode()
-    if len(probe.dictionary) * 4 > len(probe):  # looks high-cardinality (ids): plain values
-        return a.to_pylist()
-    d = a.dictionary_encode()
-    k = len(d.dictionary)
-    if k * 2 > n:
-        return a.to_pylist()
-    texts = [_json_escape(v) for v in d.dictionary.to_pylist()]  # Arrow strings are valid UTF-8
-    if k == 1 and d.null_count == 0:
-        return _Encoded(_CONST, texts[0], n)
-    texts.append("null")
-    idx = d.indices.fill_null(k).to_numpy(zero_copy_only=False)
-    return _Encoded(_RAW, np.array(texts, dtype=object)[idx].tolist(), n)
-
-
-def encode_rows(table: str, columns: Sequence[str], data: Mapping[str, Sequence] | pa.Table) -> list[bytes]:
+def encode_rows(table: str, columns: Sequence[str], data: Mapping[str, Sequence]) -> list[bytes]:
     """Return each row's leaf bytes, ``rfc8785.dumps({"table": table, **{c: data[c][i] for c in columns}})``.
 
-    ``data`` maps each column name to a list (or pyarrow Array/ChunkedArray, numpy
-    array, other sequence) of the column's values, all of the same length; a
-    ``pyarrow.Table`` works too.
+    ``data`` maps each column name to a list (or numpy array, :class:`EncodedColumn`,
+    anything with ``to_pylist``, other sequence) of the column's values, all of the same
+    length.
     Raises :class:`CanonicalEncodingError` (a ValueError) naming the column and row of
     a value RFC 8785 cannot encode (NaN, infinities, ints beyond 2**53 - 1, lone
     surrogates, unsupported types).
     """
     key_texts, sources = _layout(table, tuple(columns))
-    names = data.column_names if isinstance(data, pa.Table) else data
-    cols: dict[str, list | _Encoded] = {}
+    cols: dict[str, list | EncodedColumn] = {}
     for src in sources:
         if src is not None and src not in cols:
-            if src not in names:
+            if src not in data:
                 raise KeyError(f"encode_rows: no data for column {src!r}")
             cols[src] = _column_input(data[src], src)
     lengths = {len(v) for v in cols.values()}
@@ -375,7 +365,7 @@ def encode_rows(table: str, columns: Sequence[str], data: Mapping[str, Sequence]
                 how, payload = _CONST, table_text
             else:
                 col = cols[src]
-                if type(col) is _Encoded:
+                if type(col) is EncodedColumn:
                     how, payload = col.chunk(start, stop)
                 else:
                     if start or stop < len(col):
@@ -404,7 +394,7 @@ def encode_rows(table: str, columns: Sequence[str], data: Mapping[str, Sequence]
 def _raise_surrogate(key_texts, sources, cols, start, stop):
     """Name the column and row whose string could not be encoded to UTF-8."""
     for src in sources:
-        if src is None or type(cols[src]) is _Encoded:
+        if src is None or type(cols[src]) is EncodedColumn:
             continue
         for i in range(start, stop):
             v = cols[src][i]
@@ -412,12 +402,3 @@ def _raise_surrogate(key_texts, sources, cols, start, stop):
                 raise CanonicalEncodingError(_SURROGATES, src, i)
     raise CanonicalEncodingError("row text is not valid UTF-8")  # pragma: no cover
 
-
-def encode_row(table: str, row: Mapping, columns: Sequence[str] | None = None) -> bytes:
-    """Return ``rfc8785.dumps({"table": table, **{c: row[c] for c in columns}})`` (default: all of row)."""
-    key_texts, sources = _layout(table, tuple(row) if columns is None else tuple(columns))
-    parts = []
-    for key_text, src in zip(key_texts, sources):
-        value = _json_escape(table) if src is None else _scalar_text(row[src], src)
-        parts.append(key_text + ":" + value)
-    return ("{" + ",".join(parts) + "}").encode("utf-8")

@@ -1,12 +1,12 @@
 """A ledger row's leaf: the RFC 8785 canonical JSON of its table name and columns."""
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import rfc8785
 
-from ..integrity.fast_canonical import encode_rows
+from ..integrity.fast_canonical import EncodedColumn, dictionary_column, encode_rows
 from .schema import LEAF_TABLES
 
 
@@ -25,7 +25,32 @@ def table_leaves(table: str, rows: pa.Table | Iterable[Mapping]) -> list[bytes]:
     """Return the leaf bytes of every row, in order (column-wise encoder, byte-identical to rfc8785)."""
     if not isinstance(rows, pa.Table):
         rows = to_arrow(table, list(rows))
-    return encode_rows(table, [c for c, _ in LEAF_TABLES[table]], rows)
+    return encode_arrow_rows(table, [c for c, _ in LEAF_TABLES[table]], rows)
+
+
+def encode_arrow_rows(table: str, columns: Sequence[str], data: pa.Table | Mapping[str, pa.Array | pa.ChunkedArray]
+                      ) -> list[bytes]:
+    """Return each row's leaf bytes from Arrow columns (encode_rows; few-valued strings through their dictionary)."""
+    names = data.column_names if isinstance(data, pa.Table) else data
+    return encode_rows(table, columns, {c: _arrow_values(data[c], c) for c in dict.fromkeys(columns) if c in names})
+
+
+def _arrow_values(a: pa.Array | pa.ChunkedArray, column: str) -> list | EncodedColumn:
+    """Return an Arrow column's values; a string column of few distinct values is encoded via its dictionary."""
+    if isinstance(a, pa.ChunkedArray):
+        a = a.chunk(0) if a.num_chunks == 1 else a.combine_chunks()
+    n = len(a)
+    if not (n >= 256 and (pa.types.is_string(a.type) or pa.types.is_large_string(a.type))):
+        return a.to_pylist()
+    if a.null_count == n:
+        return dictionary_column([], [-1] * n, column)
+    probe = a.slice(0, 1024).dictionary_encode()
+    if len(probe.dictionary) * 4 > len(probe):  # looks high-cardinality (ids): plain values
+        return a.to_pylist()
+    d = a.dictionary_encode()
+    if len(d.dictionary) * 2 > n:
+        return a.to_pylist()
+    return dictionary_column(d.dictionary.to_pylist(), d.indices.fill_null(-1).to_numpy(zero_copy_only=False), column)
 
 
 def to_arrow(table: str, rows: pa.Table | list[Mapping] | Mapping[str, list]) -> pa.Table:

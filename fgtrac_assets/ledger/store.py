@@ -14,9 +14,10 @@ import duckdb
 import pyarrow as pa
 
 from ..config import Home, log_origin, resolve_home
+from ..errors import FgtracError
 from ..integrity import merkle, notes
 from .catalog import install_code_definitions
-from .groups import EventGroups, sample_keys
+from .groups import RecordedGroups, member_rows, sample_keys, seal_groups
 from .keys import KeyHistory, endorse, load_history
 from .leaves import row_leaf, table_leaves, to_arrow
 from . import witnessing
@@ -25,11 +26,11 @@ from .nodes import StoredNodes, append_hashes, migrate_log_nodes
 from .schema import LEAF_ORDER, all_ddl, migrate_events_table, physical
 
 
-class LedgerMissing(FileNotFoundError):
+class LedgerMissing(FgtracError, FileNotFoundError):
     """There is no ledger file where one was expected."""
 
 
-class LedgerDamaged(RuntimeError):
+class LedgerDamaged(FgtracError, RuntimeError):
     """The ledger, its key or its files are not in a state fgtrac can safely continue from."""
 
 
@@ -44,7 +45,7 @@ class Commit:
     code_version: str = ""
     upstream: Mapping[str, str] = field(default_factory=dict)
     rows: dict[str, pa.Table | list[dict]] = field(default_factory=dict)
-    groups: EventGroups | None = None  # events logged one leaf per group (ledger/groups.py)
+    groups: RecordedGroups | None = None  # events logged one leaf per group (recorded by tracing.groups.GroupLog)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class Ledger:
         """Append a materialisation's rows and their leaves, and sign the new tree head, atomically."""
         rows, groups = dict(commit.rows), commit.groups
         if groups is not None and groups.groups.num_rows:
-            rows["event_groups"] = groups.seal(pipeline=commit.pipeline, run_id=commit.run_id, asset=commit.asset)
+            rows["event_groups"] = seal_groups(groups, pipeline=commit.pipeline, run_id=commit.run_id,
+                                               asset=commit.asset)
         tables = {t: to_arrow(t, rows[t]) for t in LEAF_ORDER if t in rows and t != "materializations"}
         leaves: list[bytes] = []
         for name, tbl in tables.items():
@@ -145,7 +147,7 @@ class Ledger:
                     _insert(con, physical(name), tbl.add_column(0, "leaf_index", idx))
                     if name == "event_groups":  # the members, under their group's leaf
                         keys = sample_keys(con, groups.sample_ids)
-                        _insert(con, "group_members", groups.member_rows(idx.to_numpy(), keys))
+                        _insert(con, "group_members", member_rows(groups, idx.to_numpy(), keys))
                     offset += tbl.num_rows
                 mat = {"pipeline": commit.pipeline, "asset": commit.asset, "run_id": commit.run_id,
                        "training_run": commit.training_run, "code_version": commit.code_version,

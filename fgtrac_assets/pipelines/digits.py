@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..errors import InputError, MissingInput
 from ..tracing.ids import bytes_digest
+from ..tracing.recorder import Recorder
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, TrainSettings
 from .ingest import bundled_digits, collect_images, image_folder, table_images
 from .splits import split_of
@@ -47,7 +49,7 @@ class DigitsPipeline(Pipeline):
         """Return this pipeline expecting images of size 'HxW' (the CNN pools adaptively, so any size trains)."""
         h, _, w = size.lower().partition("x")
         if not (h.isdigit() and w.isdigit() and 1 <= int(h) <= 4096 and 1 <= int(w) <= 4096):
-            raise ValueError(f"image_size {size!r}: expected HEIGHTxWIDTH, e.g. 28x28 (each 1..4096)")
+            raise InputError(f"image_size {size!r}: expected HEIGHTxWIDTH, e.g. 28x28 (each 1..4096)")
         other = copy.copy(self)
         other.image_shape = (int(h), int(w))
         return other
@@ -57,7 +59,7 @@ class DigitsPipeline(Pipeline):
             return self._collect(bundled_digits(limit), None)
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"source {source}: no such file or directory")
+            raise MissingInput(f"source {source}: no such file or directory")
         if path.is_dir():
             return self._collect(_folder_items(path, limit, self.num_classes), 255.0)
         return self._collect(table_images(path, limit), 255.0)
@@ -123,7 +125,7 @@ class DigitsPipeline(Pipeline):
         return {"test_accuracy": float((logits.argmax(1) == y).float().mean()),
                 "test_loss": float(self.loss_fn()(logits, y).mean())}
 
-    def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
+    def train(self, prepared: pa.Table, settings: TrainSettings, recorder: Recorder) -> Iterator[EpochResult]:
         import torch
 
         from .training import train_supervised
@@ -132,7 +134,7 @@ class DigitsPipeline(Pipeline):
         model = self.build_model(prepared)
         _, xt, yt = self.tensors(prepared, "train")
         _, xv, yv = self.tensors(prepared, "val")
-        yield from train_supervised(model, self.loss_fn(), (xt, yt), (xv, yv), settings, tracer)
+        yield from train_supervised(model, self.loss_fn(), (xt, yt), (xv, yv), settings, recorder)
 
 
 def _folder_items(path: Path, limit: int, num_classes: int) -> list:

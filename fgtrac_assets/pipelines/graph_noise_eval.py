@@ -31,6 +31,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from ..errors import InputError
 from .mislabel_eval import INSPECTED, auroc, detection_curve, detection_plot, found_fraction
 
 
@@ -68,17 +69,18 @@ def noisy_rating_evaluation(
 
     from ..attribution.selection import DEFAULT_RULE
     from ..attribution.tracin import TracInCP
+    from ..tracing.recorder import NullRecorder
     from .base import TrainSettings
     from .movielens import MovieLensPipeline
 
     if not 0 < noise_fraction < 1:
-        raise ValueError("noise_fraction must lie in (0, 1)")
+        raise InputError("noise_fraction must lie in (0, 1)")
     t0 = time.perf_counter()
     pipeline = MovieLensPipeline(hidden=hidden)
     prepared = pipeline.preprocess(pipeline.ingest("", limit).table).table
     noisy, noisy_ids = _flip(prepared, noise_fraction, seed)
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule="cosine")
-    history = list(pipeline.train(noisy, settings, None))
+    history = list(pipeline.train(noisy, settings, NullRecorder()))
     t_train = time.perf_counter()
 
     ids, pairs, ratings = pipeline.tensors(noisy, "train")

@@ -6,8 +6,8 @@ Setup (:func:`mislabel_evaluation`):
    training, ``n_val`` validation and the rest test samples, pixels scaled to [0, 1]
    and standardised with the training mean/std (as the digits pipeline does).
 2. The digits pipeline's CNN (``build_cnn(10)``) trained with the pipeline's own loop
-   (``train_supervised``, plain SGD, per-epoch lr from ``lr_at``, traced by a
-   :class:`Tracer`) on the clean labels.
+   (``train_supervised``, plain SGD, per-epoch lr from ``lr_at``, run without records
+   through a :class:`NullRecorder`) on the clean labels.
 3. ``flip_fraction`` of the training samples (a seeded random subset) get the label the
    clean model scores highest among the incorrect classes.
 4. The same CNN is retrained from scratch (same seed) on the noisy labels; a checkpoint
@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from ..errors import InputError
 
 INSPECTED = (0.05, 0.10, 0.20, 0.30)
 
@@ -161,7 +163,7 @@ def _digits(seed: int, n_train: int, n_val: int):
     x = d.data.astype(np.float32) / np.float32(16.0)
     y = d.target.astype(np.int64)
     if n_train + n_val >= len(y):
-        raise ValueError(f"n_train + n_val must leave test samples (digits has {len(y)})")
+        raise InputError(f"n_train + n_val must leave test samples (digits has {len(y)})")
     perm = np.random.default_rng(seed).permutation(len(y))
     tr, va, te = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
     mean, std = float(x[tr].mean()), float(x[tr].std())
@@ -173,15 +175,14 @@ def _digits(seed: int, n_train: int, n_val: int):
 def _train(x, y, val, settings, seed: int, sample_ids: list[str], run: str):
     import torch
 
-    from ..tracing.tracer import Tracer
+    from ..tracing.recorder import NullRecorder
     from .digits import build_cnn
     from .training import train_supervised
 
     torch.manual_seed(seed)
     model = build_cnn(10)
-    tracer = Tracer(sample_ids, run)
     loss = torch.nn.CrossEntropyLoss(reduction="none")
-    epochs = list(train_supervised(model, loss, (x, y), val, settings, tracer))
+    epochs = list(train_supervised(model, loss, (x, y), val, settings, NullRecorder()))
     return model, epochs
 
 
@@ -224,7 +225,7 @@ def mislabel_evaluation(
     from .base import TrainSettings
 
     if not 0 < flip_fraction < 1:
-        raise ValueError("flip_fraction must lie in (0, 1)")
+        raise InputError("flip_fraction must lie in (0, 1)")
     t0 = time.perf_counter()
     (x_tr, y_tr, rows), (x_va, y_va), (x_te, y_te) = _digits(seed, n_train, n_val)
     ids = [f"digits#{int(i)}" for i in rows]

@@ -64,7 +64,7 @@ Lineage roles (``training_checkpoints``)
       whenever the rating was a target, its prediction was fed by this neighbourhood;
       ``detail = {"role": "target", "hops": 2, "khop_edges": n, "khop_hash": h}``.
 
-    Steps and roles are each logged as event groups (ledger/groups.py): a leaf per step or
+    Steps and roles are each logged as event groups (tracing/groups.py): a leaf per step or
     per 1,024 members, not per sample-step, which keeps tracing's cost a few percent of
     training.  Joining ``batched`` to ``receptive_field`` on (training_run, sample_id)
     gives each supervised prediction's neighbourhood.
@@ -98,7 +98,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import InputError, MissingInput
 from ..integrity.canonical import content_id
+from ..tracing.recorder import Recorder
 from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings
 from .tables import TABLE_FORMATS, TableUnreadable, UserTable, name_text, read_user_table
 
@@ -155,10 +157,10 @@ def user_ratings(root: Path) -> tuple[dict[str, list], list[Rejection]]:
         try:
             tables[name] = read_user_table(p, text_columns=TEXT_COLUMNS[name])
         except TableUnreadable as exc:
-            raise ValueError(f"{name_text(str(p))}: {exc}") from None
+            raise InputError(f"{name_text(str(p))}: {exc}") from None
         missing = GRAPH_COLUMNS[name] - set(tables[name].table.column_names)
         if missing:
-            raise ValueError(f"{name_text(str(p))}: missing columns {sorted(missing)} "
+            raise InputError(f"{name_text(str(p))}: missing columns {sorted(missing)} "
                              f"(has {sorted(tables[name].table.column_names)})")
     where = name_text(root.name)
     rejected: list[Rejection] = []
@@ -221,10 +223,10 @@ def _graph_table(root: Path, name: str) -> Path:
     """Return the path of the nodes or edges table of a user's graph directory (.parquet or .csv, not both)."""
     found = [root / f"{name}{suffix}" for suffix in TABLE_FORMATS if (root / f"{name}{suffix}").is_file()]
     if not found:
-        raise FileNotFoundError(f"source {root}: no {name}.parquet or {name}.csv "
+        raise MissingInput(f"source {root}: no {name}.parquet or {name}.csv "
                                 "(expected nodes and edges tables, Parquet or CSV)")
     if len(found) > 1:
-        raise ValueError(f"source {root}: both {found[0].name} and {found[1].name}: keep one")
+        raise InputError(f"source {root}: both {found[0].name} and {found[1].name}: keep one")
     return found[0]
 
 
@@ -535,9 +537,9 @@ class MovieLensPipeline(Pipeline):
         else:
             root = Path(source)
             if not root.exists():
-                raise FileNotFoundError(f"source {source}: no such file or directory")
+                raise MissingInput(f"source {source}: no such file or directory")
             if not root.is_dir():
-                raise ValueError(f"source {source}: expected a directory with nodes and edges tables (Parquet or CSV)")
+                raise InputError(f"source {source}: expected a directory with nodes and edges tables (Parquet or CSV)")
             cols, rejected = user_ratings(root)
         return collect_ratings(cols, rejected, limit)
 
@@ -630,7 +632,7 @@ class MovieLensPipeline(Pipeline):
             targets.append(f'{{"hops": {HOPS}, "khop_edges": {n}, "khop_hash": "{h.hexdigest()}", "role": "target"}}')
         return targets
 
-    def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
+    def train(self, prepared: pa.Table, settings: TrainSettings, recorder: Recorder) -> Iterator[EpochResult]:
         import torch
 
         from .training import lr_at
@@ -644,30 +646,27 @@ class MovieLensPipeline(Pipeline):
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         generator = torch.Generator().manual_seed(settings.seed)
         n = len(ids)
-        steps_per_epoch = math.ceil(n / settings.batch_size)
-        if tracer is not None:  # the graph is the same in every step: roles are recorded once per run
-            tracer.record("message_passing", np.arange(n), whole_run=True)
-            tracer.record("receptive_field", np.arange(n), details=pa.array(self.receptive_fields(prepared), pa.string()),
-                          whole_run=True)
+        # the graph is the same in every step: roles are recorded once per run (details only if they are kept)
+        recorder.record("message_passing", np.arange(n), whole_run=True)
+        recorder.record("receptive_field", np.arange(n), whole_run=True,
+                        details=lambda: pa.array(self.receptive_fields(prepared), pa.string()))
         for epoch in range(settings.epochs):
             lr = lr_at(settings, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if tracer is not None:
-                tracer.epoch = epoch
+            recorder.start_epoch(epoch)
             model.train()
             for batch in torch.randperm(n, generator=generator).split(settings.batch_size):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(pairs[batch]), ratings[batch]).mean()
                 loss.backward()
-                if tracer is not None:
-                    tracer.record_batch(batch, lr)
+                recorder.record_batch(batch, lr)
                 optimizer.step()
             model.eval()
             with torch.no_grad():
                 train_loss = float(loss_fn(model(pairs), ratings).mean())
                 val_loss = float(loss_fn(model(val_pairs), val_ratings).mean())
-            yield EpochResult(epoch=epoch, step=tracer.step if tracer is not None else (epoch + 1) * steps_per_epoch,
+            yield EpochResult(epoch=epoch, step=recorder.step,
                               lr=lr, train_loss=train_loss, val_loss=val_loss,
                               state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
 

@@ -1,4 +1,4 @@
-"""A plain supervised SGD loop over tensors, traced per batch."""
+"""A plain supervised SGD loop over tensors, reporting each batch to a Recorder."""
 
 import math
 from collections.abc import Iterator
@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..tracing.recorder import Recorder
 from .base import EpochResult, TrainSettings
 
 
@@ -52,23 +53,28 @@ class EvenBatches:
             yield batch.tolist()
 
 
-def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
-    """Train with SGD on (inputs, targets), one traced step per batch (near-equal batches); yield each epoch's result."""
+def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSettings,
+                     recorder: Recorder) -> Iterator[EpochResult]:
+    """Train with SGD on (inputs, targets), one recorded step per near-equal batch; yield each epoch's result."""
     settings.validate()
     generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(TensorDataset(*train), batch_sampler=EvenBatches(len(train[1]), settings.batch_size, generator))
-    traced = tracer.wrap_loader(loader)
+    n = len(train[1])
+    # the dataset yields each sample's index with it, so every batch says which samples it holds
+    batches = EvenBatches(n, settings.batch_size, generator)
+    loader = DataLoader(TensorDataset(torch.arange(n), *train), batch_sampler=batches)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
-    step_opt = tracer.wrap_optimizer(optimizer)
     model.train()
     for epoch in range(settings.epochs):
+        lr = lr_at(settings, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(settings, epoch)
-        for x, y in traced:
+            group["lr"] = lr
+        recorder.start_epoch(epoch)
+        for indices, x, y in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y).mean()
             loss.backward()
-            step_opt.step()
-        yield EpochResult(epoch=epoch, step=tracer.step, lr=optimizer.param_groups[0]["lr"],
+            recorder.record_batch(indices, lr)
+            optimizer.step()
+        yield EpochResult(epoch=epoch, step=recorder.step, lr=optimizer.param_groups[0]["lr"],
                           train_loss=mean_loss(model, loss_fn, *train), val_loss=mean_loss(model, loss_fn, *val),
                           state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})

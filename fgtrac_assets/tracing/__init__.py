@@ -1,18 +1,19 @@
 """Record lifecycle events from any torch loop; no Dagster here.
 
 ``from fgtrac_assets.tracing import Tracer`` is the entry point; it is loaded on first use, so the event
-buffers and ids below import without torch.
+buffers, ids and the Recorder contract (``Recorder``, ``NullRecorder``) below import without torch.
 """
 
 from typing import TYPE_CHECKING
 
 from .events import EVENT_COLUMNS, EventBuffer
 from .ids import array_sample_id, bytes_digest
+from .recorder import NullRecorder, Recorder
 
 if TYPE_CHECKING:
     from .tracer import Tracer
 
-__all__ = ["EVENT_COLUMNS", "EventBuffer", "Tracer", "array_sample_id", "bytes_digest"]
+__all__ = ["EVENT_COLUMNS", "EventBuffer", "NullRecorder", "Recorder", "Tracer", "array_sample_id", "bytes_digest"]
 
 
 def __getattr__(name: str):

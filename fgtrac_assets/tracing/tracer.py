@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from ..ledger.groups import EventGroups, GroupLog
+from .groups import EventGroups, GroupLog
 
 
 class _RecordingBatchSampler:
@@ -30,9 +30,12 @@ class _RecordingBatchSampler:
 class Tracer:
     """Records which samples each optimiser step used (and at which lr) for one training run, as event groups.
 
-    A step costs one small append here: the batch's dataset indices as an array. The ids, the
-    `batched` event rows and their log leaves (one per step, see ledger/groups.py) are built
-    once, column-wise, when the run is committed.
+    A :class:`~fgtrac_assets.tracing.recorder.Recorder`: a loop calls ``start_epoch``,
+    ``record_batch`` and ``record`` itself, or wraps its loader and optimizer
+    (``wrap_loader``, ``wrap_optimizer``), which make those calls for it. A step costs one
+    small append here: the batch's dataset indices as an array. The ids, the `batched` event
+    rows and their log leaves (one per step, see tracing/groups.py) are built once,
+    column-wise, when the run is committed.
     """
 
     def __init__(self, sample_ids: Sequence[str], training_run: str):
@@ -51,16 +54,25 @@ class Tracer:
         """Return an optimizer whose step() records the batch it applies as a `batched` event group."""
         return TracedOptimizer(self, optimizer)
 
-    def record_batch(self, indices, lr: float, details: pa.Array | None = None) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Mark the start of an epoch: the batches and roles recorded next belong to it."""
+        self.epoch = epoch
+
+    def record_batch(self, indices, lr: float, details=None) -> None:
         """Record that the samples at these dataset indices formed the current step's batch, applied at lr."""
-        self.record("batched", indices, step=self.step, lr=float(lr), details=details)
+        self._add("batched", indices, self.epoch, self.step, float(lr), details)
         self.step += 1
 
-    def record(self, kind: str, indices, step: int | None = None, lr: float | None = None,
-               details: pa.Array | None = None, whole_run: bool = False) -> None:
-        """Record one event of `kind` per sample at these indices, in this epoch or (whole_run) for the whole run."""
+    def record(self, kind: str, indices, details=None, whole_run: bool = False) -> None:
+        """Record one event of `kind` per sample at these indices, in this epoch or (whole_run) for the whole run.
+
+        details: one string per sample (a pyarrow array), or a function returning them, called here only.
+        """
+        self._add(kind, indices, None if whole_run else self.epoch, None, None, details)
+
+    def _add(self, kind: str, indices, epoch: int | None, step: int | None, lr: float | None, details) -> None:
         idx = indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
-        self._log.add(kind, idx, epoch=None if whole_run else self.epoch, step=step, lr=lr, details=details)
+        self._log.add(kind, idx, epoch=epoch, step=step, lr=lr, details=details() if callable(details) else details)
 
     def groups(self) -> EventGroups:
         """Return everything recorded as event groups, ready for Ledger.commit."""

@@ -159,6 +159,22 @@ def test_grad_dot_and_cos_against_autograd(cnn_setup):
     assert torch.allclose(fc.influence(xtr, ytr, xte, yte), want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer", ["fc", None])  # the Linear-factor path and per-sample gradients
+def test_normalized_tracin_sums_the_checkpoints_gradient_cosines(cnn_setup, layer):
+    model, _, (xtr, ytr, xte, yte) = cnn_setup
+    first = {k: v + 0.01 * torch.sin(torch.arange(v.numel(), dtype=v.dtype).reshape(v.shape)) if v.is_floating_point()
+             else v for k, v in model.state_dict().items()}
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    tracin = TracInCP(model, [(first, 0.5), (last, 2.0)], LOSS, layer=layer, normalize=True)
+    cos = [GradCos(model, LOSS, layer=layer, state_dict=s) for s in (first, last)]
+    assert tracin.path == cos[0].path == ("ghost" if layer else "per_sample")
+    want = 0.5 * cos[0].influence(xtr, ytr, xte, yte) + 2.0 * cos[1].influence(xtr, ytr, xte, yte)
+    assert torch.allclose(tracin.influence(xtr, ytr, xte, yte), want, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(tracin.self_influence(xtr, ytr), torch.full((len(ytr),), 2.5, dtype=want.dtype))
+    top = tracin.top_k(xtr, ytr, xte, yte, k=3, chunk=7)
+    assert torch.allclose(top.proponent_score, want.T.topk(3, dim=1).values, rtol=1e-9, atol=1e-12)
+
+
 def test_sign_a_duplicated_hard_sample_is_a_proponent(mlp_setup):
     model, _, (xtr, ytr, xte, yte) = mlp_setup
     losses = LOSS(model(xtr), ytr).detach()

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from fgtrac_assets.attribution.model_calls import model_guard
 from fgtrac_assets.attribution.per_sample import (
     RandomProjection,
     _linear_parameters,
     _vmap_grads,
     iter_per_sample_grads,
-    model_guard,
     per_sample_grads,
 )
 

@@ -1,4 +1,4 @@
-"""fast_canonical.encode_rows must be byte-identical to rfc8785.dumps, errors included."""
+"""fast_canonical.encode_rows (and the ledger's Arrow input to it) is byte-identical to rfc8785.dumps, errors too."""
 
 import enum
 import math
@@ -11,14 +11,20 @@ import pytest
 import rfc8785
 
 import fgtrac_assets.integrity.fast_canonical as fc
-from fgtrac_assets.integrity.fast_canonical import CanonicalEncodingError, encode_row, encode_rows, float_text
-from fgtrac_assets.ledger.leaves import row_leaf, to_arrow
+from fgtrac_assets.integrity.fast_canonical import CanonicalEncodingError, encode_rows, float_text
+from fgtrac_assets.ledger.leaves import encode_arrow_rows, row_leaf, to_arrow
 from fgtrac_assets.ledger.schema import LEAF_TABLES
 
 
 def reference(table, columns, data):
     n = len(data[columns[0]])
     return [rfc8785.dumps({"table": table, **{c: data[c][i] for c in columns}}) for i in range(n)]
+
+
+def encode_row(table, row, columns=None):
+    """Return one row's leaf through encode_rows' single-row path (every column folds into the template)."""
+    columns = list(row) if columns is None else columns
+    return encode_rows(table, columns, {c: [row[c]] for c in columns})[0]
 
 
 def assert_same(table, columns, data):
@@ -214,6 +220,7 @@ def test_schema_tables_match_rfc8785_and_row_leaf(table):
     arrow = to_arrow(table, rows)
     assert encode_rows(table, columns, {c: arrow[c] for c in columns}) == got
     assert encode_rows(table, columns, {c: arrow[c].combine_chunks() for c in columns}) == got
+    assert encode_arrow_rows(table, columns, arrow) == got
 
 
 def test_events_batch_with_constant_and_low_cardinality_columns():
@@ -381,16 +388,30 @@ def test_arrow_dictionary_path(monkeypatch, chunk):
     want = reference("t", columns, data)
     types = {c: pa.large_string() if c == "low" else None for c in columns}
     arrays = {c: pa.array(v, type=types[c]) for c, v in data.items()}
-    assert encode_rows("t", columns, arrays) == want
+    assert encode_arrow_rows("t", columns, arrays) == want
     chunked = {c: pa.chunked_array([a.slice(0, 700), a.slice(700, 5), a.slice(705)]) for c, a in arrays.items()}
-    assert encode_rows("t", columns, chunked) == want
-    assert encode_rows("t", columns, pa.table(arrays)) == want  # a Table is a Mapping-like of columns
+    assert encode_arrow_rows("t", columns, chunked) == want
+    assert encode_arrow_rows("t", columns, pa.table(arrays)) == want
+    assert encode_rows("t", columns, arrays) == want  # Arrow arrays in a plain mapping: their values
+    with pytest.raises(KeyError, match="'missing'"):
+        encode_arrow_rows("t", [*columns, "missing"], pa.table(arrays))
+
+
+def test_dictionary_column_matches_its_values():
+    values, codes = ["a", 'q"uote\n', "é😀"], np.array([0, 1, -1, 2, 0, -1])
+    rows = [None if c < 0 else values[c] for c in codes]
+    want = [rfc8785.dumps({"table": "t", "s": v}) for v in rows]
+    assert encode_rows("t", ["s"], {"s": fc.dictionary_column(values, codes, "s")}) == want
+    one = fc.dictionary_column(["x"], np.zeros(3, int))
+    assert encode_rows("t", ["s"], {"s": one}) == [b'{"s":"x","table":"t"}'] * 3
+    assert encode_rows("t", ["s"], {"s": fc.dictionary_column([], np.full(2, -1))}) == [b'{"s":null,"table":"t"}'] * 2
+    with pytest.raises(CanonicalEncodingError, match="'s'.*non-UTF-8"):
+        fc.dictionary_column(["ok", "x\ud800"], np.array([0, 1]), "s")
 
 
 def test_empty_and_single_row():
     assert encode_rows("t", ["a"], {"a": []}) == []
     assert encode_rows("t", ["a"], {"a": [None]}) == [b'{"a":null,"table":"t"}']
-    assert encode_row("t", {}) == b'{"table":"t"}' == rfc8785.dumps({"table": "t"})
     assert encode_row("t", {"b": 1.0, "a": "x"}, columns=["a"]) == b'{"a":"x","table":"t"}'
 
 
