@@ -10,8 +10,9 @@ from pathlib import Path
 import duckdb
 
 from .config import resolve_home
+from .errors import FgtracError, StorageError
 from .ledger.lock import LedgerBusy
-from .ledger.store import Ledger, LedgerDamaged, LedgerMissing
+from .ledger.store import Ledger, LedgerDamaged
 from .ledger.log_command import add_log_export_commands
 from .witness.command import add_witness_commands
 
@@ -45,8 +46,8 @@ def cmd_verify(args) -> int:
     summary = "; ".join(f.line() for f in report.findings[:3])
     try:
         ledger.record_verification(report.leaves, report.ok, len(report.findings), summary or "OK")
-    except (duckdb.Error, LedgerDamaged, LedgerBusy):
-        pass  # a damaged or busy file: the outcome is printed below all the same
+    except (duckdb.Error, LedgerDamaged, LedgerBusy, StorageError):
+        pass  # a damaged, busy or read-only file: the outcome is printed below all the same
     if args.json:
         print(json.dumps({"ok": report.ok, "notices": report.notices, "leaves": report.leaves, "tree_heads": report.tree_heads,
                           "artifacts": report.artifacts, "rows": report.rows,
@@ -128,7 +129,10 @@ def cmd_key(args) -> int:
 def _write_json(obj, out: str | None) -> None:
     text = json.dumps(obj, indent=2) + "\n"
     if out:
-        Path(out).write_text(text, encoding="utf-8")
+        try:
+            Path(out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise StorageError(f"{out}: cannot write ({exc.strerror or exc})") from None
         print(f"wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fgtrac audit ... | head`
         sys.stdout = open(os.devnull, "w")
         return 0
-    except (LedgerMissing, LedgerDamaged, LedgerBusy, ValueError, OSError) as exc:
+    except FgtracError as exc:  # an error the user can fix: one line; anything else is a bug and keeps its traceback
         print(f"fgtrac: {printable(str(exc))}", file=sys.stderr)
         return 2
 

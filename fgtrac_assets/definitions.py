@@ -7,10 +7,21 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from .assets.automation import daily_retraining, inbox_sensor
 from .assets.factory import build_pipeline_assets, build_sharded_assets
 from .assets.resources import FgtracResource
+from .errors import InputError
 from .pipelines.registry import DEFAULT_LIMITS, PIPELINES, STUDIES
 
+
+def shards_setting() -> int:
+    """Return FGTRAC_SHARDS (default 2) as an int; raise InputError naming the setting if it is not one."""
+    raw = os.environ.get("FGTRAC_SHARDS", "2").strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"FGTRAC_SHARDS={raw!r} is not a whole number of shards (1..4096)") from None
+
+
 # Shards of the sharded influence path (FGTRAC_SHARDS, default 2): fixed when definitions load.
-SHARDS = int(os.environ.get("FGTRAC_SHARDS", "2"))
+SHARDS = shards_setting()
 
 all_assets = [a for pipeline, defaults in PIPELINES
               for a in build_pipeline_assets(pipeline, defaults, tuple(STUDIES.get(pipeline.name, ())))

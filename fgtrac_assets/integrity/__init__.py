@@ -4,6 +4,7 @@ from .canonical import canonical_json, content_id, sha256_hex
 from .merkle import (
     EMPTY_ROOT,
     PerfectHash,
+    Verdict,
     build_levels,
     consistency_proof,
     consistency_proof_from,
@@ -40,6 +41,7 @@ __all__ = [
     "NoteError",
     "PerfectHash",
     "Signer",
+    "Verdict",
     "Verifier",
     "build_levels",
     "canonical_json",

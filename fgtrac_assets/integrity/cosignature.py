@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..errors import FgtracError
 from .notes import (
     NoteError,
     NoteSignature,
@@ -36,7 +37,7 @@ _MAX_TIMESTAMP = 2**63 - 1
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 
 
-class CosignatureError(ValueError):
+class CosignatureError(FgtracError, ValueError):
     """A cosignature or cosigner key that is malformed or does not verify."""
 
 

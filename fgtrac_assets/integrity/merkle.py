@@ -166,23 +166,73 @@ def _is_hash(x: object) -> bool:
     return isinstance(x, (bytes, bytearray)) and len(x) == HASH_SIZE
 
 
-def _is_proof(proof: object) -> bool:
-    return isinstance(proof, (list, tuple)) and all(_is_hash(p) for p in proof)
+class Verdict:
+    """The outcome of checking a proof: true when it holds, false with `reason` saying which check failed."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str | None = None):
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.reason is None
+
+    def __repr__(self) -> str:
+        return "Verdict(ok)" if self.reason is None else f"Verdict({self.reason!r})"
+
+
+_HOLDS = Verdict()
+
+
+def _short(h: bytes) -> str:
+    return bytes(h).hex()[:16] + "…"
+
+
+def _size_problem(what: str, x: object) -> str | None:
+    return None if _is_size(x) else f"{what} must be a non-negative int, got {x!r}"
+
+
+def _hash_problem(what: str, x: object) -> str | None:
+    if not isinstance(x, (bytes, bytearray)):
+        return f"{what} must be bytes, got {type(x).__name__}"
+    return None if len(x) == HASH_SIZE else f"{what} is {len(x)} bytes, not {HASH_SIZE}"
+
+
+def _proof_problem(proof: object) -> str | None:
+    if not isinstance(proof, (list, tuple)):
+        return f"the proof must be a list of hashes, got {type(proof).__name__}"
+    return next(filter(None, (_hash_problem(f"proof hash {i}", p) for i, p in enumerate(proof))), None)
+
+
+def inclusion_proof_size(index: int, size: int) -> int:
+    """Return how many hashes the RFC 6962 inclusion proof of leaf index in a tree of size leaves has (index < size)."""
+    inner = (index ^ (size - 1)).bit_length()
+    return inner + (index >> inner).bit_count()
+
+
+def consistency_proof_size(old_size: int, new_size: int) -> int:
+    """Return how many hashes the RFC 6962 consistency proof from old_size to new_size has (0 < old_size < new_size)."""
+    shift = (old_size & -old_size).bit_length() - 1  # trailing zeros: the old tree's largest complete subtree
+    return inclusion_proof_size(old_size - 1, new_size) - shift + (old_size != 1 << shift)
 
 
 def verify_inclusion_hash(
     leaf_digest: bytes, index: int, tree_size: int, proof: list[bytes], root: bytes
-) -> bool:
-    """Return True iff proof shows the leaf hash leaf_digest at index in the tree with this root (RFC 9162 2.1.3.2)."""
-    if not (_is_size(index) and _is_size(tree_size) and index < tree_size):
-        return False
-    if not (_is_hash(leaf_digest) and _is_hash(root) and _is_proof(proof)):
-        return False
+) -> Verdict:
+    """Return a Verdict, true iff proof shows the leaf hash at index in the tree with this root (RFC 9162 2.1.3.2)."""
+    why = _size_problem("the leaf index", index) or _size_problem("the tree size", tree_size)
+    if why is None and index >= tree_size:
+        why = f"leaf index {index} is not below the tree size {tree_size}"
+    why = why or _hash_problem("the leaf hash", leaf_digest) or _hash_problem("the root", root) or _proof_problem(proof)
+    if why is None and len(proof) != (want := inclusion_proof_size(index, tree_size)):
+        why = f"the proof has {len(proof)} hashes, expected {want} for index {index} in a tree of {tree_size}"
+    if why:
+        return Verdict(why)
     fn, sn = index, tree_size - 1
     r = bytes(leaf_digest)
     for p in proof:
-        if sn == 0:
-            return False
+        if sn == 0:  # not reached: the length was checked above
+            return Verdict(f"the proof is too long for index {index} in a tree of {tree_size}")
         if fn & 1 or fn == sn:
             r = node_hash(p, r)
             while not fn & 1 and fn != 0:
@@ -192,30 +242,42 @@ def verify_inclusion_hash(
             r = node_hash(r, p)
         fn >>= 1
         sn >>= 1
-    return sn == 0 and r == root
+    if sn != 0:  # not reached: the length was checked above
+        return Verdict(f"the proof is too short for index {index} in a tree of {tree_size}")
+    if r != root:
+        return Verdict(f"the proof gives the root {_short(r)}, not the expected {_short(root)}")
+    return _HOLDS
 
 
-def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: list[bytes], root: bytes) -> bool:
-    """Return True iff proof shows the raw leaf at index in the tree of tree_size leaves with this root."""
+def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: list[bytes], root: bytes) -> Verdict:
+    """Return a Verdict, true iff proof shows the raw leaf at index in the tree of tree_size leaves with this root."""
     if not isinstance(leaf, (bytes, bytearray)):
-        return False
+        return Verdict(f"the leaf must be bytes, got {type(leaf).__name__}")
     return verify_inclusion_hash(leaf_hash(leaf), index, tree_size, proof, root)
 
 
 def verify_consistency(
     old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: list[bytes]
-) -> bool:
-    """Return True iff proof shows the old_size tree is a prefix of the new_size tree (RFC 9162 2.1.4.2)."""
-    if not (_is_size(old_size) and _is_size(new_size) and old_size <= new_size):
-        return False
-    if not (_is_hash(old_root) and _is_hash(new_root) and _is_proof(proof)):
-        return False
-    if old_size == new_size:
-        return not proof and old_root == new_root
-    if old_size == 0:
-        return not proof and old_root == EMPTY_ROOT
-    if not proof:
-        return False
+) -> Verdict:
+    """Return a Verdict, true iff proof shows the old_size tree is a prefix of the new_size tree (RFC 9162 2.1.4.2)."""
+    why = _size_problem("the old size", old_size) or _size_problem("the new size", new_size)
+    if why is None and old_size > new_size:
+        why = f"the old size {old_size} is larger than the new size {new_size}"
+    why = why or _hash_problem("the old root", old_root) or _hash_problem("the new root", new_root) \
+        or _proof_problem(proof)
+    if why:
+        return Verdict(why)
+    if old_size in (0, new_size):
+        if proof:
+            return Verdict(f"the proof from size {old_size} to {new_size} must be empty, it has {len(proof)} hashes")
+        if old_size == new_size and old_root != new_root:
+            return Verdict(f"the trees have the same size {old_size} but different roots "
+                           f"({_short(old_root)}, {_short(new_root)})")
+        if old_size != new_size and old_root != EMPTY_ROOT:
+            return Verdict(f"the old root {_short(old_root)} is not the root of the empty tree")
+        return _HOLDS
+    if len(proof) != (want := consistency_proof_size(old_size, new_size)):
+        return Verdict(f"the proof has {len(proof)} hashes, expected {want} from size {old_size} to {new_size}")
     path = list(proof)
     if old_size & (old_size - 1) == 0:
         path.insert(0, old_root)
@@ -225,8 +287,8 @@ def verify_consistency(
         sn >>= 1
     fr = sr = path[0]
     for c in path[1:]:
-        if sn == 0:
-            return False
+        if sn == 0:  # not reached: the length was checked above
+            return Verdict(f"the proof is too long from size {old_size} to {new_size}")
         if fn & 1 or fn == sn:
             fr = node_hash(c, fr)
             sr = node_hash(c, sr)
@@ -237,4 +299,10 @@ def verify_consistency(
             sr = node_hash(sr, c)
         fn >>= 1
         sn >>= 1
-    return fr == old_root and sr == new_root and sn == 0
+    if sn != 0:  # not reached: the length was checked above
+        return Verdict(f"the proof is too short from size {old_size} to {new_size}")
+    if fr != old_root:
+        return Verdict(f"the proof gives the old root {_short(fr)}, not the given {_short(old_root)}")
+    if sr != new_root:
+        return Verdict(f"the proof gives the new root {_short(sr)}, not the given {_short(new_root)}")
+    return _HOLDS

@@ -19,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..errors import FgtracError, InputError, StorageError
+
 ALG_ED25519 = 1
 _SIG_PREFIX = "\u2014 "  # EM DASH, space
 _MAX_SIGNATURES = 100
@@ -26,7 +28,7 @@ _HEX8 = re.compile(r"[0-9a-fA-F]{8}")
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
-class NoteError(ValueError):
+class NoteError(FgtracError, ValueError):
     """A signed note that is malformed or carries no valid signature from a known key."""
 
 
@@ -56,20 +58,20 @@ def format_checkpoint(origin: str, size: int, root: bytes) -> str:
 def parse_checkpoint(text: str) -> Checkpoint:
     """Return the Checkpoint in a checkpoint body text; extension lines are ignored."""
     if not text.endswith("\n"):
-        raise ValueError("malformed checkpoint: text must end with a newline")
+        raise InputError("malformed checkpoint: text must end with a newline")
     lines = text[:-1].split("\n")
     if len(lines) < 3:
-        raise ValueError(f"malformed checkpoint: expected at least 3 lines, got {len(lines)}")
+        raise InputError(f"malformed checkpoint: expected at least 3 lines, got {len(lines)}")
     origin, size_s, root_s, *extensions = lines
     if not origin:
-        raise ValueError("malformed checkpoint: empty origin line")
+        raise InputError("malformed checkpoint: empty origin line")
     if not _DECIMAL.fullmatch(size_s):
-        raise ValueError(f"malformed checkpoint: tree size {size_s!r} is not a decimal number")
+        raise InputError(f"malformed checkpoint: tree size {size_s!r} is not a decimal number")
     root = _b64decode(root_s)
     if root is None or len(root) != 32:
-        raise ValueError("malformed checkpoint: root hash is not base64 of 32 bytes")
+        raise InputError("malformed checkpoint: root hash is not base64 of 32 bytes")
     if any(not line for line in extensions):
-        raise ValueError("malformed checkpoint: blank line (pass the note text, not the signed note)")
+        raise InputError("malformed checkpoint: blank line (pass the note text, not the signed note)")
     return Checkpoint(origin, int(size_s), root)
 
 
@@ -111,11 +113,11 @@ def parse_key_parts(name: str, hash16: str, key64: str, what: str, key_type: int
     """Return (key id, key bytes after the type byte) of a signer or verifier key's parts; raise ValueError."""
     key = _b64decode(key64)
     if not (_valid_name(name) and _HEX8.fullmatch(hash16) and key):
-        raise ValueError(f"malformed {what} key")
+        raise InputError(f"malformed {what} key")
     if key[0] != key_type:
-        raise ValueError(f"{what} key has type 0x{key[0]:02x}, not 0x{key_type:02x}")
+        raise InputError(f"{what} key has type 0x{key[0]:02x}, not 0x{key_type:02x}")
     if len(key) != 33:
-        raise ValueError(f"malformed {what} key: wrong key length")
+        raise InputError(f"malformed {what} key: wrong key length")
     return int(hash16, 16), key[1:]
 
 
@@ -139,7 +141,7 @@ class Verifier:
 
     def __init__(self, name: str, public_key: Ed25519PublicKey):
         if not _valid_name(name):
-            raise ValueError(f"invalid key name {name!r}")
+            raise InputError(f"invalid key name {name!r}")
         self.name = name
         self._public = public_key
         self.key_id = _key_id(name, bytes([ALG_ED25519]) + raw_public_key(public_key))
@@ -168,7 +170,7 @@ def parse_verifier_key(vkey: str) -> Verifier:
     hash16, _, key64 = rest.partition("+")
     key_id, raw = parse_key_parts(name, hash16, key64, "verifier")
     if key_id != _key_id(name, bytes([ALG_ED25519]) + raw):
-        raise ValueError("invalid verifier key: key id does not match the key")
+        raise InputError("invalid verifier key: key id does not match the key")
     return Verifier(name, Ed25519PublicKey.from_public_bytes(raw))
 
 
@@ -225,12 +227,12 @@ def signer_from_key(skey: str) -> Signer:
     """Return the Signer for an encoded signer key string; raises ValueError if malformed."""
     parts = skey.split("+", 4)
     if len(parts) != 5 or parts[0] != "PRIVATE" or parts[1] != "KEY":
-        raise ValueError("malformed signer key")
+        raise InputError("malformed signer key")
     name, hash16, key64 = parts[2:]
     key_id, seed = parse_key_parts(name, hash16, key64, "signer")
     signer = Signer(name, Ed25519PrivateKey.from_private_bytes(seed))
     if signer.key_id != key_id:
-        raise ValueError("invalid signer key: key id does not match the key")
+        raise InputError("invalid signer key: key id does not match the key")
     return signer
 
 
@@ -337,7 +339,7 @@ class KeyStore:
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         if not _valid_name(name) or "\\" in name or "\0" in name or name.startswith("."):
-            raise ValueError(f"invalid key name {name!r}")
+            raise InputError(f"invalid key name {name!r}")
         if self.key_file is not None:
             return self.key_file, self.key_file.with_name(self.key_file.stem + ".vkey")
         stem = name.replace("/", "_")  # origins look like "example.com/log"
@@ -347,47 +349,53 @@ class KeyStore:
         """Return the signer stored under name, generating and storing a new key if none exists."""
         key_path, vkey_path = self._paths(name)
         if not key_path.exists():
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             signer = generate_signer(name)
             # Write a private temp file, then link it into place: another process never sees a half-written key.
             tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.tmp")
-            _write_private(tmp, signer.signer_key + "\n", exclusive=True)
             try:
-                os.link(tmp, key_path)
-            except FileExistsError:
-                pass  # created concurrently; load that one below
-            finally:
-                tmp.unlink()
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _write_private(tmp, signer.signer_key + "\n", exclusive=True)
+                try:
+                    os.link(tmp, key_path)
+                except FileExistsError:
+                    pass  # created concurrently; load that one below
+                finally:
+                    tmp.unlink()
+            except OSError as exc:
+                raise StorageError(f"{key_path}: cannot create the signing key ({exc.strerror or exc})") from None
         signer = self._load(name, key_path)
         self._ensure_vkey(signer, vkey_path)
         return signer
 
     def _load(self, name: str, key_path: Path) -> Signer:
         if self.key_file is not None and key_path.exists() and key_path.stat().st_mode & 0o077:
-            raise ValueError(f"signing key {key_path} has mode {key_path.stat().st_mode & 0o777:04o}: others could "
+            raise InputError(f"signing key {key_path} has mode {key_path.stat().st_mode & 0o777:04o}: others could "
                              f"read it; `chmod 600 {key_path}`")
         try:
             skey = key_path.read_text(encoding="ascii").strip()
         except OSError as e:
-            raise ValueError(f"cannot read signer key file {key_path}: {e.strerror}") from None
+            raise InputError(f"cannot read signer key file {key_path}: {e.strerror}") from None
         except UnicodeDecodeError:
-            raise ValueError(f"malformed signer key file {key_path}: not ASCII") from None
+            raise InputError(f"malformed signer key file {key_path}: not ASCII") from None
         try:
             signer = signer_from_key(skey)
         except ValueError as e:
-            raise ValueError(f"malformed signer key file {key_path}: {e}") from None
+            raise InputError(f"malformed signer key file {key_path}: {e}") from None
         if signer.name != name:
-            raise ValueError(f"signer key file {key_path} holds a key named {signer.name!r}, not {name!r}")
+            raise InputError(f"signer key file {key_path} holds a key named {signer.name!r}, not {name!r}")
         return signer
 
     def _ensure_vkey(self, signer: Signer, vkey_path: Path) -> None:
         if vkey_path.exists():
             if vkey_path.read_text(encoding="utf-8").strip() != signer.verifier_key:
-                raise ValueError(f"verifier key file {vkey_path} does not match its signer key file")
+                raise InputError(f"verifier key file {vkey_path} does not match its signer key file")
         else:
             tmp = vkey_path.with_name(f".{vkey_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(signer.verifier_key + "\n", encoding="utf-8")
-            os.replace(tmp, vkey_path)
+            try:
+                tmp.write_text(signer.verifier_key + "\n", encoding="utf-8")
+                os.replace(tmp, vkey_path)
+            except OSError as exc:
+                raise StorageError(f"{vkey_path}: cannot write the verifier key ({exc.strerror or exc})") from None
 
     def rotate(self, name: str) -> Signer:
         """Retire the current key (its verifier key stays, so old tree heads still verify); return a new signer."""

@@ -10,11 +10,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import FgtracError
+
 _WS = re.compile(r"[ \t]+")
 _DECIMAL = re.compile(r"[1-9][0-9]*")
 
 
-class PolicyError(ValueError):
+class PolicyError(FgtracError, ValueError):
     """A policy file that does not follow C2SP tlog-policy."""
 
 

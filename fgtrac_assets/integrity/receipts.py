@@ -13,11 +13,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from ..errors import FgtracError
 from . import merkle, notes
 from .members import parse_members
 
 
-class ReceiptError(ValueError):
+class ReceiptError(FgtracError, ValueError):
     """A receipt that does not verify, with the reason."""
 
 
@@ -68,8 +69,9 @@ def verify_inclusion_receipt(receipt: dict, trusted_keys: Sequence[str] | None =
         raise ReceiptError(f"missing field {exc}") from None
     if cp.size != size:
         raise ReceiptError(f"tree_size {size} differs from the signed checkpoint's size {cp.size}")
-    if not merkle.verify_inclusion(leaf, index, size, proof, cp.root):
-        raise ReceiptError(f"inclusion proof for leaf {index} does not match the signed root of tree size {size}")
+    if not (verdict := merkle.verify_inclusion(leaf, index, size, proof, cp.root)):
+        raise ReceiptError(f"inclusion proof for leaf {index} does not match the signed root of tree size {size} "
+                           f"({verdict.reason})")
     try:
         return json.loads(leaf)
     except ValueError:
@@ -145,8 +147,8 @@ def verify_absence_receipt(receipt: dict, trusted_keys: Sequence[str] | None = N
             continue
         value = set_leaf(side["sample_id"])
         proof = [unb64(h, f"{name} proof element") for h in side["proof"]]
-        if not merkle.verify_inclusion(value, side["index"], size, proof, root):
-            raise ReceiptError(f"{name} neighbour's inclusion proof does not match the set root")
+        if not (verdict := merkle.verify_inclusion(value, side["index"], size, proof, root)):
+            raise ReceiptError(f"{name} neighbour's inclusion proof does not match the set root ({verdict.reason})")
         neighbours.append((value, side["index"]))
     lo, hi = neighbours
     if lo is None and hi is None:

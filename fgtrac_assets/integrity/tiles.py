@@ -14,6 +14,8 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+from ..errors import FgtracError
+
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
 HASH_SIZE = 32
@@ -22,7 +24,7 @@ MAX_ENTRY_SIZE = 0xFFFF
 ENTRIES = "entries"
 
 
-class TileError(ValueError):
+class TileError(FgtracError, ValueError):
     """A malformed tile path, tile or entry bundle."""
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FgtracError
 from . import merkle, notes
 
 HEADER = "c2sp.org/tlog-proof@v1"
@@ -28,7 +29,7 @@ _INDEX = re.compile(r"index (0|[1-9][0-9]*)")
 _MAX_PROOF = 64  # an inclusion proof in a tree of fewer than 2**64 leaves
 
 
-class TlogProofError(ValueError):
+class TlogProofError(FgtracError, ValueError):
     """A tlog-proof that is malformed or does not verify, with the reason."""
 
 
@@ -137,9 +138,10 @@ def verify_tlog_proof(proof_text: str | bytes, leaf_bytes: bytes, log_verifiers:
         raise TlogProofError("the checkpoint's cosignatures do not satisfy the witness policy")
     if not parsed.index < checkpoint.size:
         raise TlogProofError(f"index {parsed.index} is not below the checkpoint's tree size {checkpoint.size}")
-    if not merkle.verify_inclusion_hash(leaf, parsed.index, checkpoint.size, list(parsed.proof), checkpoint.root):
+    verdict = merkle.verify_inclusion_hash(leaf, parsed.index, checkpoint.size, list(parsed.proof), checkpoint.root)
+    if not verdict:
         raise TlogProofError(f"the inclusion proof does not bind this leaf at index {parsed.index} to the signed "
-                             f"root of tree size {checkpoint.size}")
+                             f"root of tree size {checkpoint.size} ({verdict.reason})")
     return parsed.index, checkpoint
 
 
@@ -166,10 +168,15 @@ def check_proof_file(path: Path, log_keys: Sequence[str], policy=None) -> str:
         entry = json.loads(leaf)
     except ValueError:
         entry = {}
+    if not isinstance(entry, dict):  # a log entry is a JSON object; anything else names no table
+        entry = {}
     what = f"entry {index} ({entry.get('table', 'an entry')}) is in the log of size {checkpoint.size}"
     members = stem.with_suffix(".members")
     if members.exists():
-        digest = hashlib.sha256(members.read_bytes()).hexdigest()
+        try:
+            digest = hashlib.sha256(members.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise TlogProofError(f"cannot read {members.name} beside the proof ({exc.strerror or exc})") from None
         if digest != entry.get("members"):
             raise TlogProofError(f"{members.name} does not hash to the entry's members digest")
         what += f", with its {entry.get('size')} members"

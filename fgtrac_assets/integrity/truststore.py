@@ -10,6 +10,8 @@ as well as origin because every home's default origin is the same `fgtrac.local/
 import os
 from pathlib import Path
 
+from ..errors import StorageError
+
 
 def default_path() -> Path:
     """Return where the trust store lives."""
@@ -31,6 +33,9 @@ class TrustStore:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StorageError(f"{self.path}: cannot read the trust store ({_why(exc)}; $FGTRAC_TRUST_STORE "
+                               "sets where it is)") from None
         out = []
         for line in text.splitlines():
             parts = line.split(" ")
@@ -48,12 +53,16 @@ class TrustStore:
         new = [k for k in keys if k not in have]
         if not new:
             return []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(f"{origin} {_home_field(home)} {k}\n" for k in new)
-        with open(self.path, "a", encoding="utf-8") as f:  # appends are atomic enough for one line each
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:  # appends are atomic enough for one line each
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot write the trust store ({_why(exc)}; $FGTRAC_TRUST_STORE "
+                               "sets where it is)") from None
         return new
 
 
@@ -64,9 +73,18 @@ class TrustStore:
         if len(keep) == len(entries):
             return 0
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{o} {h} {k}\n" for o, h, k in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(f"{o} {h} {k}\n" for o, h, k in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{self.path}: cannot write the trust store ({_why(exc)})") from None
         return len(entries) - len(keep)
+
+
+def _why(exc: Exception) -> str:
+    """Return the operating system's reason for a failed read or write (or the exception's text)."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _home_field(home: str) -> str:

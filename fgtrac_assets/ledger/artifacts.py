@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StorageError
+
 
 @dataclass(frozen=True)
 class ArtifactFile:
@@ -35,15 +37,15 @@ def write_artifact(root: Path, relpath: str, kind: str, write: Callable[[Path], 
     if os.path.isabs(relpath) or ".." in Path(relpath).parts:
         raise ValueError(f"artifact path {relpath!r} must stay inside FGTRAC_HOME")
     final = root / relpath
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
-        raise OSError(f"writing artifact {relpath} failed (disk full or not writable?): {exc}") from None
+        raise StorageError(f"writing artifact {relpath} failed (disk full or not writable?): {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return ArtifactFile(path=relpath, sha256=sha256_file(final), bytes=final.stat().st_size, kind=kind)

@@ -4,10 +4,11 @@ import json
 
 import duckdb
 
+from ..errors import FgtracError
 from .store import Ledger
 
 
-class AuditError(ValueError):
+class AuditError(FgtracError, ValueError):
     """An audit that cannot be answered as asked (unknown or ambiguous id, a write attempted)."""
 
 

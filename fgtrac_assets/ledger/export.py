@@ -33,6 +33,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from ..errors import FgtracError, StorageError
 from ..integrity import merkle, notes
 from ..integrity.tiles import HASH_SIZE, TILE_WIDTH, EntryTooLarge, Tile, encode_bundles, new_tiles, tiles_between
 from .leaves import table_leaves
@@ -48,7 +49,7 @@ WRITE_THREADS = 4  # the kernel's file creation is most of a file's cost: let se
 _LOCK = ".fgtrac-export.lock"
 
 
-class ExportError(ValueError):
+class ExportError(FgtracError, ValueError):
     """The log cannot be exported (empty, damaged, or the directory holds another log)."""
 
 
@@ -94,20 +95,23 @@ class _Writer:
         self._count = threading.Lock()
 
     def write(self, rel: str, data: bytes, atomic: bool = False) -> None:
-        """Write one file now (atomic: under a temporary name, then renamed into place)."""
+        """Write one file now (atomic: under a temporary name, then renamed); raise StorageError if it fails."""
         path = self.root / rel
         parent = path.parent
-        if parent not in self.dirs:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.dirs.add(parent)
-        target = parent / f".{path.name}{self.tag}" if atomic else path
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        if atomic:
-            os.replace(target, path)
+            if parent not in self.dirs:
+                parent.mkdir(parents=True, exist_ok=True)
+                self.dirs.add(parent)
+            target = parent / f".{path.name}{self.tag}" if atomic else path
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            if atomic:
+                os.replace(target, path)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot write ({exc.strerror or exc})") from None
         with self._count:
             self.files += 1
             self.bytes += len(data)
@@ -119,7 +123,10 @@ class _Writer:
                 job.result()
         # folders first, here: the threads then never race to create the same one
         for parent in {(self.root / rel).parent for rel, _ in items} - self.dirs:
-            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"{parent}: cannot make the folder ({exc.strerror or exc})") from None
             self.dirs.add(parent)
         parts = [items[i::WRITE_THREADS] for i in range(min(WRITE_THREADS, len(items)))]
         self._pending.append([self._threads.submit(lambda part=part: [self.write(r, d) for r, d in part])
@@ -145,7 +152,10 @@ def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{out}: cannot make the export folder ({exc.strerror or exc})") from None
     with _exclusive(out):
         before = None if full else _read_checkpoint(out)
         previous = before.size if before else 0
@@ -233,7 +243,10 @@ def _prefetch(con: duckdb.DuckDBPyConnection, sizes: list[int], tiles: list[Tile
 @contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold the directory's export lock for the block (one exporter per directory)."""
-    fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"{out}: cannot write the export folder ({exc.strerror or exc})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -439,8 +452,9 @@ def _run_workers(ledger: Ledger, out: Path, level0: _Level0, workers: int) -> tu
                     for other in procs:  # the first failure ends the export: stop the others now
                         if other.poll() is None:
                             other.kill()
-                    reason = stdout.strip() or (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-                    raise ExportError(f"export worker: {reason.removeprefix('error: ')}")
+                    if not stdout.startswith("error: "):  # a crash, not a refusal: keep the worker's traceback
+                        raise RuntimeError(f"export worker failed (exit status {proc.returncode}):\n{stderr}")
+                    raise ExportError(f"export worker: {stdout.strip().removeprefix('error: ')}")
                 result = json.loads(stdout)
                 files, size = files + result["files"], size + result["bytes"]
     finally:
@@ -465,7 +479,7 @@ def _worker_main() -> int:
                 level0.write(writer, i, data)
         finally:
             writer.flush()
-    except ValueError as exc:
+    except FgtracError as exc:  # a refusal the parent reports in one line; anything else is a crash with its traceback
         print(f"error: {exc}")
         return 1
     print(json.dumps({"files": writer.files, "bytes": writer.bytes}))

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import duckdb
 
+from ..errors import FgtracError
 from ..integrity import notes
 
 ROTATION_MAGIC = "fgtrac/key-rotation/v1"
 
 
-class KeyHistoryError(ValueError):
+class KeyHistoryError(FgtracError, ValueError):
     """The ledger's key history does not hold (a rotation not endorsed by the key it retires)."""
 
 

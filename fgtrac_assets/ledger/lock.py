@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import FgtracError, InputError, StorageError
+
 DEFAULT_TIMEOUT_S = 600.0
 
 
-class LedgerBusy(RuntimeError):
+class LedgerBusy(FgtracError, RuntimeError):
     """The ledger lock could not be had within the allowed wait."""
 
 
@@ -24,7 +26,7 @@ def default_timeout_s() -> float:
     except ValueError:
         value = float("nan")
     if not 0 <= value < float("inf"):
-        raise ValueError(f"FGTRAC_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0")
+        raise InputError(f"FGTRAC_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0")
     return value
 
 
@@ -35,7 +37,10 @@ def intent_path(path: Path) -> Path:
 
 def _acquire(file: Path, mode: int, deadline: float) -> int | None:
     """Return a descriptor of file holding flock mode, or None if the deadline passed first."""
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a home the user may read but not write: even readers take the lock file
+        raise StorageError(f"{file}: cannot open the ledger's lock file ({exc.strerror or exc})") from None
     delay = 0.005
     try:
         while True:
@@ -72,7 +77,10 @@ def ledger_lock(path: Path, exclusive: bool, timeout_s: float | None = None) -> 
     waits queue behind it, and a loop of audits cannot starve a commit.
     """
     timeout_s = default_timeout_s() if timeout_s is None else timeout_s
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{path.parent}: cannot make the folder of the lock file ({exc.strerror or exc})") from None
     deadline = time.monotonic() + timeout_s
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     turnstile = _acquire(intent_path(path), mode, deadline)

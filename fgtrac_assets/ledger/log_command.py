@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from ..config import resolve_home
+from ..errors import InputError
 from ..integrity.tiles import TileError, parse_tile_path
 from .export import CHECKPOINT, export_log
 from .store import Ledger
@@ -57,10 +58,10 @@ class TileHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """Return (host, port) of a HOST:PORT listen address; raise ValueError if malformed."""
+    """Return (host, port) of a HOST:PORT listen address; raise InputError (a ValueError) if malformed."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0: any free port)")
+        raise InputError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0: any free port)")
     return host, int(port)
 
 
@@ -68,10 +69,14 @@ def cmd_log_serve(args: argparse.Namespace) -> int:
     """Serve args.dir over HTTP until interrupted; the first stdout line is `listening on http://HOST:PORT`."""
     directory = Path(args.dir)
     if not (directory / CHECKPOINT).is_file():
-        raise ValueError(f"{directory} holds no checkpoint: run `fgtrac log export {directory}` first")
+        raise InputError(f"{directory} holds no checkpoint: run `fgtrac log export {directory}` first")
     host, port = parse_listen(args.listen)
     handler = partial(TileHandler, directory=str(directory.resolve()))
-    with http.server.ThreadingHTTPServer((host, port), handler) as server:
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise InputError(f"--listen {args.listen}: cannot listen there ({exc.strerror or exc})") from None
+    with server:
         print(f"listening on http://{server.server_address[0]}:{server.server_address[1]}", flush=True)
         try:
             server.serve_forever()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import duckdb
 import pyarrow as pa
 
+from ..errors import FgtracError
 from ..integrity import merkle
 
 TILE_HEIGHT = 8
@@ -21,7 +22,7 @@ KEY_SHIFT = 48
 HASH = merkle.HASH_SIZE
 
 
-class TreeDamaged(ValueError):
+class TreeDamaged(FgtracError, ValueError):
     """The stored tiles do not form the tree the log's size says they should."""
 
 

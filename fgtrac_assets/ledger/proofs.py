@@ -2,6 +2,7 @@
 
 import duckdb
 
+from ..errors import FgtracError
 from ..integrity import merkle
 from ..integrity.receipts import absence_receipt, b64, inclusion_receipt, member_receipt, set_leaf
 from .groups import group_members_bytes
@@ -12,7 +13,7 @@ from .store import Ledger
 SAMPLE_COLUMNS = {"samples": ["sample_id"], "events": ["sample_id"], "influence": ["train_sample_id", "test_sample_id"]}
 
 
-class ProofError(ValueError):
+class ProofError(FgtracError, ValueError):
     """A proof that cannot be made (unknown sample, sizes out of range, sample present)."""
 
 

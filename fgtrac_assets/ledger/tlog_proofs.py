@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StorageError
 from ..integrity.tlog_proof import FILE_SUFFIX, format_tlog_proof
 from .proofs import sample_receipts
 from .store import Ledger
@@ -32,18 +33,25 @@ class ProofFile:
 
 def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{path}: cannot write the proof file ({exc.strerror or exc})") from None
 
 
 def tlog_proofs_for_sample(ledger: Ledger, sample_id: str, out_dir: str | os.PathLike,
                            asset: str | None = None) -> list[ProofFile]:
     """Write DIR/<index>.tlog-proof and DIR/<index>.leaf for every log entry about the sample; return them in log order.
 
-    Raises proofs.ProofError (a ValueError) if the sample has no ledger row.
+    Raises proofs.ProofError (a ValueError) if the sample has no ledger row, StorageError if DIR cannot be written.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{out}: cannot make the output folder ({exc.strerror or exc})") from None
     written: dict[int, ProofFile] = {}
     receipts = sample_receipts(ledger, sample_id, asset)
     with ledger.reader(code_views=False) as con:  # the head with the witnesses' cosignatures stored beside it

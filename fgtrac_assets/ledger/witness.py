@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+from ..errors import StorageError
 from ..integrity import merkle, notes
 
 PerfectHash = merkle.PerfectHash
@@ -31,8 +32,12 @@ def check_witness(path: Path, verifiers: list[notes.Verifier], perfect: PerfectH
 
 
 def write_witness(path: Path, note: str) -> None:
-    """Atomically replace the witness with a signed tree head."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically replace the witness with a signed tree head; raise StorageError if it cannot be written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")  # two verifies may finish together
-    tmp.write_text(note, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(note, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"{path}: cannot write the witness ({exc.strerror or exc})") from None

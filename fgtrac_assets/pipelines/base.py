@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from ..errors import InputError
+from ..tracing.recorder import Recorder
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -52,15 +55,15 @@ class TrainSettings:
     schedule: str = "cosine"
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting out of range."""
+        """Raise InputError (a ValueError) naming the first setting out of range."""
         if not 1 <= self.epochs <= 10_000:
-            raise ValueError(f"epochs={self.epochs} is out of range (1..10000)")
+            raise InputError(f"epochs={self.epochs} is out of range (1..10000)")
         if not 0 < self.lr <= 10:
-            raise ValueError(f"lr={self.lr} is out of range (0, 10]")
+            raise InputError(f"lr={self.lr} is out of range (0, 10]")
         if not 1 <= self.batch_size <= 1_000_000:
-            raise ValueError(f"batch_size={self.batch_size} is out of range (1..1000000)")
+            raise InputError(f"batch_size={self.batch_size} is out of range (1..1000000)")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'constant'")
+            raise InputError(f"schedule={self.schedule!r} must be 'cosine' or 'constant'")
 
 
 @dataclass
@@ -88,7 +91,7 @@ class Pipeline(ABC):
 
     def with_image_size(self, size: str) -> "Pipeline":
         """Return this pipeline expecting images of size 'HxW'; a pipeline that reads no images refuses."""
-        raise ValueError(f"{self.name} reads no images: image_size does not apply to it")
+        raise InputError(f"{self.name} reads no images: image_size does not apply to it")
 
     @abstractmethod
     def preprocess(self, raw: pa.Table) -> Preprocessed:
@@ -107,8 +110,8 @@ class Pipeline(ABC):
         """Return the per-sample loss (reduction='none')."""
 
     @abstractmethod
-    def train(self, prepared: pa.Table, settings: TrainSettings, tracer) -> Iterator[EpochResult]:
-        """Train a model, recording batches through the tracer; yield each finished epoch."""
+    def train(self, prepared: pa.Table, settings: TrainSettings, recorder: Recorder) -> Iterator[EpochResult]:
+        """Train a model, reporting epochs, batches and roles to the recorder; yield each finished epoch."""
 
     def gradient_factors(self, model, prepared: pa.Table, split: str):
         """Return (sample_ids, Factors) of the influence layer for one split: output error and input activation per sample."""

@@ -28,10 +28,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..errors import FgtracError
+
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv"}
 
 
-class TableUnreadable(ValueError):
+class TableUnreadable(FgtracError, ValueError):
     """The file as a whole cannot be read as a table (the reason is the message)."""
 
 

@@ -3,6 +3,7 @@
 import html
 from pathlib import Path
 
+from ..errors import StorageError
 from ..ledger.audit import ABOUT_SQL, describe_about
 from ..ledger.store import Ledger
 from ..ledger.verify import verify_ledger
@@ -88,7 +89,11 @@ def build_report(ledger: Ledger) -> str:
 
 def write_report(ledger: Ledger, out_dir: Path) -> Path:
     """Write index.html of the report into out_dir and return its path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    text = build_report(ledger)
     path = out_dir / "index.html"
-    path.write_text(build_report(ledger), encoding="utf-8")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return path

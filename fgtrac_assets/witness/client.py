@@ -11,13 +11,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from ..errors import FgtracError
 from .state import origin_hash
 
 DEFAULT_TIMEOUT_S = 5.0
 _SIG_PREFIX = "\u2014 "  # EM DASH, space
 
 
-class WitnessError(ValueError):
+class WitnessError(FgtracError, ValueError):
     """A witness did not cosign: base class of the client's errors."""
 
 

@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import FgtracError
 from . import server
 from .state import load_cosigner
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except FgtracError as e:  # anything else is a bug: its traceback is shown
         print(f"fgtrac: {e}", file=sys.stderr)
         return 2
 

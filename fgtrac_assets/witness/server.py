@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from ..errors import FgtracError, InputError
 from ..integrity.merkle import EMPTY_ROOT, verify_consistency
 from ..integrity.notes import NoteError, open_note, parse_checkpoint, split_note
 from .state import Latest, WitnessState
@@ -123,8 +124,9 @@ def add_checkpoint(state: WitnessState, body: bytes, clock: Callable[[], float] 
                 raise _misbehaviour(f"same size {size} as the latest cosigned checkpoint but a different root")
             if req.proof:
                 raise _misbehaviour("the consistency proof must be empty when the sizes are equal")
-        elif not verify_consistency(size, cp.size, root, cp.root, req.proof):
-            raise _misbehaviour(f"the consistency proof from size {size} to {cp.size} does not verify")
+        elif not (verdict := verify_consistency(size, cp.size, root, cp.root, req.proof)):
+            raise _misbehaviour(f"the consistency proof from size {size} to {cp.size} does not verify: "
+                                f"{verdict.reason}")
         cosignature = state.cosigner.cosign(text, max(1, int(clock())))
         return f"{text}\n{log_lines}{cosignature}"
 
@@ -231,12 +233,12 @@ class WitnessServer(ThreadingHTTPServer):
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """Return (host, port) of "HOST:PORT" or "[IPV6]:PORT"; raise ValueError if malformed."""
+    """Return (host, port) of "HOST:PORT" or "[IPV6]:PORT"; raise InputError (a ValueError) if malformed."""
     host, sep, port = listen.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
+        raise InputError(f"--listen must be HOST:PORT, got {listen!r}")
     return host, int(port)
 
 
@@ -256,8 +258,11 @@ def serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     state = WitnessState(Path(args.state), args.name, args.log)
     if not state.logs:
-        raise ValueError(f"no logs to witness: pass --log VKEY or list log keys in {Path(args.state) / 'logs'}")
-    httpd = WitnessServer((host, port), state)
+        raise InputError(f"no logs to witness: pass --log VKEY or list log keys in {Path(args.state) / 'logs'}")
+    try:
+        httpd = WitnessServer((host, port), state)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise InputError(f"--listen {args.listen}: cannot listen there ({exc.strerror or exc})") from None
     stopping = threading.Event()
 
     def stop(signum, frame) -> None:
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return serve(args)
-    except (ValueError, OSError) as e:
+    except FgtracError as e:  # anything else is a bug: its traceback is shown
         print(f"fgtrac witness: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FgtracError
 from ..integrity.cosignature import CosignatureSigner, cosigner_from_key, generate_cosigner
 from ..integrity.notes import Verifier, parse_checkpoint, parse_verifier_key, split_note, valid_key_name
 
@@ -39,7 +40,7 @@ LOCK_FILE = "lock"
 CHECKPOINTS_DIR = "checkpoints"
 
 
-class StateError(ValueError):
+class StateError(FgtracError, ValueError):
     """A witness state directory, key or logs file that cannot be used as it is."""
 
 
@@ -68,13 +69,16 @@ def _fsync_dir(directory: Path) -> None:
 
 def _write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a state directory made read-only: the user's to fix
+        tmp.unlink(missing_ok=True)
+        raise StateError(f"cannot write the witness state {path}: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -83,7 +87,10 @@ def _write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
 
 @contextmanager
 def _flocked(directory: Path) -> Iterator[None]:
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise StateError(f"cannot open the witness state lock {directory / LOCK_FILE}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
