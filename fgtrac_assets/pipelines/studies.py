@@ -18,7 +18,7 @@ from ..ledger.store import Ledger
 from ..report import plots
 from .base import Pipeline
 from .handles import StageResult
-from .stages import Log, _finish, _noop, _write_parquet
+from .stages import Log, commit_stage, quiet, write_parquet
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Study:
 
 
 def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, preset: str = "default",
-              seed: int = 0, log: Log = _noop) -> StageResult:
+              seed: int = 0, log: Log = quiet) -> StageResult:
     """Run a study with one of its presets and commit its table and plot; return the asset's metadata."""
     if preset not in study.presets:
         raise ValueError(f"{study.name}: unknown preset {preset!r} (choose from {', '.join(study.presets)})")
@@ -45,7 +45,7 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
     seconds = time.monotonic() - started
     table = pa.Table.from_pylist([{k: _cell(v) for k, v in row.items()} for row in result["table"]])
     base = f"{pipeline.name}/studies/{study.name}-{run_id}"
-    arts = {"table": _write_parquet(ledger, f"{base}.parquet", "study_table", table)}
+    arts = {"table": write_parquet(ledger, f"{base}.parquet", "study_table", table)}
     if result.get("plot_png"):
         png = result["plot_png"]
         arts["plot"] = write_artifact(ledger.ensure_home().root, f"artifacts/{base}.png", "study_plot",
@@ -57,7 +57,7 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
     if result.get("plot_png"):
         meta["plot_md"] = plots.markdown_image(result["plot_png"], study.name)
     log(f"{study.name}: best {best} ({seconds:.1f}s)")
-    return _finish(ledger, pipeline, study.name, run_id, {}, [], arts, meta, extra={"best": best})
+    return commit_stage(ledger, pipeline, study.name, run_id, {}, [], arts, meta)
 
 
 def _cell(value):

@@ -79,6 +79,6 @@ def test_one_default_for_the_asset_the_stage_and_the_studies():
     asset_rule = dict(config.model_dump())
     assert select_checkpoints(losses) == select_checkpoints(losses, **asset_rule) == [7, 8, 9]
     assert mislabel_eval._fgtrac(losses) == select_checkpoints(losses, **asset_rule)
-    assert config.rule() == SelectionRule() and dataclasses.asdict(SelectionRule()) == asset_rule
+    assert config.settings(None) == SelectionRule() and dataclasses.asdict(SelectionRule()) == asset_rule
     assert inspect.signature(stages.select).parameters["rule"].default == SelectionRule()
     assert SelectionRule(consider_from=0.0).select(losses) == whole(losses)
