@@ -7,7 +7,8 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from .assets.automation import daily_retraining, inbox_sensor
 from .assets.factory import build_pipeline_assets, build_sharded_assets
 from .assets.resources import FgtracResource
-from .pipelines.registry import DEFAULT_LIMITS, PIPELINES, STUDIES
+from .pipelines.registry import DEFAULT_LIMITS, PIPELINES
+from .studies.catalog import STUDIES
 
 # Shards of the sharded influence path (FGTRAC_SHARDS, default 2): fixed when definitions load.
 SHARDS = int(os.environ.get("FGTRAC_SHARDS", "2"))

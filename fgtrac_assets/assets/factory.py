@@ -25,7 +25,7 @@ from ..ledger.store import LedgerDamaged
 from ..pipelines.base import Pipeline, TrainSettings
 from ..pipelines.chain import CHAIN, SHARDED, Stage
 from ..pipelines.handles import StageResult
-from ..pipelines.studies import Study, run_study
+from ..studies.run import Study, run_study
 from .configs import CONFIG_OF, StudyConfig
 from .metadata import to_dagster
 from .resources import FgtracResource
@@ -156,10 +156,11 @@ def _study_asset(pipeline: Pipeline, study: Study) -> AssetsDefinition:
     p = pipeline.name
 
     @asset(name=study.name, key_prefix=[p], group_name=p, code_version=CODE_VERSION, description=study.description,
+           ins={"preprocessed_samples": AssetIn(key=AssetKey([p, "preprocessed_samples"]))},
            check_specs=_check_specs(p, study.name, ["tree_head_verifies", "witnessed"]))
-    def _study(context: AssetExecutionContext, config: StudyConfig, fgtrac: FgtracResource):
-        r = _run(context, run_study, fgtrac.ledger(), pipeline, context.run.run_id, study, preset=config.preset,
-                 seed=config.seed)
+    def _study(context: AssetExecutionContext, config: StudyConfig, fgtrac: FgtracResource, preprocessed_samples):
+        r = _run(context, run_study, fgtrac.ledger(), pipeline, context.run.run_id, study, preprocessed_samples,
+                 preset=config.preset, seed=config.seed)
         yield from _output(r)
 
     return _study

@@ -1,7 +1,7 @@
 """Evaluation studies run as assets of a pipeline: a study trains its own models and commits its table and plot.
 
 A study is a plain function returning ``{"table": [row dicts], "plot_png": bytes, "best": str, ...}``
-(``mislabel_eval.mislabel_evaluation``, ``final_model_eval.final_model_comparison``). Running
+(``mislabel.mislabel_evaluation``, ``final_model.final_model_evaluation``). Running
 one here commits the table (Parquet) and the plot (PNG) as artifacts with a signed tree head,
 like every other materialisation, so a published figure can be traced to its exact bytes.
 """
@@ -16,9 +16,9 @@ import pyarrow as pa
 from ..ledger.artifacts import write_artifact
 from ..ledger.store import Ledger
 from ..report import plots
-from .base import Pipeline
-from .handles import StageResult
-from .stages import Log, commit_stage, quiet, write_parquet
+from ..pipelines.base import Pipeline
+from ..pipelines.handles import Handle, StageResult
+from ..pipelines.stages import Log, commit_stage, quiet, write_parquet
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class Study:
     headline: Callable[[dict], dict] = lambda result: {}
 
 
-def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, preset: str = "default",
-              seed: int = 0, log: Log = quiet) -> StageResult:
-    """Run a study with one of its presets and commit its table and plot; return the asset's metadata."""
+def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, prepared: Handle | None = None,
+              preset: str = "default", seed: int = 0, log: Log = quiet) -> StageResult:
+    """Run a study with one of its presets and commit its table and plot, downstream of the samples it stands on."""
     if preset not in study.presets:
         raise ValueError(f"{study.name}: unknown preset {preset!r} (choose from {', '.join(study.presets)})")
     kwargs = {**study.presets[preset], "seed": seed}
@@ -57,7 +57,7 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
     if result.get("plot_png"):
         meta["plot_md"] = plots.markdown_image(result["plot_png"], study.name)
     log(f"{study.name}: best {best} ({seconds:.1f}s)")
-    return commit_stage(ledger, pipeline, study.name, run_id, {}, [], arts, meta)
+    return commit_stage(ledger, pipeline, study.name, run_id, {}, [prepared] if prepared else [], arts, meta)
 
 
 def _cell(value):

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .mislabel_eval import INSPECTED, auroc, detection_curve, detection_plot, found_fraction
+from .mislabel import INSPECTED, auroc, detection_curve, detection_plot, found_fraction
 
 
 def _flip(prepared: pa.Table, noise_fraction: float, seed: int) -> tuple[pa.Table, set[str]]:
@@ -68,8 +68,8 @@ def noisy_rating_evaluation(
 
     from ..attribution.selection import DEFAULT_RULE
     from ..attribution.tracin import TracInCP
-    from .base import TrainSettings
-    from .movielens import MovieLensPipeline
+    from ..pipelines.base import TrainSettings
+    from ..pipelines.movielens import MovieLensPipeline
 
     if not 0 < noise_fraction < 1:
         raise ValueError("noise_fraction must lie in (0, 1)")
