@@ -53,7 +53,7 @@ def part_chain(samples: int, epochs: int) -> dict:
     from fgtrac_assets.ledger.store import Ledger
     from fgtrac_assets.ledger.verify import verify_ledger
     from fgtrac_assets.pipelines import stages
-    from fgtrac_assets.pipelines.base import TrainSettings
+    from fgtrac_assets.pipelines.base import IngestSettings, TrainSettings
     from fgtrac_assets.pipelines.digits import DigitsPipeline
 
     out: dict = {"stages": []}
@@ -65,7 +65,7 @@ def part_chain(samples: int, epochs: int) -> dict:
         ledger, p, run = Ledger(Path(tmp) / "home"), DigitsPipeline(), "scale"
         h: dict = {}
         steps = [
-            ("raw_samples", lambda: stages.ingest(ledger, p, run, source=str(src))),
+            ("raw_samples", lambda: stages.ingest(ledger, p, run, IngestSettings(source=str(src)))),
             ("preprocessed_samples", lambda: stages.preprocess(ledger, p, run, h["raw_samples"])),
             ("training_checkpoints", lambda: stages.train(ledger, p, run, h["preprocessed_samples"],
                                                           TrainSettings(epochs=epochs, lr=0.1, batch_size=128))),

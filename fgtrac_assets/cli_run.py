@@ -37,35 +37,28 @@ class Progress:
 
 
 def run_pipeline(ledger, pipeline, defaults, limit: int, epochs: int | None, progress: Progress) -> dict:
-    """Run raw -> ... -> influence for one pipeline through the plain stages; return each asset's root.
+    """Run the declared chain (pipelines/chain.py) for one pipeline through the plain stages; return each asset's root.
 
     Like the Dagster job, a failed blocking check (signed tree head, lineage) stops the chain.
     """
     import dataclasses
 
     from .ledger.checks import NON_BLOCKING
-    from .pipelines import stages
+    from .ledger.store import LedgerDamaged
+    from .pipelines.base import IngestSettings, TrainSettings
+    from .pipelines.chain import CHAIN, default_settings
 
-    settings = dataclasses.replace(defaults, **({"epochs": epochs} if epochs else {}))
+    chosen = {IngestSettings: IngestSettings(limit=limit),
+              TrainSettings: dataclasses.replace(defaults, **({"epochs": epochs} if epochs else {}))}
     run_id = f"cli-{uuid.uuid4()}"
-    h: dict = {}
-    chain = [
-        ("raw_samples", lambda: stages.ingest(ledger, pipeline, run_id, limit=limit, log=progress)),
-        ("preprocessed_samples", lambda: stages.preprocess(ledger, pipeline, run_id, h["raw_samples"], log=progress)),
-        ("training_checkpoints", lambda: stages.train(ledger, pipeline, run_id, h["preprocessed_samples"], settings,
-                                                      log=progress)),
-        ("selected_checkpoints", lambda: stages.select(ledger, pipeline, run_id, h["training_checkpoints"],
-                                                       log=progress)),
-        ("gradient_cache", lambda: stages.gradients(ledger, pipeline, run_id, h["preprocessed_samples"],
-                                                    h["training_checkpoints"], h["selected_checkpoints"], log=progress)),
-        ("influence_scores", lambda: stages.influence(ledger, pipeline, run_id, h["gradient_cache"], log=progress)),
-    ]
-    for i, (name, step) in enumerate(chain, 1):
-        progress.stage(f"{pipeline.name}/{name}", i, len(chain))
-        result = step()
+    handles: dict = {}
+    for i, stage in enumerate(CHAIN, 1):
+        progress.stage(f"{pipeline.name}/{stage.name}", i, len(CHAIN))
+        settings = chosen.get(stage.settings, default_settings(stage, defaults))
+        result = stage.call(ledger, pipeline, run_id, handles, settings, log=progress)
         blocking = [c for c in result.checks if not c.passed and c.name not in NON_BLOCKING]
         if blocking:
-            raise RuntimeError(f"{name}: check {blocking[0].name} failed: {blocking[0].description}")
-        h[name] = result.handle
+            raise LedgerDamaged(f"{stage.name}: check {blocking[0].name} failed: {blocking[0].description}")
+        handles[stage.name] = result.handle
     progress.done()
-    return {name: handle.root_hex for name, handle in h.items()}
+    return {name: handle.root_hex for name, handle in handles.items()}

@@ -8,7 +8,8 @@ from .assets.automation import daily_retraining, inbox_sensor
 from .assets.factory import build_pipeline_assets, build_sharded_assets
 from .assets.resources import FgtracResource
 from .errors import InputError
-from .pipelines.registry import DEFAULT_LIMITS, PIPELINES, STUDIES
+from .pipelines.registry import DEFAULT_LIMITS, PIPELINES
+from .studies.catalog import STUDIES
 
 
 def shards_setting() -> int:

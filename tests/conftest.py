@@ -23,11 +23,11 @@ def materialize_digits(home: Path, **kwargs):
     """Materialise the whole digits chain (not its studies) into home with Dagster's materialize(); return the result."""
     from dagster import materialize
 
-    from fgtrac_assets.assets.factory import ASSET_NAMES
+    from fgtrac_assets.pipelines.chain import CHAIN_NAMES
     from fgtrac_assets.assets.resources import FgtracResource
     from fgtrac_assets.definitions import all_assets
 
-    assets = [a for a in all_assets if a.key.path[0] == "digits_cnn" and a.key.path[-1] in ASSET_NAMES]
+    assets = [a for a in all_assets if a.key.path[0] == "digits_cnn" and a.key.path[-1] in CHAIN_NAMES]
     return materialize(assets, resources={"fgtrac": FgtracResource(home=str(home))},
                        run_config=small_run_config(**kwargs))
 
@@ -70,6 +70,6 @@ def digits_copy(digits_home, tmp_path) -> Path:
 
 def chain_selection(pipeline: str) -> str:
     """Return the `dagster asset materialize --select` of a pipeline's six chain assets (not its studies or shards)."""
-    from fgtrac_assets.assets.factory import ASSET_NAMES
+    from fgtrac_assets.pipelines.chain import CHAIN_NAMES
 
-    return ",".join(f"{pipeline}/{name}" for name in ASSET_NAMES)
+    return ",".join(f"{pipeline}/{name}" for name in CHAIN_NAMES)

@@ -6,6 +6,7 @@ import numpy as np
 from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
 from PIL import Image
 
+from fgtrac_assets.pipelines.base import IngestSettings
 from fgtrac_assets.definitions import defs
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.pipelines import stages
@@ -52,16 +53,16 @@ def test_inbox_sensor_triggers_once_per_new_content(tmp_path, monkeypatch):
 
 def test_retraining_ingests_the_inbox_and_new_content_only_once(tmp_path):
     ledger, p = Ledger(tmp_path), DigitsPipeline()
-    first = stages.ingest(ledger, p, "r1", limit=50)
+    first = stages.ingest(ledger, p, "r1", IngestSettings(limit=50))
     assert first.metadata["new_samples"] == 50
     inbox = tmp_path / "inbox" / "digits_cnn" / "7"
     inbox.mkdir(parents=True)
     (inbox / "x.png").write_bytes(png(5))
     (inbox / "broken.png").write_bytes(png(6)[:30])
-    second = stages.ingest(ledger, p, "r2", limit=50, inbox=True)
+    second = stages.ingest(ledger, p, "r2", IngestSettings(limit=50, inbox=True))
     assert second.metadata["samples"] == 51 and second.metadata["new_samples"] == 1
     assert second.metadata["already_ingested"] == 50 and second.metadata["rejected"] == 1
-    third = stages.ingest(ledger, p, "r3", limit=50, inbox=True)
+    third = stages.ingest(ledger, p, "r3", IngestSettings(limit=50, inbox=True))
     assert third.metadata["new_samples"] == 0
     n = ledger.query("SELECT count(*) AS n FROM events WHERE kind = 'ingested'").to_pylist()[0]["n"]
     assert n == 51  # every content ingested exactly once across the three runs
@@ -77,10 +78,10 @@ def test_ingest_metadata_names_the_source_and_the_inbox(tmp_path):
     inbox.mkdir(parents=True)
     (inbox / "b.png").write_bytes(png(8))
     mine = str(tmp_path / "mine")
-    both = stages.ingest(ledger, p, "r1", source=mine, inbox=True)
+    both = stages.ingest(ledger, p, "r1", IngestSettings(source=mine, inbox=True))
     assert both.metadata["source"] == f"{mine} + inbox" and both.metadata["samples"] == 2
-    assert stages.ingest(ledger, p, "r2", source=mine).metadata["source"] == mine
-    assert stages.ingest(ledger, p, "r3", limit=5, inbox=True).metadata["source"] == "(bundled default) + inbox"
+    assert stages.ingest(ledger, p, "r2", IngestSettings(source=mine)).metadata["source"] == mine
+    assert stages.ingest(ledger, p, "r3", IngestSettings(limit=5, inbox=True)).metadata["source"] == "(bundled default) + inbox"
 
 
 def test_daily_schedule_targets_the_pipeline_job():

@@ -2,7 +2,7 @@
 
 import duckdb
 
-from fgtrac_assets.assets.factory import ASSET_NAMES
+from fgtrac_assets.pipelines.chain import CHAIN_NAMES
 from fgtrac_assets.cli import main as fgtrac
 from fgtrac_assets.ledger.store import Ledger
 
@@ -22,7 +22,7 @@ def test_every_asset_commits_rows_and_a_signed_root(digits_home):
     mats = con.execute("SELECT asset, leaf_start, leaf_count FROM materializations ORDER BY leaf_start").fetchall()
     heads = con.execute("SELECT size FROM tree_heads ORDER BY size").fetchall()
     con.close()
-    assert [m[0] for m in mats] == list(ASSET_NAMES)
+    assert [m[0] for m in mats] == list(CHAIN_NAMES)
     # each materialisation's range starts where the previous ended, and each has its own tree head
     ends = [m[1] + m[2] for m in mats]
     assert [m[1] for m in mats[1:]] == ends[:-1]
@@ -93,8 +93,8 @@ def test_every_check_of_every_asset_passed(tmp_path):
     result = materialize_digits(tmp_path / "h", limit=200, epochs=2)
     evaluations = result.get_asset_check_evaluations()
     names = {(e.asset_key.path[-1], e.check_name) for e in evaluations}
-    assert {(a, "tree_head_verifies") for a in ASSET_NAMES} <= names
-    assert {(a, "lineage_complete") for a in ASSET_NAMES} <= names
+    assert {(a, "tree_head_verifies") for a in CHAIN_NAMES} <= names
+    assert {(a, "lineage_complete") for a in CHAIN_NAMES} <= names
     assert ("influence_scores", "numbers_sane") in names and ("training_checkpoints", "numbers_sane") in names
     failed = [(e.asset_key.path[-1], e.check_name, e.description) for e in evaluations if not e.passed]
     assert failed == []
@@ -103,6 +103,7 @@ def test_every_check_of_every_asset_passed(tmp_path):
 def test_lineage_check_fails_when_a_batched_event_is_missing(digits_copy):
     """The lineage check reads the committed ledger, so a lost event is seen (not just trusted from memory)."""
     from fgtrac_assets.ledger.checks import run_checks
+    from fgtrac_assets.pipelines.chain import stage
 
     ledger = Ledger(digits_copy)
     tr = ledger.query("SELECT training_run, run_id FROM checkpoints LIMIT 1").to_pylist()[0]
@@ -111,5 +112,5 @@ def test_lineage_check_fails_when_a_batched_event_is_missing(digits_copy):
     con.execute("DELETE FROM group_members WHERE rowid = (SELECT m.rowid FROM group_members m JOIN event_groups g "
                 "USING (leaf_index) WHERE g.kind = 'batched' ORDER BY m.leaf_index DESC, m.position DESC LIMIT 1)")
     con.close()
-    outcome = {c.name: c for c in run_checks(ledger, "training_checkpoints", tr["run_id"], tr["training_run"], note)}
+    outcome = {c.name: c for c in run_checks(ledger, stage("training_checkpoints").checks, tr["run_id"], tr["training_run"], note)}
     assert not outcome["lineage_complete"].passed and "1 training samples missing" in outcome["lineage_complete"].description

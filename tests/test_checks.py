@@ -6,12 +6,13 @@ import pytest
 
 from fgtrac_assets.ledger import Commit, Ledger
 from fgtrac_assets.ledger.checks import run_checks
+from fgtrac_assets.pipelines.chain import stage
 
 TR = "tr-1"
 
 
 def outcomes(ledger: Ledger, asset: str, run_id: str, note: str) -> dict:
-    return {c.name: c for c in run_checks(ledger, asset, run_id, TR, note)}
+    return {c.name: c for c in run_checks(ledger, stage(asset).checks, run_id, TR, note)}
 
 
 def gradient_events(splits: dict[str, str], separators=(", ", ": ")) -> list[dict]:

@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from fgtrac_assets.assets.configs import SelectionConfig
 from fgtrac_assets.attribution import select_checkpoints
-from fgtrac_assets.pipelines.final_model_eval import METHODS, agreement, final_model_evaluation, table_markdown
+from fgtrac_assets.studies.final_model import METHODS, agreement, final_model_evaluation, table_markdown
 
 STEPS = (5, 20)
 

@@ -9,7 +9,7 @@ import pytest
 
 from fgtrac_assets.assets.configs import SelectionConfig
 from fgtrac_assets.attribution import select_checkpoints
-from fgtrac_assets.pipelines.graph_noise_eval import noisy_rating_evaluation
+from fgtrac_assets.studies.graph_noise import noisy_rating_evaluation
 
 SEEDS = (0, 1, 2)
 

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fgtrac_assets.pipelines.base import IngestSettings
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.pipelines import stages
 from fgtrac_assets.pipelines.digits import DigitsPipeline
@@ -35,7 +36,7 @@ def make_folder(root):
 def test_image_folder_rejections_are_recorded_with_reasons(tmp_path):
     make_folder(tmp_path / "imgs")
     ledger = Ledger(tmp_path / "home")
-    r = stages.ingest(ledger, DigitsPipeline(), "run", source=str(tmp_path / "imgs"))
+    r = stages.ingest(ledger, DigitsPipeline(), "run", IngestSettings(source=str(tmp_path / "imgs")))
     assert r.metadata["samples"] == 12
     rejected = ledger.query("SELECT detail FROM events WHERE kind = 'rejected'").to_pylist()
     reasons = " | ".join(x["detail"] for x in rejected)
@@ -56,7 +57,7 @@ def test_parquet_source_and_duplicates(tmp_path):
     path = tmp_path / "digits.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     ledger = Ledger(tmp_path / "home")
-    r = stages.ingest(ledger, DigitsPipeline(), "run", source=str(path))
+    r = stages.ingest(ledger, DigitsPipeline(), "run", IngestSettings(source=str(path)))
     assert r.metadata["unique_samples"] == 5  # images 0, 2, 3, 4, 5
     assert r.metadata["samples"] == 6          # image 0 from two sources
     reasons = [x["detail"] for x in ledger.query("SELECT detail FROM events WHERE kind='rejected'").to_pylist()]
@@ -69,7 +70,7 @@ def test_all_rejected_fails_clearly_and_records_why(tmp_path):
     (tmp_path / "imgs" / "0" / "a.txt").write_text("x")
     ledger = Ledger(tmp_path / "home")
     try:
-        stages.ingest(ledger, DigitsPipeline(), "run", source=str(tmp_path / "imgs"))
+        stages.ingest(ledger, DigitsPipeline(), "run", IngestSettings(source=str(tmp_path / "imgs")))
     except stages.NothingToTrain as exc:
         assert "every item was rejected" in str(exc)
     else:
@@ -137,7 +138,7 @@ def test_bad_table_row_is_rejected_with_file_row_and_reason(tmp_path, fmt, chang
     rows = pixel_rows(6)
     rows[5].update(change)
     path = write_table(tmp_path / "t", rows, fmt)
-    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", source=str(path))
+    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", IngestSettings(source=str(path)))
     assert r.metadata["samples"] == 5
     got = rejections(tmp_path / "h")
     assert [x["source"] for x in got] == [f"{fmt}:t.{fmt}#row=5"]
@@ -154,7 +155,7 @@ def test_table_missing_columns_and_empty_file_reject_the_file(tmp_path, fmt):
         path = write_table(tmp_path / stem, rows, fmt)
         home = tmp_path / f"h-{stem}"
         with pytest.raises(stages.NothingToTrain, match="every item was rejected"):
-            stages.ingest(Ledger(home), DigitsPipeline(), "run", source=str(path))
+            stages.ingest(Ledger(home), DigitsPipeline(), "run", IngestSettings(source=str(path)))
         got = rejections(home)
         assert len(got) == 1 and got[0]["source"] == f"{fmt}:{path.name}" and reason in got[0]["reason"], got
     empty = tmp_path / f"empty.{fmt}"
@@ -164,7 +165,7 @@ def test_table_missing_columns_and_empty_file_reject_the_file(tmp_path, fmt):
         pq.write_table(pa.table({"label": pa.array([], pa.int64()), **{f"p{k}": pa.array([], pa.int64()) for k in range(64)}}),
                        empty)
     with pytest.raises(stages.NothingToTrain):
-        stages.ingest(Ledger(tmp_path / "h-empty"), DigitsPipeline(), "run", source=str(empty))
+        stages.ingest(Ledger(tmp_path / "h-empty"), DigitsPipeline(), "run", IngestSettings(source=str(empty)))
     assert [x["reason"] for x in rejections(tmp_path / "h-empty")] == ["empty file (no rows)"]
 
 
@@ -174,7 +175,7 @@ def test_table_duplicates_same_rule_as_images(tmp_path, fmt):
     rows.append(dict(rows[0]))                    # same content, same label: one sample, two sources
     rows.append({**rows[1], "label": 7})          # same content as row 1, another label: both rejected
     path = write_table(tmp_path / "dups", rows, fmt)
-    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", source=str(path))
+    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", IngestSettings(source=str(path)))
     assert r.metadata["unique_samples"] == 5 and r.metadata["samples"] == 6
     got = {x["source"]: x["reason"] for x in rejections(tmp_path / "h")}
     assert set(got) == {f"{fmt}:dups.{fmt}#row=1", f"{fmt}:dups.{fmt}#row=7"}
@@ -209,7 +210,7 @@ def test_csv_that_is_not_utf8_or_malformed(tmp_path):
                 "long.csv": "malformed CSV row: 66 fields, the header has 65"}
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
-        r = stages.ingest(Ledger(tmp_path / f"h-{name}"), DigitsPipeline(), "run", source=str(tmp_path / name))
+        r = stages.ingest(Ledger(tmp_path / f"h-{name}"), DigitsPipeline(), "run", IngestSettings(source=str(tmp_path / name)))
         assert r.metadata["samples"] == (5 if name == "short.csv" else 4), name  # the good rows are kept
         got = rejections(tmp_path / f"h-{name}")
         assert len(got) == 1 and got[0]["source"] == f"csv:{name}#row=4" and expected[name] in got[0]["reason"], got

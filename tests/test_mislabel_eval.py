@@ -6,7 +6,7 @@ from sklearn.metrics import roc_auc_score
 
 from fgtrac_assets.assets.configs import SelectionConfig
 from fgtrac_assets.attribution import select_checkpoints
-from fgtrac_assets.pipelines.mislabel_eval import (
+from fgtrac_assets.studies.mislabel import (
     auroc,
     detection_curve,
     found_fraction,

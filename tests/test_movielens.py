@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fgtrac_assets.pipelines.base import IngestSettings
 from fgtrac_assets.cli import main as fgtrac
 from fgtrac_assets.pipelines import movielens
 from fgtrac_assets.pipelines.movielens import MovieLensPipeline
@@ -57,12 +58,12 @@ def graph_run(tmp_path_factory):
     """A home holding one materialised multimodal_graph chain, and the materialisation metadata by asset."""
     from dagster import materialize
 
-    from fgtrac_assets.assets.factory import ASSET_NAMES
+    from fgtrac_assets.pipelines.chain import CHAIN_NAMES
     from fgtrac_assets.assets.resources import FgtracResource
     from fgtrac_assets.definitions import all_assets
 
     home = tmp_path_factory.mktemp("graph-home")
-    assets = [a for a in all_assets if a.key.path[0] == PIPELINE and a.key.path[-1] in ASSET_NAMES]
+    assets = [a for a in all_assets if a.key.path[0] == PIPELINE and a.key.path[-1] in CHAIN_NAMES]
     result = materialize(assets, resources={"fgtrac": FgtracResource(home=str(home))},
                          run_config=small_run_config(LIMIT, EPOCHS, pipeline=PIPELINE))
     assert result.success
@@ -310,7 +311,7 @@ def test_title_that_is_not_utf8_is_dropped_with_a_rejection_and_the_ratings_stay
 
     _bad_title_graph(tmp_path / "g", how)
     ledger = Ledger(tmp_path / "home")
-    raw = stages.ingest(ledger, MovieLensPipeline(), "run", source=str(tmp_path / "g"))
+    raw = stages.ingest(ledger, MovieLensPipeline(), "run", IngestSettings(source=str(tmp_path / "g")))
     assert raw.metadata["samples"] == 4  # every rating stays, those of m1 included
     suffix = "csv" if how == "csv" else "parquet"
     assert raw.metadata["rejections"] == [

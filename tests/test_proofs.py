@@ -8,6 +8,7 @@ import shutil
 import duckdb
 import pytest
 
+from fgtrac_assets.pipelines.base import IngestSettings
 from fgtrac_assets.cli import main as fgtrac
 from fgtrac_assets.integrity import merkle, notes
 from fgtrac_assets.integrity.receipts import ReceiptError, verify_receipt
@@ -114,7 +115,7 @@ def test_absence_of_a_rejected_sample(tmp_path):
             Image.fromarray(rng.integers(0, 255, (8, 8)).astype(np.uint8)).save(tmp_path / "imgs" / str(label) / f"{i}.png")
     Image.fromarray(rng.integers(0, 255, (9, 9)).astype(np.uint8)).save(tmp_path / "imgs" / "1" / "odd.png")
     ledger, p = Ledger(tmp_path / "home"), DigitsPipeline()
-    raw = stages.ingest(ledger, p, "r1", source=str(tmp_path / "imgs"))
+    raw = stages.ingest(ledger, p, "r1", IngestSettings(source=str(tmp_path / "imgs")))
     prep = stages.preprocess(ledger, p, "r2", raw.handle)
     stages.train(ledger, p, "r3", prep.handle, TrainSettings(epochs=1))
     rejected = one(tmp_path / "home", "SELECT sample_id, detail FROM events WHERE kind='rejected'")

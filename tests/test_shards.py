@@ -6,7 +6,7 @@ import pytest
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
 from fgtrac_assets.pipelines import stages
-from fgtrac_assets.pipelines.base import TrainSettings
+from fgtrac_assets.pipelines.base import InfluenceSettings, IngestSettings, TrainSettings
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 from fgtrac_assets.pipelines.splits import shard_of
 from tests.conftest import chain_selection
@@ -20,7 +20,7 @@ def by_key(table):
 def chain(tmp_path_factory):
     ledger = Ledger(tmp_path_factory.mktemp("shards"))
     p = DigitsPipeline()
-    raw = stages.ingest(ledger, p, "r", limit=500).handle
+    raw = stages.ingest(ledger, p, "r", IngestSettings(limit=500)).handle
     prep = stages.preprocess(ledger, p, "r", raw).handle
     train = stages.train(ledger, p, "r", prep, TrainSettings(epochs=4, lr=0.1, batch_size=32)).handle
     sel = stages.select(ledger, p, "r", train).handle
@@ -30,13 +30,13 @@ def chain(tmp_path_factory):
 @pytest.mark.parametrize("n", [1, 3])
 def test_shards_combine_into_the_unsharded_scores(chain, n):
     ledger, p, prep, train, sel = chain
-    whole = stages.influence(ledger, p, "whole", stages.gradients(ledger, p, "whole", prep, train, sel).handle, k=5)
+    whole = stages.influence(ledger, p, "whole", stages.gradients(ledger, p, "whole", prep, train, sel).handle, InfluenceSettings(top_k=5))
     expected = by_key(whole.handle.artifacts["influence"].read_parquet(ledger.home.root))
     shard_handles = []
     for i in range(n):
         cache = stages.gradients(ledger, p, f"s{i}", prep, train, sel, shard=(i, n)).handle
-        shard_handles.append(stages.influence_shard(ledger, p, f"s{i}", cache, k=5).handle)
-    combined = stages.combine_influence(ledger, p, "c", shard_handles, k=5)
+        shard_handles.append(stages.influence_shard(ledger, p, f"s{i}", cache, InfluenceSettings(top_k=5)).handle)
+    combined = stages.combine_influence(ledger, p, "c", shard_handles, InfluenceSettings(top_k=5))
     got = by_key(combined.handle.artifacts["influence"].read_parquet(ledger.home.root))
     assert got.keys() == expected.keys()
     for key, (train_id, score) in expected.items():

@@ -170,7 +170,7 @@ def test_no_policy_means_no_witnessing_and_a_passing_check(log_home):
     assert result.witnessed == {}
     from fgtrac_assets.ledger.checks import run_checks
 
-    check = next(c for c in run_checks(Ledger(log_home), "raw", "r", None, result.checkpoint) if c.name == "witnessed")
+    check = next(c for c in run_checks(Ledger(log_home), (), "r", None, result.checkpoint) if c.name == "witnessed")
     assert check.passed and "no witness policy" in check.description
 
 
@@ -181,7 +181,7 @@ def test_the_witnessed_check_warns_when_the_quorum_is_missing(witnessed, witness
     monkeypatch.setenv("FGTRAC_WITNESS_TIMEOUT", "0.3")
     witnesses[0].kill9()
     result = Ledger(home).commit(Commit("p", "raw", "r-q", rows=event_rows(3, "q")))
-    check = next(c for c in run_checks(Ledger(home), "raw", "r-q", None, result.checkpoint) if c.name == "witnessed")
+    check = next(c for c in run_checks(Ledger(home), (), "r-q", None, result.checkpoint) if c.name == "witnessed")
     assert not check.passed and "witness sync" in check.description
 
 

@@ -1,23 +1,35 @@
-"""Run configuration of the chain's assets, as shown in the Dagster launchpad."""
+"""Run configuration of the chain's assets, as shown in the Dagster launchpad: each mirrors one settings dataclass.
 
+Defaults come from the dataclasses (pipelines/base.py, attribution/selection.py), never from here;
+``settings(defaults)`` turns a config into the dataclass the stage takes.
+"""
+
+import dataclasses
 from typing import Optional
 
 from dagster import Config
 from pydantic import Field
 
 from ..attribution.selection import DEFAULT_RULE, SelectionRule
+from ..pipelines.base import InfluenceSettings, IngestSettings, TrainSettings
+
+_INGEST = IngestSettings()
 
 
 class RawSamplesConfig(Config):
     """Where raw samples come from."""
 
-    source: str = Field(default="", description="'' = the pipeline's bundled data; else an ImageFolder directory, "
+    source: str = Field(default=_INGEST.source, description="'' = the pipeline's bundled data; else an ImageFolder directory, "
                                                 "a Parquet or CSV file, or (graph) a directory of nodes/edges tables")
-    limit: int = Field(default=0, description="read at most this many items (0 = all)")
-    strict: bool = Field(default=False, description="fail the run if any item is rejected")
-    inbox: bool = Field(default=False, description="also ingest everything in $FGTRAC_HOME/inbox/<pipeline>/")
-    image_size: str = Field(default="", description="images: the size every image must have, HEIGHTxWIDTH "
-                                                    "(e.g. 28x28); '' = the pipeline's (8x8 for digits)")
+    limit: int = Field(default=_INGEST.limit, description="read at most this many items (0 = all)")
+    strict: bool = Field(default=_INGEST.strict, description="fail the run if any item is rejected")
+    inbox: bool = Field(default=_INGEST.inbox, description="also ingest everything in $FGTRAC_HOME/inbox/<pipeline>/")
+    image_size: str = Field(default=_INGEST.image_size, description="images: the size every image must have, "
+                                                    "HEIGHTxWIDTH (e.g. 28x28); '' = the pipeline's (8x8 for digits)")
+
+    def settings(self, defaults: TrainSettings) -> IngestSettings:
+        """Return the ingest settings this config describes."""
+        return IngestSettings(**self.model_dump())
 
 
 class TrainingConfig(Config):
@@ -28,6 +40,10 @@ class TrainingConfig(Config):
     batch_size: Optional[int] = None
     seed: Optional[int] = None
     schedule: Optional[str] = Field(default=None, description="'cosine' or 'constant'")
+
+    def settings(self, defaults: TrainSettings) -> TrainSettings:
+        """Return the pipeline's default training settings with the fields this config sets."""
+        return dataclasses.replace(defaults, **{k: v for k, v in self.model_dump().items() if v is not None})
 
 
 class SelectionConfig(Config):
@@ -41,7 +57,7 @@ class SelectionConfig(Config):
                                  description="apply the rule to checkpoints from this fraction of training "
                                  "on: late checkpoints find mislabelled samples best (see the mislabel_evaluation asset)")
 
-    def rule(self) -> SelectionRule:
+    def settings(self, defaults: TrainSettings) -> SelectionRule:
         """Return the selection rule these settings describe."""
         return SelectionRule(min_rel_improvement=self.min_rel_improvement, max_checkpoints=self.max_checkpoints,
                              always_keep_last=self.always_keep_last, consider_from=self.consider_from)
@@ -50,7 +66,11 @@ class SelectionConfig(Config):
 class InfluenceConfig(Config):
     """How many proponents and opponents to keep per test sample."""
 
-    top_k: int = 10
+    top_k: int = InfluenceSettings().top_k
+
+    def settings(self, defaults: TrainSettings) -> InfluenceSettings:
+        """Return the influence settings this config describes."""
+        return InfluenceSettings(top_k=self.top_k)
 
 
 class StudyConfig(Config):
@@ -58,3 +78,8 @@ class StudyConfig(Config):
 
     preset: str = Field(default="default", description="'default' (small, runs with the job) or 'large' (a real study)")
     seed: int = 0
+
+
+#: the launchpad config of each stage settings type
+CONFIG_OF = {IngestSettings: RawSamplesConfig, TrainSettings: TrainingConfig, SelectionRule: SelectionConfig,
+             InfluenceSettings: InfluenceConfig}

@@ -1,6 +1,6 @@
-"""One call builds a pipeline's whole asset chain: thin assets over the plain-Python stages."""
+"""The Dagster side of the chain: one thin asset per declared stage (pipelines/chain.py), its checks and config."""
 
-import dataclasses
+import inspect
 import warnings
 
 from dagster import (
@@ -19,21 +19,25 @@ from dagster import (
     asset,
 )
 
-from ..ledger.checks import NON_BLOCKING, check_names
-from ..ledger.lock import LedgerBusy
-from ..ledger.store import LedgerDamaged
-from ..pipelines import stages
+from ..ledger.checks import NON_BLOCKING
+from ..errors import FgtracError, InputError
 from ..pipelines.base import Pipeline, TrainSettings
-from ..pipelines.handles import Handle, StageResult
-from ..pipelines.studies import Study, run_study
-from .configs import InfluenceConfig, RawSamplesConfig, SelectionConfig, StudyConfig, TrainingConfig
+from ..pipelines.chain import CHAIN, SHARDED, Stage
+from ..pipelines.handles import StageResult
+from ..studies.run import Study, run_study
+from .configs import CONFIG_OF, StudyConfig
 from .metadata import to_dagster
 from .resources import FgtracResource
 
 CODE_VERSION = "1"
-ASSET_NAMES = ("raw_samples", "preprocessed_samples", "training_checkpoints", "selected_checkpoints",
-               "gradient_cache", "influence_scores")
-EXPECTED_ERRORS = (ValueError, OSError, LedgerBusy, LedgerDamaged)
+EXPECTED_ERRORS = (FgtracError,)
+CHECK_DESCRIPTIONS = {
+    "tree_head_verifies": "the signed tree head of this commit verifies and matches the stored tree",
+    "lineage_complete": "every sample has the lifecycle events this asset must record",
+    "numbers_sane": "losses are finite; scores are finite and in rank order (no proponent below an opponent, no "
+                    "negative self-influence)",
+    "witnessed": "the signed tree head is cosigned by the witness policy's quorum (passes when there is no policy; "
+                 "a down witness only warns)"}
 
 
 def _output(result: StageResult, row_count: int | None = None):
@@ -53,16 +57,10 @@ def _output(result: StageResult, row_count: int | None = None):
                                severity=AssetCheckSeverity.WARN if c.name in NON_BLOCKING else AssetCheckSeverity.ERROR)
 
 
-def _check_specs(pipeline: str, asset: str) -> list[AssetCheckSpec]:
-    """Every asset's checks; a failed tree head or incomplete lineage blocks the assets downstream."""
-    descriptions = {"tree_head_verifies": "the signed tree head of this commit verifies and matches the stored tree",
-                    "lineage_complete": "every sample has the lifecycle events this asset must record",
-                    "numbers_sane": "losses are finite; scores are finite and in rank order (no proponent below "
-                                    "an opponent, no negative self-influence)",
-                    "witnessed": "the signed tree head is cosigned by the witness policy's quorum (passes when "
-                                 "there is no policy; a down witness only warns)"}
-    return [AssetCheckSpec(name, asset=AssetKey([pipeline, asset]), description=descriptions[name],
-                           blocking=name not in NON_BLOCKING) for name in check_names(asset)]
+def _check_specs(pipeline: str, asset_name: str, names: list[str]) -> list[AssetCheckSpec]:
+    """Return an asset's check specs; a failed tree head or incomplete lineage blocks the assets downstream."""
+    return [AssetCheckSpec(name, asset=AssetKey([pipeline, asset_name]), description=CHECK_DESCRIPTIONS[name],
+                           blocking=name not in NON_BLOCKING) for name in names]
 
 
 def _run(context: AssetExecutionContext, fn, *args, **kwargs) -> StageResult:
@@ -74,70 +72,49 @@ def _run(context: AssetExecutionContext, fn, *args, **kwargs) -> StageResult:
         raise Failure(description=str(exc), allow_retries=False) from None
 
 
+def _no_options(context: AssetExecutionContext, inputs: dict) -> tuple[dict, dict]:
+    return inputs, {}
+
+
+def _stage_asset(stage: Stage, pipeline: Pipeline, defaults: TrainSettings, group: str,
+                 partitions: StaticPartitionsDefinition | None = None, prepare=_no_options) -> AssetsDefinition:
+    """Return the asset of a declared stage: its config is the stage's settings, its ins the stage's upstream.
+
+    prepare(context, inputs) returns the inputs and extra stage options of one run (a shard, merged partitions).
+    """
+
+    def body(context: AssetExecutionContext, fgtrac: FgtracResource, config=None, **inputs):
+        inputs, options = prepare(context, inputs)
+        settings = config.settings(defaults) if config is not None else None
+        r = _run(context, stage.call, fgtrac.ledger(), pipeline, context.run.run_id, inputs, settings, **options)
+        yield from _output(r, r.metadata[stage.row_count] if stage.row_count else None)
+
+    # Dagster reads an asset's config type and resources from its signature: give each stage's body its own
+    P = inspect.Parameter
+    params = [P("context", P.POSITIONAL_OR_KEYWORD, annotation=AssetExecutionContext),
+              P("fgtrac", P.POSITIONAL_OR_KEYWORD, annotation=FgtracResource)]
+    if stage.settings is not None:
+        params.append(P("config", P.POSITIONAL_OR_KEYWORD, annotation=CONFIG_OF[stage.settings]))
+    body.__signature__ = inspect.Signature(params + [P("inputs", P.VAR_KEYWORD)])
+    body.__annotations__ = {p.name: p.annotation for p in params}
+    p = pipeline.name
+    return asset(name=stage.name, key_prefix=[p], group_name=group, code_version=CODE_VERSION,
+                 description=stage.describe(pipeline), partitions_def=partitions,
+                 ins={n: AssetIn(key=AssetKey([p, n])) for n in stage.upstream},
+                 check_specs=_check_specs(p, stage.name, stage.check_names()))(body)
+
+
 def build_pipeline_assets(pipeline: Pipeline, defaults: TrainSettings,
                           studies: tuple[Study, ...] = ()) -> list[AssetsDefinition]:
-    """Return the six assets raw_samples -> ... -> influence_scores for a pipeline, and its study assets, in group pipeline.name."""
-    p = pipeline.name
-
-    def chain_asset(name: str, description: str, upstream: tuple[str, ...] = ()):
-        return asset(name=name, key_prefix=[p], group_name=p, code_version=CODE_VERSION, description=description,
-                     ins={n: AssetIn(key=AssetKey([p, n])) for n in upstream}, check_specs=_check_specs(p, name))
-
-    @chain_asset("raw_samples", f"Raw samples of {p}, each identified by the SHA-256 of its content; "
-                 "`ingested` and `rejected` events with reasons.")
-    def raw_samples(context: AssetExecutionContext, config: RawSamplesConfig, fgtrac: FgtracResource):
-        r = _run(context, stages.ingest, fgtrac.ledger(), pipeline, context.run.run_id, source=config.source,
-                 limit=config.limit, strict=config.strict, inbox=config.inbox, image_size=config.image_size)
-        yield from _output(r, r.metadata["samples"])
-
-    @chain_asset("preprocessed_samples", "Normalised samples with a deterministic train/val/test split; "
-                 "events link each input hash to its output hash.", upstream=("raw_samples",))
-    def preprocessed_samples(context: AssetExecutionContext, fgtrac: FgtracResource, raw_samples: Handle):
-        r = _run(context, stages.preprocess, fgtrac.ledger(), pipeline, context.run.run_id, raw_samples)
-        yield from _output(r, r.metadata["samples"])
-
-    @chain_asset("training_checkpoints", "A new model version: one checkpoint per epoch (file sha256 in the "
-                 "ledger) and a `batched` event per sample per step.", upstream=("preprocessed_samples",))
-    def training_checkpoints(context: AssetExecutionContext, config: TrainingConfig, fgtrac: FgtracResource,
-                             preprocessed_samples: Handle):
-        chosen = {k: v for k, v in config.model_dump().items() if v is not None}
-        settings = dataclasses.replace(defaults, **chosen)
-        r = _run(context, stages.train, fgtrac.ledger(), pipeline, context.run.run_id, preprocessed_samples, settings)
-        yield from _output(r, r.metadata["epochs"])
-
-    @chain_asset("selected_checkpoints", "Checkpoints where validation loss improved substantially (FG-Trac), "
-                 "the final one always kept.", upstream=("training_checkpoints",))
-    def selected_checkpoints(context: AssetExecutionContext, config: SelectionConfig, fgtrac: FgtracResource,
-                             training_checkpoints: Handle):
-        r = _run(context, stages.select, fgtrac.ledger(), pipeline, context.run.run_id, training_checkpoints,
-                 rule=config.rule())
-        yield from _output(r, len(r.metadata["selected"]))
-
-    @chain_asset("gradient_cache", f"Per-sample gradient factors of layer `{pipeline.influence_layer}` at each "
-                 "selected checkpoint (output error and input activation), as a Parquet artifact.",
-                 upstream=("preprocessed_samples", "training_checkpoints", "selected_checkpoints"))
-    def gradient_cache(context: AssetExecutionContext, fgtrac: FgtracResource, preprocessed_samples: Handle,
-                       training_checkpoints: Handle, selected_checkpoints: Handle):
-        r = _run(context, stages.gradients, fgtrac.ledger(), pipeline, context.run.run_id, preprocessed_samples,
-                 training_checkpoints, selected_checkpoints)
-        yield from _output(r, r.metadata["rows"])
-
-    @chain_asset("influence_scores", "Signed TracInCP scores: top-k proponents and opponents per test sample "
-                 "and the self-influence of every training sample.", upstream=("gradient_cache",))
-    def influence_scores(context: AssetExecutionContext, config: InfluenceConfig, fgtrac: FgtracResource,
-                         gradient_cache: Handle):
-        r = _run(context, stages.influence, fgtrac.ledger(), pipeline, context.run.run_id, gradient_cache,
-                 k=config.top_k)
-        yield from _output(r, r.metadata["influence_rows"])
-
-    return [raw_samples, preprocessed_samples, training_checkpoints, selected_checkpoints, gradient_cache,
-            influence_scores] + [_study_asset(pipeline, study) for study in studies]
+    """Return the declared chain's assets for a pipeline and its study assets, in group pipeline.name."""
+    return ([_stage_asset(s, pipeline, defaults, pipeline.name) for s in CHAIN]
+            + [_study_asset(pipeline, study) for study in studies])
 
 
 def shard_partitions(shards: int) -> StaticPartitionsDefinition:
     """Return the partitions of the sharded influence assets: '0-of-N' .. 'N-1-of-N'."""
     if not 1 <= shards <= 4096:
-        raise ValueError(f"FGTRAC_SHARDS={shards} is out of range (1..4096)")
+        raise InputError(f"FGTRAC_SHARDS={shards} is out of range (1..4096)")
     return StaticPartitionsDefinition([f"{i}-of-{shards}" for i in range(shards)])
 
 
@@ -147,52 +124,30 @@ def _shard(partition_key: str) -> tuple[int, int]:
 
 
 def build_sharded_assets(pipeline: Pipeline, shards: int) -> list[AssetsDefinition]:
-    """Return the sharded influence path: gradient_cache_shards and influence_shards per shard, influence_combined.
+    """Return the sharded influence path (chain.SHARDED): gradient_cache_shards and influence_shards per shard, then
+    influence_combined.
 
     They read the chain's selected checkpoints; each shard is one partition, so shards run as
     separate runs (in parallel, or on Kubernetes/Celery through Dagster's executors); the
     combined asset merges them into exactly the unsharded scores.
     """
-    p = pipeline.name
     parts = shard_partitions(shards)
-    group = f"{p}_sharded"
-    key = lambda name: AssetKey([p, name])  # noqa: E731
+    group = f"{pipeline.name}_sharded"
 
-    @asset(name="gradient_cache_shards", key_prefix=[p], group_name=group, code_version=CODE_VERSION,
-           partitions_def=parts, check_specs=_check_specs(p, "gradient_cache_shards"),
-           ins={n: AssetIn(key=key(n)) for n in ("preprocessed_samples", "training_checkpoints", "selected_checkpoints")},
-           description="The gradient cache of one shard of training samples (all test samples).")
-    def gradient_cache_shards(context: AssetExecutionContext, fgtrac: FgtracResource, preprocessed_samples: Handle,
-                              training_checkpoints: Handle, selected_checkpoints: Handle):
-        r = _run(context, stages.gradients, fgtrac.ledger(), pipeline, context.run.run_id, preprocessed_samples,
-                 training_checkpoints, selected_checkpoints, shard=_shard(context.partition_key))
-        yield from _output(r, r.metadata["rows"])
+    def one_shard(context, inputs):
+        return inputs, {"shard": _shard(context.partition_key)}
 
-    @asset(name="influence_shards", key_prefix=[p], group_name=group, code_version=CODE_VERSION,
-           partitions_def=parts, check_specs=_check_specs(p, "influence_shards"),
-           ins={"gradient_cache_shards": AssetIn(key=key("gradient_cache_shards"))},
-           description="TracInCP top-k and self-influence of one shard of training samples, to be combined.")
-    def influence_shards(context: AssetExecutionContext, config: InfluenceConfig, fgtrac: FgtracResource,
-                         gradient_cache_shards: Handle):
-        r = _run(context, stages.influence_shard, fgtrac.ledger(), pipeline, context.run.run_id,
-                 gradient_cache_shards, k=config.top_k)
-        yield from _output(r, r.metadata["rows"])
-
-    @asset(name="influence_combined", key_prefix=[p], group_name=group, code_version=CODE_VERSION,
-           check_specs=_check_specs(p, "influence_combined"),
-           ins={"influence_shards": AssetIn(key=key("influence_shards"))},
-           description="Every shard's top-k merged: exactly the unsharded TracInCP scores, committed once.")
-    def influence_combined(context: AssetExecutionContext, config: InfluenceConfig, fgtrac: FgtracResource,
-                           influence_shards: dict):
-        handles = [influence_shards[k] for k in sorted(influence_shards, key=lambda k: _shard(k)[0])]
-        if len(handles) != shards:
-            raise Failure(description=f"{len(handles)} of {shards} shards are materialised: materialise every "
+    def every_shard(context, inputs):
+        by_key = inputs["influence_shards"]
+        if len(by_key) != shards:
+            raise Failure(description=f"{len(by_key)} of {shards} shards are materialised: materialise every "
                                       "partition of influence_shards first", allow_retries=False)
-        r = _run(context, stages.combine_influence, fgtrac.ledger(), pipeline, context.run.run_id, handles,
-                 k=config.top_k)
-        yield from _output(r, r.metadata["influence_rows"])
+        return {"influence_shards": [by_key[k] for k in sorted(by_key, key=lambda k: _shard(k)[0])]}, {}
 
-    return [gradient_cache_shards, influence_shards, influence_combined]
+    gradient, scores, combined = SHARDED
+    return [_stage_asset(gradient, pipeline, TrainSettings(), group, parts, one_shard),
+            _stage_asset(scores, pipeline, TrainSettings(), group, parts),
+            _stage_asset(combined, pipeline, TrainSettings(), group, prepare=every_shard)]
 
 
 def _study_asset(pipeline: Pipeline, study: Study) -> AssetsDefinition:
@@ -200,10 +155,11 @@ def _study_asset(pipeline: Pipeline, study: Study) -> AssetsDefinition:
     p = pipeline.name
 
     @asset(name=study.name, key_prefix=[p], group_name=p, code_version=CODE_VERSION, description=study.description,
-           check_specs=_check_specs(p, study.name))
-    def _study(context: AssetExecutionContext, config: StudyConfig, fgtrac: FgtracResource):
-        r = _run(context, run_study, fgtrac.ledger(), pipeline, context.run.run_id, study, preset=config.preset,
-                 seed=config.seed)
+           ins={"preprocessed_samples": AssetIn(key=AssetKey([p, "preprocessed_samples"]))},
+           check_specs=_check_specs(p, study.name, ["tree_head_verifies", "witnessed"]))
+    def _study(context: AssetExecutionContext, config: StudyConfig, fgtrac: FgtracResource, preprocessed_samples):
+        r = _run(context, run_study, fgtrac.ledger(), pipeline, context.run.run_id, study, preprocessed_samples,
+                 preset=config.preset, seed=config.seed)
         yield from _output(r)
 
     return _study

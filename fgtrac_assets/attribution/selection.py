@@ -1,10 +1,35 @@
-"""Which saved checkpoints TracInCP sums over (FG-Trac's selection rule)."""
+"""Which saved checkpoints TracInCP sums over (FG-Trac's selection rule), and why each was or was not chosen."""
 
 import dataclasses
 import math
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_RULE", "SelectionRule", "select_checkpoints"]
+__all__ = ["DEFAULT_RULE", "Decision", "SelectionRule", "select_checkpoints"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the rule decided about one checkpoint and the numbers it decided on."""
+
+    index: int
+    val_loss: float
+    selected: bool
+    rank: int | None  # position among the selected checkpoints, in checkpoint order (1 = earliest)
+    in_window: bool  # at or after ``consider_from`` of training: the rule looked at it
+    improvement: float | None  # relative improvement on the window's best before it (None: nothing to improve on)
+    because: str  # "final checkpoint", "improvement", "spread" or "" when not selected
+
+    def reason(self, rule: "SelectionRule") -> str:
+        """Return the one-line reason recorded with the decision (the numbers the rule computed)."""
+        text = f"val loss {self.val_loss:.4f}"
+        if not self.in_window:
+            return text + f"; before the rule's window (consider_from {rule.consider_from:g})"
+        if self.improvement is not None:
+            text += f", relative improvement {self.improvement:.3f} within the window"
+        why = {"final checkpoint": "; final checkpoint",
+               "improvement": f"; selected: improvement of at least {rule.min_rel_improvement:g}",
+               "spread": "; selected to spread the remaining slots over the window"}
+        return text + why.get(self.because, "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +47,11 @@ class SelectionRule:
 
     def select(self, val_losses: Sequence[float]) -> list[int]:
         """Return the sorted indices of the checkpoints this rule selects."""
-        return select_checkpoints(val_losses, **dataclasses.asdict(self))
+        return [d.index for d in self.decide(val_losses) if d.selected]
+
+    def decide(self, val_losses: Sequence[float]) -> list[Decision]:
+        """Return the rule's decision about every checkpoint, with the numbers it was computed from."""
+        return _decide(list(val_losses), self)
 
 
 #: the rule with every setting at its default
@@ -65,48 +94,52 @@ def select_checkpoints(
 
     The result is deterministic: it depends only on the arguments.
     """
-    if not 0 <= consider_from < 1:
-        raise ValueError("consider_from must lie in [0, 1)")
-    start = int(len(val_losses) * consider_from)
-    if start:
-        return [start + i for i in select_checkpoints(list(val_losses)[start:], min_rel_improvement,
-                                                      max_checkpoints, always_keep_last, consider_from=0.0)]
-    if max_checkpoints < 1:
-        raise ValueError("max_checkpoints must be >= 1")
-    if min_rel_improvement < 0:
-        raise ValueError("min_rel_improvement must be >= 0")
-    n = len(val_losses)
-    if n == 0:
-        return []
-    budget = min(int(max_checkpoints), n)
+    return SelectionRule(min_rel_improvement, max_checkpoints, always_keep_last, consider_from).select(val_losses)
 
-    # 1. qualifying checkpoints and their relative improvement over the previous best
-    qualified: list[tuple[float, int]] = []
+
+def _decide(val_losses: list[float], rule: SelectionRule) -> list[Decision]:
+    """Apply the rule (see :func:`select_checkpoints`) and return one decision per checkpoint."""
+    if not 0 <= rule.consider_from < 1:
+        raise ValueError("consider_from must lie in [0, 1)")
+    if rule.max_checkpoints < 1:
+        raise ValueError("max_checkpoints must be >= 1")
+    if rule.min_rel_improvement < 0:
+        raise ValueError("min_rel_improvement must be >= 0")
+    start = int(len(val_losses) * rule.consider_from)
+    window = val_losses[start:]
+    n = len(window)
+    budget = min(int(rule.max_checkpoints), n)
+
+    # 1. relative improvement of each checkpoint on the best of the window before it
+    improvement: dict[int, float] = {}
     best = math.nan
-    for i, raw in enumerate(val_losses):
+    for i, raw in enumerate(window):
         v = float(raw)
         if math.isnan(v):
             continue
-        if not math.isnan(best) and v < best:
-            rel = (best - v) / abs(best) if best != 0 else math.inf
-            if rel >= min_rel_improvement:
-                qualified.append((rel, i))
+        if not math.isnan(best):
+            improvement[i] = (best - v) / abs(best) if best != 0 else (math.inf if v < best else 0.0)
         if math.isnan(best) or v < best:
             best = v
+    qualified = [(rel, i) for i, rel in improvement.items() if rel > 0 and rel >= rule.min_rel_improvement]
 
-    chosen: set[int] = set()
+    because: dict[int, str] = {}
     # 2. the final checkpoint
-    if always_keep_last:
-        chosen.add(n - 1)
+    if rule.always_keep_last and n:
+        because[n - 1] = "final checkpoint"
     # 3. largest improvements first
     for _rel, i in sorted(qualified, key=lambda ri: (-ri[0], ri[1])):
-        if len(chosen) >= budget:
+        if len(because) >= budget:
             break
-        chosen.add(i)
+        because[i] = "improvement"
     # 4. evenly spread fill (greedy farthest point)
-    while len(chosen) < budget:
+    while len(because) < budget:
         def gap(i: int) -> float:
-            return min((abs(i - j) for j in chosen), default=math.inf)
+            return min((abs(i - j) for j in because), default=math.inf)
 
-        chosen.add(max((i for i in range(n) if i not in chosen), key=lambda i: (gap(i), -i)))
-    return sorted(chosen)
+        because[max((i for i in range(n) if i not in because), key=lambda i: (gap(i), -i))] = "spread"
+    rank = {i: r + 1 for r, i in enumerate(sorted(because))}
+    return [Decision(index=j, val_loss=float(v), selected=(j - start) in because, rank=rank.get(j - start),
+                     in_window=j >= start, improvement=improvement.get(j - start) if j >= start else None,
+                     because=because.get(j - start, ""))
+            for j, v in enumerate(val_losses)]

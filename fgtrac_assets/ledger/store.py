@@ -23,7 +23,7 @@ from .leaves import row_leaf, table_leaves, to_arrow
 from . import witnessing
 from .lock import LedgerBusy, ledger_lock
 from .nodes import StoredNodes, append_hashes, migrate_log_nodes
-from .schema import LEAF_ORDER, all_ddl, migrate_events_table, physical
+from .schema import LEAF_ORDER, LEAF_TABLES, all_ddl, migrate_events_table, physical
 
 
 class LedgerMissing(FgtracError, FileNotFoundError):
@@ -128,7 +128,8 @@ class Ledger:
         if groups is not None and groups.groups.num_rows:
             rows["event_groups"] = seal_groups(groups, pipeline=commit.pipeline, run_id=commit.run_id,
                                                asset=commit.asset)
-        tables = {t: to_arrow(t, rows[t]) for t in LEAF_ORDER if t in rows and t != "materializations"}
+        tables = {t: to_arrow(t, _with_provenance(t, rows[t], commit))
+                  for t in LEAF_ORDER if t in rows and t != "materializations"}
         leaves: list[bytes] = []
         for name, tbl in tables.items():
             leaves.extend(table_leaves(name, tbl))
@@ -176,6 +177,24 @@ class Ledger:
             counts["events"] = counts.get("events", 0) + groups.num_members
         return CommitResult(leaf_start=start, leaf_count=len(hashes), tree_size=size, root=root,
                             checkpoint=note, rows=counts, witnessed=witnessed)
+
+    def known_samples(self, pipeline: str, sample_ids: list[str]) -> set[str]:
+        """Return which of these sample ids the pipeline has ingested before (an empty set for a new ledger)."""
+        if not self.exists() or not sample_ids:
+            return set()
+        with self.reader(code_views=False) as con:
+            con.register("_ids", pa.table({"sample_id": sample_ids}))
+            rows = con.execute("SELECT DISTINCT s.sample_id FROM samples s JOIN _ids USING (sample_id) "
+                               "WHERE s.pipeline = ?", [pipeline]).fetchall()
+        return {r[0] for r in rows}
+
+    def committed_rows(self, table: str, leaf_start: int, leaf_count: int) -> list[dict]:
+        """Return the rows of a leaf table that one commit logged (its leaf range), in log order."""
+        cols = [c for c, _ in LEAF_TABLES[table]]
+        with self.reader(code_views=False) as con:
+            got = con.execute(f"SELECT {', '.join(cols)} FROM {physical(table)} WHERE leaf_index >= ? "
+                              "AND leaf_index < ? ORDER BY leaf_index", [leaf_start, leaf_start + leaf_count])
+            return [dict(zip(cols, r)) for r in got.fetchall()]
 
     def witness_sync(self) -> dict[str, str]:
         """Submit the latest signed tree head to every witness of the policy again; return each one's outcome."""
@@ -268,6 +287,19 @@ class Ledger:
 
 # The digest of every DDL statement: a ledger whose fgtrac_schema row holds it needs no DDL on connect.
 SCHEMA_DIGEST = hashlib.sha256("\n".join(all_ddl()).encode()).hexdigest()
+
+
+def _with_provenance(table: str, rows: pa.Table | list[dict], commit: Commit) -> pa.Table | list[dict]:
+    """Fill the commit's pipeline/run_id/asset/training_run into the rows of a table that has those columns."""
+    cols = {c for c, _ in LEAF_TABLES[table]}
+    fill = {k: v for k, v in (("pipeline", commit.pipeline), ("run_id", commit.run_id), ("asset", commit.asset),
+                              ("training_run", commit.training_run)) if k in cols}
+    if isinstance(rows, pa.Table):
+        for k, v in fill.items():
+            if k not in rows.column_names:
+                rows = rows.append_column(k, pa.array([v] * rows.num_rows, pa.string()))
+        return rows
+    return [{**fill, **{k: v for k, v in r.items() if v is not None or k not in fill}} for r in rows]
 
 
 def _schema_current(con: duckdb.DuckDBPyConnection) -> bool:

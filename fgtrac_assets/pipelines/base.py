@@ -1,4 +1,4 @@
-"""What a pipeline provides to the asset factory: data in, model, training loop."""
+"""What a pipeline provides to the chain (data in, model, training loop) and the settings its stages take."""
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -64,6 +64,24 @@ class TrainSettings:
             raise InputError(f"batch_size={self.batch_size} is out of range (1..1000000)")
         if self.schedule not in ("cosine", "constant"):
             raise InputError(f"schedule={self.schedule!r} must be 'cosine' or 'constant'")
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Where the raw samples of one ingestion come from and how strictly they are taken."""
+
+    source: str = ""  # '' = the pipeline's bundled data; else an ImageFolder directory, a Parquet/CSV file, ...
+    limit: int = 0  # read at most this many items (0 = all)
+    strict: bool = False  # fail the run if any item is rejected
+    inbox: bool = False  # also ingest everything in $FGTRAC_HOME/inbox/<pipeline>/
+    image_size: str = ""  # images: the size every image must have, HEIGHTxWIDTH; '' = the pipeline's
+
+
+@dataclass(frozen=True)
+class InfluenceSettings:
+    """How many proponents and opponents the influence stage keeps per test sample."""
+
+    top_k: int = 10
 
 
 @dataclass

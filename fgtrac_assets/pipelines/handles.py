@@ -1,4 +1,8 @@
-"""What one stage hands the next: a small, picklable reference to committed state."""
+"""What one stage hands the next: a small, picklable, typed reference to what it committed and signed.
+
+A handle names a commit (its leaf range and root); what a later stage decides from is read back
+from those signed rows (``Ledger.committed_rows``), not carried in the handle.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..ledger.artifacts import ArtifactFile, check_artifact
+from ..ledger.store import LedgerDamaged
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class ArtifactRef:
         """Return the artifact's full path after checking its sha256 against the commitment."""
         problem = check_artifact(root, self.path, self.sha256)
         if problem:
-            raise ValueError(f"artifact {self.path}: {problem}; refusing to use it (run `fgtrac verify`)")
+            raise LedgerDamaged(f"artifact {self.path}: {problem}; refusing to use it (run `fgtrac verify`)")
         return root / self.path
 
     def read_parquet(self, root: Path) -> pa.Table:
@@ -44,7 +49,14 @@ class Handle:
     leaf_count: int
     training_run: str | None = None
     artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GradientCacheHandle(Handle):
+    """A gradient cache's commit, with the preprocessed samples it was taken from and its shard ('' = all)."""
+
+    prepared: ArtifactRef | None = None
+    shard: str = ""
 
 
 @dataclass

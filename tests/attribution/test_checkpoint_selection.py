@@ -72,13 +72,14 @@ def test_consider_from_applies_the_rule_to_the_late_window():
 def test_one_default_for_the_asset_the_stage_and_the_studies():
     """The asset's config, the plain stage and the studies' `fgtrac` rule select what select_checkpoints does."""
     from fgtrac_assets.assets.configs import SelectionConfig
-    from fgtrac_assets.pipelines import mislabel_eval, stages
+    from fgtrac_assets.pipelines import stages
+    from fgtrac_assets.studies import mislabel as mislabel_eval
 
     losses = [2.0, 1.0, 0.6, 0.59, 0.58, 0.57, 0.56, 0.50, 0.45, 0.44]
     config = SelectionConfig()
     asset_rule = dict(config.model_dump())
     assert select_checkpoints(losses) == select_checkpoints(losses, **asset_rule) == [7, 8, 9]
     assert mislabel_eval._fgtrac(losses) == select_checkpoints(losses, **asset_rule)
-    assert config.rule() == SelectionRule() and dataclasses.asdict(SelectionRule()) == asset_rule
+    assert config.settings(None) == SelectionRule() and dataclasses.asdict(SelectionRule()) == asset_rule
     assert inspect.signature(stages.select).parameters["rule"].default == SelectionRule()
     assert SelectionRule(consider_from=0.0).select(losses) == whole(losses)

@@ -9,16 +9,17 @@ import pytest
 from dagster import materialize
 from PIL import Image
 
+from fgtrac_assets.pipelines.base import IngestSettings
 from fgtrac_assets.assets.configs import RawSamplesConfig, TrainingConfig
 from fgtrac_assets.assets.resources import FgtracResource
-from fgtrac_assets.assets.factory import ASSET_NAMES
+from fgtrac_assets.pipelines.chain import CHAIN_NAMES
 from fgtrac_assets.definitions import all_assets
 from fgtrac_assets.ledger.store import Ledger, LedgerDamaged
 from fgtrac_assets.ledger.verify import verify_ledger
 from fgtrac_assets.pipelines import stages
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 
-DIGITS = [a for a in all_assets if a.key.path[0] == "digits_cnn" and a.key.path[-1] in ASSET_NAMES]
+DIGITS = [a for a in all_assets if a.key.path[0] == "digits_cnn" and a.key.path[-1] in CHAIN_NAMES]
 
 
 def png(arr) -> bytes:
@@ -57,7 +58,7 @@ def test_bad_table_rows_are_rejected_with_row_and_reason(tmp_path, rows, reason)
              "label": i % 10} for i in range(5)]
     path = tmp_path / "t.parquet"
     pq.write_table(pa.Table.from_pylist(good + rows), path)
-    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", source=str(path))
+    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", IngestSettings(source=str(path)))
     assert r.metadata["samples"] == 5
     reasons = rejected_reasons(tmp_path / "h")
     assert len(reasons) == 1 and "row=5" in reasons[0] and reason in reasons[0], reasons
@@ -69,7 +70,7 @@ def test_missing_columns_and_empty_file(tmp_path):
                    tmp_path / "empty.parquet")
     for name, reason in (("cols.parquet", "missing columns"), ("empty.parquet", "empty file")):
         with pytest.raises(stages.NothingToTrain, match="every item was rejected"):
-            stages.ingest(Ledger(tmp_path / f"home-{name}"), DigitsPipeline(), "run", source=str(tmp_path / name))
+            stages.ingest(Ledger(tmp_path / f"home-{name}"), DigitsPipeline(), "run", IngestSettings(source=str(tmp_path / name)))
         assert any(reason in r and name in r for r in rejected_reasons(tmp_path / f"home-{name}"))
 
 
@@ -81,7 +82,7 @@ def test_unreadable_and_linked_files(tmp_path):
     (tmp_path / "secret.png").write_bytes(png(np.zeros((8, 8))))
     (root / "link.png").symlink_to(tmp_path / "secret.png")
     (root / "dir.png").mkdir()  # a folder named like an image: not a file
-    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", source=str(tmp_path / "imgs"))
+    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", IngestSettings(source=str(tmp_path / "imgs")))
     assert r.metadata["samples"] == 3
     assert any("symbolic link" in x for x in rejected_reasons(tmp_path / "h"))
 
@@ -92,7 +93,7 @@ def test_rgb_images_are_converted_and_wrong_channel_counts_rejected(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8)
     (root / "rgb.png").write_bytes(png(rgb))
     (root / "gray.png").write_bytes(png(rgb[..., 0]))
-    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", source=str(tmp_path / "imgs"))
+    r = stages.ingest(Ledger(tmp_path / "h"), DigitsPipeline(), "run", IngestSettings(source=str(tmp_path / "imgs")))
     assert r.metadata["samples"] == 2  # colour is converted to one channel, as documented
 
 
@@ -117,7 +118,7 @@ def test_training_settings_out_of_range(tmp_path, train, needle):
 def test_home_that_is_not_a_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LedgerDamaged, match="not a usable directory"):
-        stages.ingest(Ledger(tmp_path / "file" / "home"), DigitsPipeline(), "run", limit=10)
+        stages.ingest(Ledger(tmp_path / "file" / "home"), DigitsPipeline(), "run", IngestSettings(limit=10))
 
 
 def test_all_rejected_run_does_not_train(tmp_path):

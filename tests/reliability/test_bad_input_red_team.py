@@ -12,11 +12,13 @@ import pytest
 from dagster import RunConfig, materialize
 from PIL import Image
 
+from fgtrac_assets.pipelines.base import IngestSettings
 from fgtrac_assets.assets.configs import RawSamplesConfig, TrainingConfig
-from fgtrac_assets.assets.factory import ASSET_NAMES
+from fgtrac_assets.pipelines.chain import CHAIN_NAMES
 from fgtrac_assets.assets.resources import FgtracResource
 from fgtrac_assets.definitions import all_assets
 from fgtrac_assets.ledger.checks import run_checks
+from fgtrac_assets.pipelines.chain import stage
 from fgtrac_assets.ledger.store import Ledger
 from fgtrac_assets.ledger.verify import verify_ledger
 from fgtrac_assets.pipelines import stages
@@ -26,7 +28,7 @@ from fgtrac_assets.pipelines.movielens import MovieLensPipeline
 
 from test_bad_input import failure_message, png, run_chain
 
-GRAPH = [a for a in all_assets if a.key.path[0] == "multimodal_graph" and a.key.path[-1] in ASSET_NAMES]
+GRAPH = [a for a in all_assets if a.key.path[0] == "multimodal_graph" and a.key.path[-1] in CHAIN_NAMES]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -83,7 +85,7 @@ def write_bytes_named(folder, name: bytes, data: bytes):
 def ingest(tmp_path, source, **kw):
     """stages.ingest of the digits pipeline into a fresh home; return (result, home)."""
     home = tmp_path / "home"
-    return stages.ingest(Ledger(home), DigitsPipeline(), "run", source=str(source), **kw), home
+    return stages.ingest(Ledger(home), DigitsPipeline(), "run", IngestSettings(source=str(source), **kw)), home
 
 
 def raw_rows(home, result) -> dict[str, dict]:
@@ -132,7 +134,7 @@ def test_digits_chain_completes_with_one_rejection_per_bad_item(tmp_path, one_to
     bad = bad_image_folder(tmp_path / "imgs", tmp_path / "elsewhere")
     result = run_chain(tmp_path / "h", raw={"source": str(tmp_path / "imgs")})
     assert result.success, failure_message(result)
-    assert materialized(result) == set(ASSET_NAMES) and failed_checks(result) == []
+    assert materialized(result) == set(CHAIN_NAMES) and failed_checks(result) == []
     reasons = by_source(tmp_path / "h")
     assert set(reasons) == bad, reasons
     assert "corrupt or truncated" in reasons["imagefolder:0/truncated.jpg"]
@@ -191,7 +193,7 @@ def test_graph_chain_completes_with_one_rejection_per_bad_row(tmp_path, one_torc
     result = materialize(GRAPH, resources={"fgtrac": FgtracResource(home=str(tmp_path / "h"))},
                          run_config=RunConfig(ops=cfg), raise_on_error=False)
     assert result.success, failure_message(result)
-    assert materialized(result) == set(ASSET_NAMES) and failed_checks(result) == []
+    assert materialized(result) == set(CHAIN_NAMES) and failed_checks(result) == []
     reasons = by_source(tmp_path / "h")
     assert set(reasons) == set(bad), reasons
     for source, needle in bad.items():
@@ -216,14 +218,14 @@ def test_lineage_check_ignores_rejected_items_but_catches_a_lost_good_sample(tmp
     for pipeline, passes in ((DigitsPipeline(), True), (_DropsOne(), False)):
         home = tmp_path / f"home-{passes}"
         ledger = Ledger(home)
-        raw = stages.ingest(ledger, pipeline, "run", source=str(tmp_path / "imgs"))
+        raw = stages.ingest(ledger, pipeline, "run", IngestSettings(source=str(tmp_path / "imgs")))
         assert len(by_source(home)) == 2
         prep = stages.preprocess(ledger, pipeline, "run", raw.handle)
         outcome = {c.name: c for c in prep.checks}["lineage_complete"]
         assert outcome.passed is passes, outcome.description
         if not passes:
             assert outcome.description.startswith("1 samples without exactly one `preprocessed`")
-        again = {c.name: c for c in run_checks(ledger, "preprocessed_samples", "run", None, prep.checkpoint)}
+        again = {c.name: c for c in run_checks(ledger, stage("preprocessed_samples").checks, "run", None, prep.checkpoint)}
         assert again["lineage_complete"].passed is passes
 
 
@@ -367,7 +369,7 @@ def test_inbox_with_undecodable_names_and_links(tmp_path):
     files = scan_inbox(inbox)
     assert len(files) == 7 and all(k.encode("utf-8") for k in files)
     assert json.loads(json.dumps(files, ensure_ascii=False)) == files
-    r = stages.ingest(Ledger(home), DigitsPipeline(), "run", source="", limit=20, inbox=True)
+    r = stages.ingest(Ledger(home), DigitsPipeline(), "run", IngestSettings(source="", limit=20, inbox=True))
     assert r.metadata["samples"] == 26
     assert set(by_source(home)) == {"imagefolder:0/\\xff.png", "imagefolder:4/"}
 
@@ -380,7 +382,7 @@ def test_graph_reader_does_not_crash_on_odd_numbers_or_names(tmp_path):
     write_csv(root / "nodes.csv", ["node_id", "type"], [["u1", "user"], ["m1", "movie"], ["m2", "movie"], ["m3", "movie"]])
     write_csv(root / "edges.csv", ["user_id", "movie_id", "rating", "timestamp"],
               [["u1", "m1", 4.0, "2e3"], ["u1", "m2", 3.0, "x"], ["u1", "m3", 3.0, "1e20"]])
-    r = stages.ingest(Ledger(tmp_path / "home"), MovieLensPipeline(), "run", source=str(root))
+    r = stages.ingest(Ledger(tmp_path / "home"), MovieLensPipeline(), "run", IngestSettings(source=str(root)))
     assert r.metadata["samples"] == 1
     table = r.handle.artifacts["raw"].read_parquet(Ledger(tmp_path / "home").home.root)
     assert table.column("timestamp").to_pylist() == [2000]

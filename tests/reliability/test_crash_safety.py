@@ -156,7 +156,7 @@ def test_uncommitted_artifact_files_are_reported_by_verify(tmp_path):
     ledger = Ledger(tmp_path / "home")
     ledger.commit(Commit("digits_cnn", "raw_samples", "r1", rows={"events": [{"sample_id": "s", "kind": "ingested"}]}))
     # exactly what ingest writes before its commit
-    stages._write_parquet(ledger, "digits_cnn/raw/killed-run.parquet", "raw_samples", pa.table({"x": [1]}))
+    stages.write_parquet(ledger, "digits_cnn/raw/killed-run.parquet", "raw_samples", pa.table({"x": [1]}))
     report = verify_ledger(ledger, update_witness=False)
     assert report.ok
     assert any("never committed" in n and "killed-run.parquet" in n for n in report.notices), report.notices

@@ -56,10 +56,10 @@ def test_full_disk_during_training_loses_nothing(tmp_path):
         import resource, signal, sys
         from fgtrac_assets.ledger.store import Ledger
         from fgtrac_assets.pipelines import stages
-        from fgtrac_assets.pipelines.base import TrainSettings
+        from fgtrac_assets.pipelines.base import IngestSettings, TrainSettings
         from fgtrac_assets.pipelines.digits import DigitsPipeline
         ledger, p = Ledger({str(home)!r}), DigitsPipeline()
-        raw = stages.ingest(ledger, p, "r1", limit=150)
+        raw = stages.ingest(ledger, p, "r1", IngestSettings(limit=150))
         prep = stages.preprocess(ledger, p, "r2", raw.handle)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write returns EFBIG instead of killing us
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))

@@ -1,7 +1,7 @@
 """Evaluation studies run as assets of a pipeline: a study trains its own models and commits its table and plot.
 
 A study is a plain function returning ``{"table": [row dicts], "plot_png": bytes, "best": str, ...}``
-(``mislabel_eval.mislabel_evaluation``, ``final_model_eval.final_model_comparison``). Running
+(``mislabel.mislabel_evaluation``, ``final_model.final_model_evaluation``). Running
 one here commits the table (Parquet) and the plot (PNG) as artifacts with a signed tree head,
 like every other materialisation, so a published figure can be traced to its exact bytes.
 """
@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from ..errors import InputError
 from ..ledger.artifacts import write_artifact
 from ..ledger.store import Ledger
 from ..report import plots
-from .base import Pipeline
-from .handles import StageResult
-from .stages import Log, _finish, _noop, _write_parquet
+from ..pipelines.base import Pipeline
+from ..pipelines.handles import Handle, StageResult
+from ..pipelines.stages import Log, commit_stage, quiet, write_parquet
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,11 @@ class Study:
     headline: Callable[[dict], dict] = lambda result: {}
 
 
-def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, preset: str = "default",
-              seed: int = 0, log: Log = _noop) -> StageResult:
-    """Run a study with one of its presets and commit its table and plot; return the asset's metadata."""
+def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, prepared: Handle | None = None,
+              preset: str = "default", seed: int = 0, log: Log = quiet) -> StageResult:
+    """Run a study with one of its presets and commit its table and plot, downstream of the samples it stands on."""
     if preset not in study.presets:
-        raise ValueError(f"{study.name}: unknown preset {preset!r} (choose from {', '.join(study.presets)})")
+        raise InputError(f"{study.name}: unknown preset {preset!r} (choose from {', '.join(study.presets)})")
     kwargs = {**study.presets[preset], "seed": seed}
     log(f"{study.name}: running with {json.dumps(kwargs)}")
     started = time.monotonic()
@@ -45,7 +46,7 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
     seconds = time.monotonic() - started
     table = pa.Table.from_pylist([{k: _cell(v) for k, v in row.items()} for row in result["table"]])
     base = f"{pipeline.name}/studies/{study.name}-{run_id}"
-    arts = {"table": _write_parquet(ledger, f"{base}.parquet", "study_table", table)}
+    arts = {"table": write_parquet(ledger, f"{base}.parquet", "study_table", table)}
     if result.get("plot_png"):
         png = result["plot_png"]
         arts["plot"] = write_artifact(ledger.ensure_home().root, f"artifacts/{base}.png", "study_plot",
@@ -57,7 +58,7 @@ def run_study(ledger: Ledger, pipeline: Pipeline, run_id: str, study: Study, pre
     if result.get("plot_png"):
         meta["plot_md"] = plots.markdown_image(result["plot_png"], study.name)
     log(f"{study.name}: best {best} ({seconds:.1f}s)")
-    return _finish(ledger, pipeline, study.name, run_id, {}, [], arts, meta, extra={"best": best})
+    return commit_stage(ledger, pipeline, study.name, run_id, {}, [prepared] if prepared else [], arts, meta)
 
 
 def _cell(value):

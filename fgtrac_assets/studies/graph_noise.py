@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .mislabel_eval import INSPECTED, auroc, detection_curve, detection_plot, found_fraction
+from .mislabel import INSPECTED, auroc, detection_curve, detection_plot, found_fraction
 
 
 def _flip(prepared: pa.Table, noise_fraction: float, seed: int) -> tuple[pa.Table, set[str]]:
@@ -69,9 +69,9 @@ def noisy_rating_evaluation(
 
     from ..attribution.selection import DEFAULT_RULE
     from ..attribution.tracin import TracInCP
+    from ..pipelines.base import TrainSettings
+    from ..pipelines.movielens import MovieLensPipeline
     from ..tracing.recorder import NullRecorder
-    from .base import TrainSettings
-    from .movielens import MovieLensPipeline
 
     if not 0 < noise_fraction < 1:
         raise InputError("noise_fraction must lie in (0, 1)")

@@ -2,7 +2,7 @@
 
 Setup (:func:`final_model_evaluation`):
 
-1. scikit-learn's bundled digits split and standardised as in :mod:`.mislabel_eval`; the
+1. scikit-learn's bundled digits split and standardised as in :mod:`.digits_data`; the
    digits pipeline's CNN (``build_cnn(10)``) trained by the pipeline's traced SGD loop,
    one checkpoint per epoch (kept for TracInCP).
 2. ``n_probes`` training samples (seeded) are scored against the first ``n_test`` test
@@ -113,15 +113,14 @@ def _evaluate(seed, n_train, n_val, n_test, n_probes, epochs, lr, batch_size, sc
 
     from ..attribution import FurtherTraining, GradCos, GradDot, InfluenceFunction, TracInCP
     from ..attribution.selection import DEFAULT_RULE
-    from .base import TrainSettings
-    from .mislabel_eval import _digits, _train
+    from ..pipelines.base import TrainSettings
+    from .digits_data import digits_splits, train_cnn
 
     t0 = time.perf_counter()
-    (x_tr, y_tr, rows), (x_va, y_va), (x_te, y_te) = _digits(seed, n_train, n_val)
+    (x_tr, y_tr, _ids), (x_va, y_va), (x_te, y_te) = digits_splits(seed, n_train, n_val)
     x_te, y_te = x_te[:n_test], y_te[:n_test]
     train_settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule=schedule)
-    model, history = _train(x_tr, y_tr, (x_va, y_va), train_settings, seed,
-                            [f"digits#{int(i)}" for i in rows], "final-model-eval")
+    model, history = train_cnn(x_tr, y_tr, (x_va, y_va), train_settings, seed)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
     with torch.no_grad():
         model.eval()

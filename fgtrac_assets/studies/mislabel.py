@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from .digits_data import digits_splits, train_cnn
 
 INSPECTED = (0.05, 0.10, 0.20, 0.30)
 
@@ -152,40 +153,6 @@ def auroc(scores: np.ndarray, flipped: np.ndarray) -> float:
     return float((r[flipped].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-# ------------------------------------------------------------------------ data
-
-
-def _digits(seed: int, n_train: int, n_val: int):
-    import torch
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.data.astype(np.float32) / np.float32(16.0)
-    y = d.target.astype(np.int64)
-    if n_train + n_val >= len(y):
-        raise InputError(f"n_train + n_val must leave test samples (digits has {len(y)})")
-    perm = np.random.default_rng(seed).permutation(len(y))
-    tr, va, te = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
-    mean, std = float(x[tr].mean()), float(x[tr].std())
-    xs = torch.from_numpy(((x - mean) / std).astype(np.float32).reshape(-1, 1, 8, 8))
-    ys = torch.from_numpy(y)
-    return (xs[tr], ys[tr], tr), (xs[va], ys[va]), (xs[te], ys[te])
-
-
-def _train(x, y, val, settings, seed: int, sample_ids: list[str], run: str):
-    import torch
-
-    from ..tracing.recorder import NullRecorder
-    from .digits import build_cnn
-    from .training import train_supervised
-
-    torch.manual_seed(seed)
-    model = build_cnn(10)
-    loss = torch.nn.CrossEntropyLoss(reduction="none")
-    epochs = list(train_supervised(model, loss, (x, y), val, settings, NullRecorder()))
-    return model, epochs
-
-
 # ------------------------------------------------------------------------ main
 
 
@@ -222,18 +189,17 @@ def mislabel_evaluation(
     import torch
 
     from ..attribution.tracin import TracInCP
-    from .base import TrainSettings
+    from ..pipelines.base import TrainSettings
 
     if not 0 < flip_fraction < 1:
         raise InputError("flip_fraction must lie in (0, 1)")
     t0 = time.perf_counter()
-    (x_tr, y_tr, rows), (x_va, y_va), (x_te, y_te) = _digits(seed, n_train, n_val)
-    ids = [f"digits#{int(i)}" for i in rows]
+    (x_tr, y_tr, ids), (x_va, y_va), (x_te, y_te) = digits_splits(seed, n_train, n_val)
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule=schedule)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
 
     # 1. clean model -> 2. flip to the highest-scoring incorrect class
-    clean, _ = _train(x_tr, y_tr, (x_va, y_va), settings, seed, ids, "mislabel-clean")
+    clean, _ = train_cnn(x_tr, y_tr, (x_va, y_va), settings, seed)
     with torch.no_grad():
         clean.eval()
         logits = clean(x_tr)
@@ -250,7 +216,7 @@ def mislabel_evaluation(
     t_clean = time.perf_counter()
 
     # 3. retrain from scratch on the noisy labels, one checkpoint per epoch
-    model, history = _train(x_tr, noisy, (x_va, y_va), settings, seed, ids, "mislabel-noisy")
+    model, history = train_cnn(x_tr, noisy, (x_va, y_va), settings, seed)
     val_losses = [h.val_loss for h in history]
     lrs = np.array([h.lr for h in history], dtype=np.float64)
     with torch.no_grad():
@@ -307,7 +273,7 @@ def mislabel_evaluation(
                          "batch_size": batch_size, "schedule": schedule, "n_train": n_train, "n_val": n_val,
                          "n_test": int(len(y_te))},
             "flipped": n_flip,
-            "flipped_rows": flip_rows.tolist(),
+            "flipped_rows": flip_rows.tolist(), "flipped_sample_ids": [ids[i] for i in flip_rows],
             "flipped_fitted_by_noisy_model": float(fitted[flipped].mean()),
             "clean_train_samples_misfit": float((~fitted[~flipped]).mean()),
             "clean_model_test_accuracy": clean_test_acc,

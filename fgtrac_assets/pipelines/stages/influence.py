@@ -1,0 +1,182 @@
+"""The influence stages: TracInCP top-k and self-influence from a gradient cache, whole or by shard, and their merge."""
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from ...errors import InputError
+from ...ledger.checks import SqlCheck
+from ...ledger.store import Ledger
+from ...report import plots
+from ...report.influence_figures import influence_figures
+from ..base import InfluenceSettings, Pipeline
+from ..handles import GradientCacheHandle, Handle, StageResult
+from .commit import Log, commit_stage, quiet, write_parquet
+
+INFLUENCE_CHECKS = (
+    # a detail is JSON read as JSON, whatever its spacing; one that is not JSON is no test sample's (verify reports it)
+    SqlCheck("lineage_complete", """SELECT count(*) FROM (SELECT DISTINCT sample_id FROM events
+                                    WHERE kind = 'gradient' AND training_run = $tr
+                                    AND CASE WHEN json_valid(detail) THEN json_extract_string(detail, '$.split') END
+                                        = 'test') t
+                                    WHERE t.sample_id NOT IN (SELECT test_sample_id FROM influence
+                                                              WHERE run_id = $run AND kind = 'proponent')""",
+             "test samples without influence scores"),
+    # Proponents are a test sample's k largest scores and opponents its k smallest, whatever their sign (when
+    # every score is negative, so are the proponents'): each rank's score is at most the one before it (at least,
+    # for opponents) and no proponent scores below an opponent. Self-influence, sum of lr |g|^2, is never negative.
+    SqlCheck("numbers_sane", """WITH s AS (SELECT kind, test_sample_id, score,
+                                       lag(score) OVER (PARTITION BY kind, test_sample_id ORDER BY rank) AS before
+                                       FROM influence WHERE run_id = $run),
+                                bounds AS (SELECT test_sample_id, min(score) FILTER (kind = 'proponent') AS lowest,
+                                                  max(score) FILTER (kind = 'opponent') AS highest
+                                           FROM s WHERE kind IN ('proponent', 'opponent') GROUP BY 1)
+                                SELECT (SELECT count(*) FROM s WHERE score IS NULL OR isnan(score) OR isinf(score)
+                                        OR (kind = 'self' AND score < 0)
+                                        OR (kind IN ('proponent', 'self') AND score > before)
+                                        OR (kind = 'opponent' AND score < before))
+                                     + (SELECT count(*) FROM bounds WHERE lowest < highest)""",
+             "scores that are missing or not finite, out of rank order, negative self-influence, "
+             "or test samples with a proponent scored below an opponent"),
+)
+
+
+def _score_cache(table: pa.Table, k: int, log: Log) -> tuple[list, list, list, object, object, int]:
+    """Return (checkpoint ids, train ids, test ids, top-k or None, self-influence, k) of one gradient cache."""
+    from ...attribution.ghost import Factors, self_influence_from_factors, top_k_from_factors
+
+    ckpt_ids = list(dict.fromkeys(table.column("checkpoint_id").to_pylist()))
+    train_by, test_by, lrs, train_ids, test_ids = [], [], [], None, None
+    for cid in ckpt_ids:
+        part = table.filter(pa.compute.equal(table.column("checkpoint_id"), cid))
+        lrs.append(float(part.column("lr")[0].as_py()))
+        for split, dest in (("train", train_by), ("test", test_by)):
+            sp = part.filter(pa.compute.equal(part.column("split"), split))
+            ids = sp.column("sample_id").to_pylist()
+            if split == "train":
+                train_ids = train_ids or ids
+            else:
+                test_ids = test_ids or ids
+            dest.append([Factors(errors=_matrix(sp.column("errors")), activations=_matrix(sp.column("activations")))])
+    k = min(k, len(train_ids))
+    started = time.monotonic()
+    top = top_k_from_factors(train_by, test_by, lrs, k) if test_ids else None
+    selfinf = self_influence_from_factors(train_by, lrs)
+    log(f"TracInCP over {len(train_ids)} train x {len(test_ids or [])} test at {len(lrs)} checkpoints "
+        f"in {time.monotonic() - started:.2f}s")
+    return ckpt_ids, train_ids, test_ids or [], top, selfinf, k
+
+
+def _influence_rows(train_ids: list, test_ids: list, top, selfinf, k: int) -> pa.Table:
+    """Return the influence rows: k proponents and opponents per test sample, then every self-influence, ranked."""
+    import torch
+
+    ids = np.asarray(train_ids, dtype=object)
+    parts = []
+    if top is not None:
+        n_test = len(test_ids)
+        # per test sample, ranks 1..k, each rank's proponent then its opponent (columns built whole, no row loop)
+        idx = torch.stack([top.proponent_idx[:, :k], top.opponent_idx[:, :k]], dim=2).reshape(-1).numpy()
+        score = torch.stack([top.proponent_score[:, :k], top.opponent_score[:, :k]], dim=2).reshape(-1)
+        parts.append({"test_sample_id": np.repeat(np.asarray(test_ids, dtype=object), 2 * k),
+                      "train_sample_id": ids[idx], "kind": np.tile(np.array(["proponent", "opponent"]), n_test * k),
+                      "rank": np.tile(np.repeat(np.arange(1, k + 1), 2), n_test),
+                      "score": score.double().numpy()})
+    order = torch.argsort(selfinf, descending=True).numpy()
+    parts.append({"test_sample_id": np.full(len(order), None, dtype=object), "train_sample_id": ids[order],
+                  "kind": np.full(len(order), "self"), "rank": np.arange(1, len(order) + 1),
+                  "score": selfinf[torch.from_numpy(order)].double().numpy()})
+    cols = {key: pa.array(np.concatenate([p[key] for p in parts]).tolist(),
+                          type={"rank": pa.int64(), "score": pa.float64()}.get(key, pa.string()))
+            for key in ("test_sample_id", "train_sample_id", "kind", "rank", "score")}
+    return pa.table({**cols, "method": pa.array(["tracincp"] * len(cols["kind"]), pa.string())})
+
+
+def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCacheHandle,
+              settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
+    """Score every test sample against every training sample with TracInCP; keep top-k and self-influence."""
+    import torch
+
+    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
+    ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log)
+    rows = _influence_rows(train_ids, test_ids, top, selfinf, k)
+    order = torch.argsort(selfinf, descending=True).tolist()
+    art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
+                         "influence_scores", rows)
+    meta = {"method": "TracInCP (last layer, selected checkpoints)", "checkpoints": ckpt_ids, "top_k": k,
+            "self_influence_md": plots.markdown_image(
+                plots.histogram(selfinf.tolist(), "self-influence of training samples", "TracInCP(z, z)"),
+                "distribution of self-influence"),
+            "test_samples": len(test_ids or []), "train_samples": len(train_ids), "influence_rows": rows.num_rows,
+            "top_self_influence": [(train_ids[i], float(selfinf[i])) for i in order[:10]]}
+    if top is not None and cache.prepared is not None:
+        prepared_table = cache.prepared.read_parquet(ledger.home.root)
+        meta.update(influence_figures(pipeline, prepared_table, train_ids, test_ids, top))
+    return commit_stage(ledger, pipeline, "influence_scores", run_id, {"influence": rows}, [cache],
+                        {"influence": art}, meta, INFLUENCE_CHECKS, training_run=cache.training_run)
+
+
+def influence_shard(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCacheHandle,
+                    settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
+    """Score one shard's training samples against every test sample; keep its top-k as an artifact to combine."""
+    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
+    _, train_ids, test_ids, top, selfinf, k_used = _score_cache(table, settings.top_k, log)
+    rows = _influence_rows(train_ids, test_ids, top, selfinf, k_used)
+    shard = cache.shard
+    art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{shard}-{run_id}.parquet",
+                         "influence_shard", rows)
+    meta = {"shard": shard, "train_samples": len(train_ids), "test_samples": len(test_ids), "rows": rows.num_rows}
+    return commit_stage(ledger, pipeline, "influence_shards", run_id, {}, [cache], {"influence": art}, meta,
+                        training_run=cache.training_run)
+
+
+def combine_influence(ledger: Ledger, pipeline: Pipeline, run_id: str, shards: list[Handle],
+                      settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
+    """Merge the shards' top-k into exactly the unsharded top-k and self-influence ranking, and commit it."""
+    import pyarrow.compute as pc
+
+    k = settings.top_k
+    runs = {h.training_run for h in shards}
+    if len(runs) != 1:
+        raise InputError(f"influence shards come from {len(runs)} training runs ({sorted(map(str, runs))}): "
+                         "materialise every shard from the same selected checkpoints")
+    parts = [h.artifacts["influence"].read_parquet(ledger.home.root) for h in shards]
+    rows = pa.concat_tables(parts)
+    merged = []
+    for kind, descending in (("proponent", True), ("opponent", False)):
+        sub = rows.filter(pc.equal(rows.column("kind"), kind))
+        sub = sub.sort_by([("test_sample_id", "ascending"), ("score", "descending" if descending else "ascending"),
+                           ("train_sample_id", "ascending")])
+        merged.append(_first_per_group(sub, "test_sample_id", k))
+    selfs = rows.filter(pc.equal(rows.column("kind"), "self")).sort_by([("score", "descending"),
+                                                                         ("train_sample_id", "ascending")])
+    merged.append(selfs.set_column(selfs.schema.get_field_index("rank"), "rank",
+                                   pa.array(range(1, selfs.num_rows + 1), pa.int64())))
+    out = pa.concat_tables([m.cast(merged[0].schema) for m in merged])
+    training_run = next(iter(runs))
+    art = write_parquet(ledger, f"{pipeline.name}/runs/{training_run}/influence-combined-{run_id}.parquet",
+                         "influence_scores", out)
+    meta = {"method": "TracInCP (last layer, selected checkpoints), combined from shards", "shards": len(shards),
+            "top_k": k, "train_samples": selfs.num_rows, "influence_rows": out.num_rows}
+    log(f"combined {len(shards)} shards: {selfs.num_rows} training samples, {out.num_rows} rows")
+    return commit_stage(ledger, pipeline, "influence_combined", run_id, {"influence": out}, shards,
+                        {"influence": art}, meta, training_run=training_run)
+
+
+def _first_per_group(sorted_rows: pa.Table, key: str, k: int) -> pa.Table:
+    """Return the first k rows of each run of equal keys in sorted rows, ranked 1..k."""
+    keys = sorted_rows.column(key).to_numpy(zero_copy_only=False)
+    starts = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1]
+    rank = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    keep = rank < k
+    out = sorted_rows.filter(pa.array(keep))
+    return out.set_column(out.schema.get_field_index("rank"), "rank", pa.array(rank[keep] + 1, pa.int64()))
+
+
+def _matrix(col: pa.ChunkedArray):
+    import torch
+
+    arr = col.combine_chunks()
+    width = arr.type.list_size
+    return torch.from_numpy(arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy())

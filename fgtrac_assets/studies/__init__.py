@@ -1,0 +1,1 @@
+"""Evaluations run as assets over the chain's outputs: mislabel detection, further training, graph noise."""
