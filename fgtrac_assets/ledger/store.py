@@ -183,6 +183,8 @@ class Ledger:
         if not self.exists() or not sample_ids:
             return set()
         with self.reader(code_views=False) as con:
+            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'").fetchone()[0]:
+                return set()  # a file a killed first commit left without its schema
             con.register("_ids", pa.table({"sample_id": sample_ids}))
             rows = con.execute("SELECT DISTINCT s.sample_id FROM samples s JOIN _ids USING (sample_id) "
                                "WHERE s.pipeline = ?", [pipeline]).fetchall()

@@ -13,11 +13,11 @@ from ..ledger.checks import SqlCheck, check_names
 from . import stages
 from .base import InfluenceSettings, IngestSettings, Pipeline, TrainSettings
 from .handles import Handle, StageResult
-from .stages.gradients import GRADIENT_CHECKS
-from .stages.influence import INFLUENCE_CHECKS
-from .stages.ingest import INGEST_CHECKS, PREPROCESS_CHECKS
-from .stages.select import SELECT_CHECKS
-from .stages.train import TRAIN_CHECKS
+from .stages.gradient_cache import GRADIENT_CHECKS
+from .stages.influence_scores import INFLUENCE_CHECKS
+from .stages.ingestion import INGEST_CHECKS, PREPROCESS_CHECKS
+from .stages.selection import SELECT_CHECKS
+from .stages.training import TRAIN_CHECKS
 
 
 @dataclass(frozen=True)

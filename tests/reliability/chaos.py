@@ -40,7 +40,7 @@ import pyarrow.parquet  # noqa: F401
 from fgtrac_assets.attribution import ghost, selection  # noqa: F401
 from fgtrac_assets.ledger import artifacts, store
 from fgtrac_assets.pipelines import stages
-from fgtrac_assets.pipelines.base import TrainSettings
+from fgtrac_assets.pipelines.base import IngestSettings, TrainSettings
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 from fgtrac_assets.pipelines.digits import build_cnn
 from fgtrac_assets.report import plots
@@ -66,7 +66,9 @@ def emit(event, arg=""):
 
 
 def instrument():
-    commit, write = store.Ledger.commit, stages.write_artifact
+    from fgtrac_assets.pipelines.stages import commit as stage_commit, training as stage_train
+
+    commit, write = store.Ledger.commit, stage_commit.write_artifact
 
     def traced_commit(self, c):
         emit("commit_begin", c.asset)
@@ -81,7 +83,7 @@ def instrument():
         return out
 
     store.Ledger.commit = traced_commit
-    stages.write_artifact = traced_write
+    stage_commit.write_artifact = stage_train.write_artifact = traced_write  # every artifact a stage writes
 
 
 def chain(home, run_id, limit, epochs):
@@ -96,7 +98,7 @@ def chain(home, run_id, limit, epochs):
         emit("stage_end", name)
         return r
 
-    raw = stage("raw_samples", stages.ingest, limit=limit)
+    raw = stage("raw_samples", stages.ingest, IngestSettings(limit=limit))
     prep = stage("preprocessed_samples", stages.preprocess, raw.handle)
     tr = stage("training_checkpoints", stages.train, prep.handle, settings)
     sel = stage("selected_checkpoints", stages.select, tr.handle)

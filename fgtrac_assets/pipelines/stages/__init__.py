@@ -5,11 +5,11 @@ Each takes ``(ledger, pipeline, run_id, *upstream handles, settings, log=)`` and
 """
 
 from .commit import Log, NothingToTrain, commit_stage, quiet, write_parquet
-from .gradients import gradients
-from .influence import combine_influence, influence, influence_shard
-from .ingest import ingest, preprocess
-from .select import select
-from .train import train
+from .gradient_cache import gradients
+from .influence_scores import combine_influence, influence, influence_shard
+from .ingestion import ingest, preprocess
+from .selection import select
+from .training import train
 
 __all__ = ["Log", "NothingToTrain", "combine_influence", "commit_stage", "gradients", "influence",
            "influence_shard", "ingest", "preprocess", "quiet", "select", "train", "write_parquet"]

@@ -11,7 +11,7 @@ from ...tracing.groups import GroupLog
 from ..base import Pipeline
 from ..handles import ArtifactRef, GradientCacheHandle, Handle, StageResult
 from .commit import Log, commit_stage, quiet, write_parquet
-from .select import signed_selection
+from .selection import signed_selection
 
 GRADIENT_CHECKS = (
     SqlCheck("lineage_complete", """SELECT count(*) FROM (SELECT sample_id, count(DISTINCT checkpoint_id) AS c FROM events
