@@ -183,7 +183,7 @@ class Ledger:
         if not self.exists() or not sample_ids:
             return set()
         with self.reader(code_views=False) as con:
-            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'").fetchone()[0]:
+            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'").fetchall()[0][0]:
                 return set()  # a file a killed first commit left without its schema
             con.register("_ids", pa.table({"sample_id": sample_ids}))
             rows = con.execute("SELECT DISTINCT s.sample_id FROM samples s JOIN _ids USING (sample_id) "
