@@ -138,6 +138,24 @@ def test_consistency_between_signed_heads(digits_home, capsys):
     assert not merkle.verify_consistency(old, new, a.root, b.root, proof[:-1])
 
 
+def test_verify_receipt_checks_a_consistency_proof(digits_home, tmp_path, capsys):
+    sizes = [r["size"] for r in Ledger(digits_home).query("SELECT size FROM tree_heads ORDER BY size").to_pylist()]
+    capsys.readouterr()
+    assert fgtrac(["--home", str(digits_home), "log", "consistency", "--old", str(sizes[1]),
+                   "--new", str(sizes[-1])]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    good, bad, swapped = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "swapped.json"
+    good.write_text(json.dumps(doc))
+    bad.write_text(json.dumps(dict(doc, proof=doc["proof"][:-1])))
+    swapped.write_text(json.dumps(dict(doc, old_checkpoint=doc["new_checkpoint"], new_checkpoint=doc["old_checkpoint"])))
+    assert fgtrac(["verify-receipt", str(good)]) == 0
+    assert f"consistent: the signed tree of size {sizes[1]} is a prefix" in capsys.readouterr().out
+    assert fgtrac(["verify-receipt", str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert fgtrac(["verify-receipt", str(swapped)]) == 1
+    assert "larger than the new size" in capsys.readouterr().out
+
+
 # --- the witness and the keys ------------------------------------------------------------------
 
 

@@ -4,13 +4,12 @@ Score chunks of shape (chunk, n_test) (rows = a contiguous range of train sample
 folded into running (n_test, k) buffers, so memory stays O(chunk x n_test + n_test x k).
 """
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["RunningTopK", "TopK", "top_k_over_chunks"]
+__all__ = ["RunningTopK", "TopK"]
 
 
 @dataclass(eq=False)
@@ -75,11 +74,3 @@ class RunningTopK:
             opponent_idx=self._neg[1],
             opponent_score=self._neg[0],
         )
-
-
-def top_k_over_chunks(chunks: Iterable[tuple[int, Tensor]], k: int) -> TopK:
-    """Return the :class:`TopK` over ``(offset, scores(chunk, n_test))`` pairs covering the train set."""
-    acc = RunningTopK(k)
-    for offset, scores in chunks:
-        acc.update(scores, offset)
-    return acc.result()

@@ -7,7 +7,6 @@ list-based helpers build every level in memory and use the same algorithms.
 
 import hashlib
 from collections.abc import Callable, Sequence
-from itertools import repeat
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -120,24 +119,6 @@ def build_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
 
 def _levels_reader(levels: list[list[bytes]]) -> PerfectHash:
     return lambda level, index: levels[level][index]
-
-
-def new_perfect_nodes(
-    existing_size: int, new_leaf_hashes: Sequence[bytes], perfect: PerfectHash
-) -> list[tuple[int, int, bytes]]:
-    """Return (level, index, hash) for every perfect node completed by appending new_leaf_hashes."""
-    if existing_size < 0:
-        raise ValueError(f"invalid existing size {existing_size}")
-    out: list[tuple[int, int, bytes]] = []
-    level, start, cur = 0, existing_size, list(new_leaf_hashes)
-    while cur:
-        out.extend(zip(repeat(level), range(start, start + len(cur)), cur))
-        if start & 1:
-            # The left sibling of the first new node was already stored.
-            cur.insert(0, perfect(level, start - 1))
-        cur = [_sha256(b"\x01" + a + b).digest() for a, b in zip(cur[0::2], cur[1::2])]
-        level, start = level + 1, start >> 1
-    return out
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:

@@ -165,8 +165,27 @@ def verify_absence_receipt(receipt: dict, trusted_keys: Sequence[str] | None = N
         raise ReceiptError("neighbours are not adjacent in the set")
 
 
+def verify_consistency_receipt(receipt: dict, trusted_keys: Sequence[str] | None = None) -> tuple[int, int]:
+    """Return (old size, new size) if the proof shows the old signed tree is a prefix of the new; raise otherwise."""
+    try:
+        key = receipt["verifier_key"]
+        old = open_checkpoint(receipt["old_checkpoint"], key, trusted_keys)
+        new = open_checkpoint(receipt["new_checkpoint"], key, trusted_keys)
+        proof = [unb64(h, "proof element") for h in receipt["proof"]]
+    except (KeyError, TypeError) as exc:
+        raise ReceiptError(f"malformed consistency proof (missing {exc})") from None
+    if old.origin != new.origin:
+        raise ReceiptError(f"the checkpoints are of different logs ({old.origin!r}, {new.origin!r})")
+    if not (verdict := merkle.verify_consistency(old.size, new.size, old.root, new.root, proof)):
+        raise ReceiptError(f"the consistency proof does not verify ({verdict.reason})")
+    return old.size, new.size
+
+
 def verify_receipt(receipt: dict, trusted_keys: Sequence[str] | None = None) -> str:
     """Return a one-line description of what a receipt proves; raise ReceiptError if it does not verify."""
+    if "old_checkpoint" in receipt:
+        old, new = verify_consistency_receipt(receipt, trusted_keys)
+        return f"consistent: the signed tree of size {old} is a prefix of the signed tree of size {new}"
     if receipt.get("kind") == "absent":
         verify_absence_receipt(receipt, trusted_keys)
         return f"absent: sample {receipt['sample_id'][:16]}… is not in training run {receipt['training_run']}'s set"

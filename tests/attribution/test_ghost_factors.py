@@ -17,7 +17,7 @@ from fgtrac_assets.attribution.ghost import (
     self_influence_from_factors,
     top_k_from_factors,
 )
-from fgtrac_assets.attribution.topk import top_k_over_chunks
+from fgtrac_assets.attribution.topk import RunningTopK
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -66,6 +66,14 @@ def test_cached_factors_reproduce_tracin():
     acc = factor_dot(train_f[1], test_f[1], out=one.clone() * 0.5, scale=0.2)
     assert torch.allclose(acc, 0.5 * one + 0.2 * factor_dot(train_f[1], test_f[1]), rtol=1e-12)
     assert torch.allclose(factor_self_dot(train_f[0]), torch.diagonal(factor_dot(train_f[0], train_f[0])))
+
+
+def top_k_over_chunks(chunks, k):
+    """The top-k over (offset, scores) chunks, as the influence stages feed RunningTopK."""
+    acc = RunningTopK(k)
+    for offset, scores in chunks:
+        acc.update(scores, offset)
+    return acc.result()
 
 
 def test_top_k_clamps_k_and_merges_chunks():

@@ -11,7 +11,6 @@ from fgtrac_assets.integrity.merkle import (
     inclusion_proof_from,
     leaf_hash,
     merkle_root,
-    new_perfect_nodes,
     node_hash,
     range_hash,
     root_from,
@@ -412,27 +411,3 @@ def test_from_functions_use_logarithmic_reads():
         calls.clear()
         fn(perfect, *args)
         assert len(calls) <= 3 * 41, (fn.__name__, len(calls))
-
-
-def test_new_perfect_nodes_reproduces_build_levels():
-    hashes = [leaf_hash(x) for x in entries(300)]
-    store: dict[tuple[int, int], bytes] = {}
-
-    def perfect(level, index):
-        return store[(level, index)]
-
-    size = 0
-    for batch in [1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 57, 100]:
-        new = new_perfect_nodes(size, hashes[size:size + batch], perfect)
-        for level, index, h in new:
-            assert (level, index) not in store
-            store[(level, index)] = h
-        size += batch
-        expected = build_levels(hashes[:size])
-        assert {(lv, i): h for lv, row in enumerate(expected) for i, h in enumerate(row)} == store
-        assert root_from(perfect, size) == merkle_root(entries(300)[:size])
-    assert size == 300
-
-
-def test_new_perfect_nodes_empty_batch():
-    assert new_perfect_nodes(5, [], lambda level, index: b"") == []
