@@ -138,6 +138,17 @@ def _write_json(obj, out: str | None) -> None:
         sys.stdout.write(text)
 
 
+def _absent_id(con, text: str) -> str:
+    """Return the id whose absence to prove: a full id, a known sample's prefix or name, else the id of that name."""
+    from .ledger.audit import AuditError, resolve_sample
+    from .tracing.ids import name_sample_id
+
+    try:
+        return resolve_sample(con, text)
+    except AuditError:
+        return name_sample_id(text)
+
+
 def cmd_prove(args) -> int:
     """Write inclusion receipts for a sample's rows, or an absence receipt against a training run."""
     from .ledger import proofs
@@ -152,7 +163,7 @@ def cmd_prove(args) -> int:
             return 2
         with ledger.reader() as con:  # ids by unique prefix, runs also as `latest`, as in the audits
             run = resolve_run(con, args.run) if args.run else None
-            sample = args.sample_id if args.absent else resolve_sample(con, args.sample_id)
+            sample = _absent_id(con, args.sample_id) if args.absent else resolve_sample(con, args.sample_id)
         if args.format == "tlog-proof":
             if args.absent or not args.out:
                 print("fgtrac prove --format tlog-proof needs --out DIR (and proves inclusion, not absence)",

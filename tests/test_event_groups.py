@@ -50,7 +50,7 @@ def test_a_ledger_from_before_groups_verifies_and_upgrades_on_its_next_write(tmp
     assert verify_ledger(ledger).ok  # read-only: the old layout as it is
 
     tracer = Tracer(IDS[:10], "run-1")
-    tracer.epoch = 0
+    tracer.start_epoch(0)
     tracer.record_batch([3, 1, 4], 0.5)
     tracer.record_batch([1, 5], 0.25)
     result = ledger.commit(Commit(pipeline="p", asset="train", run_id="r2", groups=tracer.groups()))

@@ -13,16 +13,19 @@ class AuditError(FgtracError, ValueError):
 
 
 def resolve_sample(con: duckdb.DuckDBPyConnection, prefix: str) -> str:
-    """Return the full sample id that starts with prefix; raise AuditError if none or several do."""
+    """Return the sample id that starts with prefix, or whose source is exactly it (a session's sample name)."""
+    named = con.execute("SELECT DISTINCT sample_id FROM samples WHERE source = ? LIMIT 2", [prefix.strip()]).fetchall()
+    if len(named) == 1:
+        return named[0][0]
     prefix = prefix.strip().lower()
     if len(prefix) == 64:
         return prefix
     if len(prefix) < 6:
-        raise AuditError(f"sample id {prefix!r}: give at least 6 hex characters")
+        raise AuditError(f"sample id {prefix!r}: give at least 6 hex characters, or the sample's name")
     rows = con.execute("SELECT DISTINCT sample_id FROM samples WHERE starts_with(sample_id, ?) LIMIT 3",
                        [prefix]).fetchall()
     if not rows:
-        raise AuditError(f"no sample id starts with {prefix}")
+        raise AuditError(f"no sample id starts with {prefix}, and no sample is named so")
     if len(rows) > 1:
         raise AuditError(f"sample id prefix {prefix} is ambiguous ({', '.join(r[0][:16] for r in rows)}, …)")
     return rows[0][0]

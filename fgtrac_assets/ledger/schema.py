@@ -94,6 +94,32 @@ LEAF_TABLES: dict[str, list[tuple[str, str]]] = {
         ("size", "BIGINT"),
         ("root", "VARCHAR"),
     ],
+    # A training run recorded through the session API (fgtrac_assets/session): its world size, its data
+    # sampler (DistributedSampler's seed, shuffle, drop_last and the epochs it was set to, so a verifier can
+    # recompute each rank's share) and its optimizers' parameter groups (parameter names and hyperparameters).
+    "training_runs": [
+        ("training_run", "VARCHAR"),
+        ("pipeline", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("asset", "VARCHAR"),
+        ("world_size", "BIGINT"),
+        ("sampler", "VARCHAR"),
+        ("optimizers", "VARCHAR"),
+    ],
+    # Every optimizer step of a session-recorded run: applied, or skipped (a GradScaler found inf/NaN gradients);
+    # `lrs` is JSON {optimizer number: [lr of each parameter group]}, what the step applied.
+    "optimizer_steps": [
+        ("training_run", "VARCHAR"),
+        ("pipeline", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("asset", "VARCHAR"),
+        ("step", "BIGINT"),
+        ("epoch", "BIGINT"),
+        ("applied", "BOOLEAN"),
+        ("lrs", "VARCHAR"),
+        ("samples", "BIGINT"),
+        ("micro_batches", "BIGINT"),
+    ],
     # The log's key history: the first signing key, and each rotation, endorsed by the key it replaces
     # (`endorsement` is a signed note by the previous key naming the new one; empty for the first key).
     "log_keys": [

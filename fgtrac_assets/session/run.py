@@ -1,0 +1,234 @@
+"""A recorded training run from the user's own loop: what it commits is what the pipelines commit.
+
+``fg.track(sample_ids, run=..., home=...)`` yields a :class:`Run`. Its loader and optimizer hooks record
+which samples every step used (tracing/loader.py, tracing/steps.py); ``checkpoint`` saves the model with its
+sha256; leaving the ``with`` block commits, in one signed commit: the samples (and `ingested` events for
+new ones), one event group per step, the training set, the checkpoints, the optimizer steps with every
+parameter group's lr, and the run's sampler and optimizers. An exception inside the block commits nothing
+and removes the checkpoint files it wrote. Under torch.distributed every rank records its own batches and
+rank 0 commits them all, one event group per global step.
+"""
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import InputError
+from ..ledger.artifacts import write_artifact
+from ..ledger.proofs import training_set_root
+from ..ledger.store import Commit, CommitResult, Ledger
+from ..tracing.events import EventBuffer
+from ..tracing.groups import GroupLog
+from ..tracing.steps import StepRecorder
+from . import distributed
+from .ids import check_names, sample_id
+
+ASSET = "training_checkpoints"
+
+
+class SessionError(InputError):
+    """A session used in a way it cannot record correctly."""
+
+
+class Run:
+    """One training run being recorded: wrap the loader and optimizer, save checkpoints, commit on exit."""
+
+    def __init__(self, sample_ids: Sequence[str] | None, run: str, home=None, pipeline: str = "own_training"):
+        if not isinstance(run, str) or not run:
+            raise SessionError(f"run {run!r}: give the training run a name")
+        self.training_run, self.pipeline = run, pipeline
+        self.ledger = Ledger(home)
+        self.names: list[str] = check_names(sample_ids, None) if sample_ids is not None else []
+        self._given = sample_ids is not None
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self.recorder = StepRecorder(GroupLog())
+        self.checkpoints: list[dict] = []
+        self._artifacts: list = []
+        self._files: list[Path] = []
+        self._param_names: dict[int, str] = {}
+        self._sampler: dict | None = None
+        self.rank, self.world_size = distributed.rank_and_size()
+        self.result: CommitResult | None = None
+        if self.ledger.exists() and self.ledger.query(
+                "SELECT count(*) AS n FROM training_sets WHERE training_run = ?", [run]).column("n")[0].as_py():
+            raise SessionError(f"training run {run!r} is already in the ledger at {self.ledger.home.root}; "
+                               "give this run a new name")
+
+    # -- wrapping
+    def loader(self, loader, key: Callable[[Any], str] | None = None):
+        """Return a loader yielding the same batches while recording which samples each holds."""
+        from torch.utils.data import IterableDataset
+
+        from ..tracing.loader import TracedLoader
+
+        iterable = isinstance(loader.dataset, IterableDataset)
+        if iterable and key is None:
+            raise SessionError("an IterableDataset has no indices: pass key=, a function giving each item's "
+                               "sample id, e.g. run.loader(loader, key=lambda item: item['id'])")
+        if not iterable:
+            if not self._given:
+                raise SessionError("give fg.track the sample ids (one per dataset item, in dataset order)")
+            check_names(self.names, len(loader.dataset))
+        self._note_sampler(loader.sampler)
+        on_batch = self._keyed_batch if key is not None else self._indexed_batch
+        return TracedLoader(loader, on_batch, lambda: self._epoch(loader.sampler), key)
+
+    def optimizer(self, optimizer):
+        """Hook the optimizer's steps (the same object comes back, so LR schedulers keep working on it)."""
+        return self.recorder.attach(optimizer)
+
+    def scaler(self, scaler):
+        """Let a torch.amp.GradScaler's skipped steps (inf/NaN gradients) be recorded as skipped; same object back."""
+        return self.recorder.attach_scaler(scaler)
+
+    # -- what the hooks report
+    def _indexed_batch(self, keys: list, padding: list[bool] | None) -> None:
+        self.recorder.batch(np.asarray(keys, dtype=np.int64), self._details(len(keys), padding))
+
+    def _keyed_batch(self, keys: list, padding: list[bool] | None) -> None:
+        idx = np.fromiter((self._intern(k) for k in keys), dtype=np.int64, count=len(keys))
+        self.recorder.batch(idx, self._details(len(keys), padding))
+
+    def _intern(self, name) -> int:
+        i = self._index.get(name)
+        if i is None:
+            if not isinstance(name, str) or not name:
+                raise SessionError(f"key function gave {name!r} for an item: a sample id must be a non-empty text")
+            i = self._index[name] = len(self.names)
+            self.names.append(name)
+        return i
+
+    def _details(self, n: int, padding: list[bool] | None) -> list[str] | None:
+        if self.world_size == 1:
+            return None
+        plain = json.dumps({"rank": self.rank})
+        padded = json.dumps({"padding": True, "rank": self.rank})
+        return [plain] * n if padding is None else [padded if p else plain for p in padding]
+
+    def _epoch(self, sampler) -> None:
+        self.recorder.start_epoch()
+        if self._sampler is not None and "epochs" in self._sampler:
+            self._sampler["epochs"].append(int(getattr(sampler, "epoch", 0)))
+
+    def _note_sampler(self, sampler) -> None:
+        from torch.utils.data.distributed import DistributedSampler
+
+        if isinstance(sampler, DistributedSampler):
+            self._sampler = {"class": "DistributedSampler", "num_replicas": sampler.num_replicas,
+                             "shuffle": sampler.shuffle, "seed": sampler.seed, "drop_last": sampler.drop_last,
+                             "dataset_size": len(sampler.dataset), "epochs": []}
+        else:
+            self._sampler = {"class": type(sampler).__name__}
+
+    # -- checkpoints
+    def checkpoint(self, model, val_loss: float | None = None, train_loss: float | None = None) -> str:
+        """Save the model's state (CPU tensors) with its sha256 and the lrs of the last step; return its id."""
+        import torch
+
+        step = self.recorder.step
+        cid = f"{self.training_run}/step-{step:07d}"
+        if any(c["checkpoint_id"] == cid for c in self.checkpoints):
+            raise SessionError(f"checkpoint {cid}: already saved at this step (one checkpoint per step)")
+        self._param_names.update({id(p): name for name, p in model.named_parameters()})
+        row = {"checkpoint_id": cid, "epoch": self.recorder.epoch, "step": step, "lr": self._last_lr(),
+               "train_loss": _finite(train_loss, "train_loss"), "val_loss": _finite(val_loss, "val_loss"),
+               "path": None, "sha256": None}
+        if self.rank == 0:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            rel = f"artifacts/{self.pipeline}/runs/{self.training_run}/checkpoints/step-{step:07d}.pt"
+            art = write_artifact(self.ledger.ensure_home().root, rel, "checkpoint", lambda p: torch.save(state, p))
+            self._files.append(self.ledger.home.root / rel)
+            self._artifacts.append(art)
+            row.update(path=art.path, sha256=art.sha256)
+        self.checkpoints.append(row)
+        return cid
+
+    def _last_lr(self) -> float | None:
+        applied = [r for r in self.recorder.rows if r.applied and r.lrs]
+        lrs = applied[-1].lrs if applied else self.recorder.current_lrs()
+        return lrs[min(lrs)][0] if lrs else None
+
+    # -- commit
+    def commit(self) -> CommitResult | None:
+        """Commit everything recorded, in one signed commit (rank 0 under torch.distributed); return its result."""
+        self.recorder.finish()
+        self.recorder.detach()
+        mine = distributed.Share(self.names, self.recorder.log, self.recorder.rows, self._sampler)
+        shares = distributed.gather(mine, self.world_size)
+        if self.rank != 0:
+            distributed.barrier(self.world_size)
+            return None
+        names, log = distributed.merge(shares)
+        self.result = self.ledger.commit(self._commit(names, log))
+        distributed.barrier(self.world_size)
+        return self.result
+
+    def _commit(self, names: list[str], log: GroupLog) -> Commit:
+        ids = [sample_id(n) for n in names]
+        groups = log.build(self.training_run, pa.array(ids, pa.string()))
+        known = self.ledger.known_samples(self.pipeline, ids)
+        fresh = [(i, n) for i, n in zip(ids, names) if i not in known]
+        ingested = EventBuffer()
+        ingested.add([i for i, _ in fresh], "ingested", detail=[{"source": n} for _, n in fresh])
+        used = sorted({ids[j] for k, idx in zip(log.kind, log.indices) if k == "batched" for j in idx.tolist()})
+        rows = {
+            "samples": [{"sample_id": i, "source": n, "label": None} for i, n in fresh],
+            "events": ingested.to_arrow(),
+            "checkpoints": self.checkpoints,
+            "training_sets": [{"size": len(used), "root": training_set_root(used).hex()}],
+            "artifacts": [a.row() for a in self._artifacts],
+            "training_runs": [{"world_size": self.world_size, "sampler": json.dumps(self._sampler, sort_keys=True),
+                               "optimizers": json.dumps(self._optimizers(), sort_keys=True)}],
+            "optimizer_steps": [{"step": r.step, "epoch": r.epoch, "applied": r.applied,
+                                 "lrs": json.dumps({str(k): v for k, v in sorted(r.lrs.items())}),
+                                 "samples": r.samples, "micro_batches": r.micro_batches}
+                                for r in self.recorder.rows],
+        }
+        return Commit(pipeline=self.pipeline, asset=ASSET, run_id=self.training_run, training_run=self.training_run,
+                      rows=rows, groups=groups)
+
+    def _optimizers(self) -> list[dict]:
+        """Return each attached optimizer's class and parameter groups (parameter names, scalar hyperparameters)."""
+        out = []
+        for opt in self.recorder.optimizers:
+            groups = []
+            for g in opt.param_groups:
+                hyper = {k: v for k, v in g.items() if k not in ("params", "lr") and isinstance(v, (int, float, bool, str))}
+                names = [self._param_names.get(id(p), f"#{n}") for n, p in enumerate(g["params"])]
+                groups.append({"parameters": names, **hyper})
+            out.append({"class": type(opt).__name__, "groups": groups})
+        return out
+
+    def discard(self) -> None:
+        """Forget the run: unhook the optimizers and remove the checkpoint files it wrote (nothing is committed)."""
+        self.recorder.detach()
+        for f in self._files:
+            f.unlink(missing_ok=True)
+
+
+def _finite(value, name: str) -> float | None:
+    import math
+
+    if value is None:
+        return None
+    v = float(value)
+    if not math.isfinite(v):
+        raise SessionError(f"checkpoint {name} is {v}: the ledger stores finite numbers only")
+    return v
+
+
+@contextlib.contextmanager
+def track(sample_ids: Sequence[str] | None, run: str, home=None, pipeline: str = "own_training") -> Iterator[Run]:
+    """Record a training run from a plain loop; commit it when the block ends, nothing if it raises."""
+    session = Run(sample_ids, run, home, pipeline)
+    try:
+        yield session
+    except BaseException:
+        session.discard()
+        raise
+    session.commit()

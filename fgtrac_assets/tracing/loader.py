@@ -1,0 +1,124 @@
+"""A DataLoader that says which samples each batch holds, for any dataset, sampler and worker setting.
+
+The loader is rebuilt over the same dataset, sampler and options, with every item carrying its key (its
+dataset index, or for an ``IterableDataset`` the id a key function gives it) through the workers and the
+collate function: so the keys travel with the batch whatever the worker count, prefetching, persistence or
+pinning, and the batches the loop receives are the ones the user's loader would have made.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.distributed import DistributedSampler
+
+BatchCallback = Callable[[list, "list[bool] | None"], None]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A map-style dataset whose items are (index, item)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return index, self.inner[index]
+
+    def __getitems__(self, indices):
+        fetch = getattr(self.inner, "__getitems__", None)
+        items = fetch(indices) if fetch else [self.inner[i] for i in indices]
+        return list(zip(indices, items))
+
+
+class _Keyed(IterableDataset):
+    """An iterable dataset whose items are (key(item), item)."""
+
+    def __init__(self, inner, key: Callable[[Any], str]):
+        self.inner, self.key = inner, key
+
+    def __iter__(self):
+        for item in self.inner:
+            yield self.key(item), item
+
+
+class _KeepKeys:
+    """A collate function that collates the items as the user's would and hands the keys beside them."""
+
+    def __init__(self, collate, batched: bool):
+        self.collate, self.batched = collate, batched
+
+    def __call__(self, batch):
+        if not self.batched:  # batch_size=None: one (key, item) at a time
+            key, item = batch
+            return [key], self.collate(item)
+        return [k for k, _ in batch], self.collate([item for _, item in batch])
+
+
+def _options(loader: DataLoader) -> dict:
+    """Return the loader's worker, pinning and ordering options, to build an equivalent loader."""
+    opts = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory, "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn, "multiprocessing_context": loader.multiprocessing_context,
+            "generator": loader.generator, "pin_memory_device": loader.pin_memory_device}
+    if loader.num_workers > 0:
+        opts.update(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+    if hasattr(loader, "in_order"):
+        opts["in_order"] = loader.in_order
+    return opts
+
+
+def keyed_loader(loader: DataLoader, key: Callable[[Any], str] | None = None) -> DataLoader:
+    """Return a loader making the same batches as `loader`, each as (keys, batch)."""
+    dataset, opts = loader.dataset, _options(loader)
+    if isinstance(dataset, IterableDataset):
+        if key is None:
+            raise TypeError("an IterableDataset has no indices: pass key=, a function giving each item's sample id")
+        batched = loader.batch_size is not None
+        return DataLoader(_Keyed(dataset, key), batch_size=loader.batch_size, drop_last=loader.drop_last,
+                          collate_fn=_KeepKeys(loader.collate_fn, batched), **opts)
+    if loader.batch_sampler is None:  # batch_size=None: the sampler's indices, one item at a time
+        return DataLoader(_Indexed(dataset), sampler=loader.sampler, batch_size=None,
+                          collate_fn=_KeepKeys(loader.collate_fn, False), **opts)
+    return DataLoader(_Indexed(dataset), batch_sampler=loader.batch_sampler,
+                      collate_fn=_KeepKeys(loader.collate_fn, True), **opts)
+
+
+class TracedLoader:
+    """Iterates like the user's DataLoader; tells `on_batch` the keys of each batch (and which are padding).
+
+    Each ``iter()`` is one epoch (``on_epoch`` is called first). Attributes not defined here (``dataset``,
+    ``sampler``, ``batch_size``, …) are the user's loader's, so its sampler's ``set_epoch`` keeps working.
+    """
+
+    def __init__(self, loader: DataLoader, on_batch: BatchCallback, on_epoch: Callable[[], None],
+                 key: Callable[[Any], str] | None = None):
+        self.loader = loader
+        self._keyed = keyed_loader(loader, key)
+        self._on_batch, self._on_epoch = on_batch, on_epoch
+        sampler = loader.sampler
+        self._distributed = sampler if isinstance(sampler, DistributedSampler) else None
+
+    def __iter__(self) -> Iterator:
+        self._on_epoch()
+        seen = 0
+        for keys, batch in self._keyed:
+            self._on_batch(keys, self._padding(seen, len(keys)))
+            seen += len(keys)
+            yield batch
+
+    def _padding(self, start: int, n: int) -> list[bool] | None:
+        """Return which of the epoch's items start..start+n are DistributedSampler's padding (None: none can be)."""
+        s = self._distributed
+        if s is None or s.drop_last:
+            return None
+        size = len(s.dataset)
+        return [s.rank + (start + i) * s.num_replicas >= size for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self._keyed)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
