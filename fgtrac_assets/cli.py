@@ -14,6 +14,7 @@ from .errors import FgtracError, StorageError
 from .ledger.lock import LedgerBusy
 from .ledger.store import Ledger, LedgerDamaged
 from .ledger.log_command import add_log_export_commands
+from .session.command import add_influence_command
 from .witness.command import add_witness_commands
 
 
@@ -406,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("test_id")
     a.add_argument("--run", help="training run (default: the latest that scored it)")
     audit_parser("sql", "arbitrary read-only SQL (tables and views: see README)").add_argument("query")
+    add_influence_command(sub)
     witness = add_witness_commands(sub)
     w = witness.add_parser("sync", help="submit the latest signed tree head to the policy's witnesses again")
     w.set_defaults(func=cmd_witness_sync)

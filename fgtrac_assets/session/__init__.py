@@ -1,10 +1,23 @@
 """fgtrac as a library inside your own training loop: ``with fg.track(ids, run=..., home=...) as run``.
 
-See session/run.py for what a session records and commits, and session/influence.py for TracInCP over a
-recorded run's checkpoints at the learning rates the run recorded.
+See session/run.py for what a session records and commits, session/influence.py for TracInCP over a
+recorded run's checkpoints at the learning rates the run recorded, session/distributed.py for DDP.
+Names load on first use, so the `fgtrac` command starts without torch.
 """
 
 from .ids import SampleIdError, sample_id
-from .run import Run, SessionError, track
 
-__all__ = ["Run", "SampleIdError", "SessionError", "sample_id", "track"]
+__all__ = ["Run", "SampleIdError", "SessionError", "influence", "sample_id", "track"]
+
+
+def __getattr__(name: str):
+    """Return Run, SessionError, track (session/run.py) or influence (session/influence.py) on first use."""
+    if name in ("Run", "SessionError", "track"):
+        from . import run
+
+        return getattr(run, name)
+    if name == "influence":
+        from .influence import influence
+
+        return influence
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

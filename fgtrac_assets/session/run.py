@@ -171,14 +171,9 @@ class Run:
     def _commit(self, names: list[str], log: GroupLog) -> Commit:
         ids = [sample_id(n) for n in names]
         groups = log.build(self.training_run, pa.array(ids, pa.string()))
-        known = self.ledger.known_samples(self.pipeline, ids)
-        fresh = [(i, n) for i, n in zip(ids, names) if i not in known]
-        ingested = EventBuffer()
-        ingested.add([i for i, _ in fresh], "ingested", detail=[{"source": n} for _, n in fresh])
         used = sorted({ids[j] for k, idx in zip(log.kind, log.indices) if k == "batched" for j in idx.tolist()})
         rows = {
-            "samples": [{"sample_id": i, "source": n, "label": None} for i, n in fresh],
-            "events": ingested.to_arrow(),
+            **new_sample_rows(self.ledger, self.pipeline, ids, names),
             "checkpoints": self.checkpoints,
             "training_sets": [{"size": len(used), "root": training_set_root(used).hex()}],
             "artifacts": [a.row() for a in self._artifacts],
@@ -209,6 +204,15 @@ class Run:
         self.recorder.detach()
         for f in self._files:
             f.unlink(missing_ok=True)
+
+
+def new_sample_rows(ledger: Ledger, pipeline: str, ids: Sequence[str], names: Sequence[str]) -> dict:
+    """Return `samples` rows and `ingested` events for the named samples the pipeline has not recorded before."""
+    known = ledger.known_samples(pipeline, list(ids))
+    fresh = [(i, n) for i, n in dict(zip(ids, names)).items() if i not in known]
+    ingested = EventBuffer()
+    ingested.add([i for i, _ in fresh], "ingested", detail=[{"source": n} for _, n in fresh])
+    return {"samples": [{"sample_id": i, "source": n, "label": None} for i, n in fresh], "events": ingested.to_arrow()}
 
 
 def _finite(value, name: str) -> float | None:

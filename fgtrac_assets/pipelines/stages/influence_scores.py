@@ -7,6 +7,7 @@ import pyarrow as pa
 
 from ...errors import InputError
 from ...ledger.checks import SqlCheck
+from ...ledger.influence_rows import influence_rows
 from ...ledger.store import Ledger
 from ...report import plots
 from ...report.influence_figures import influence_figures
@@ -68,31 +69,6 @@ def _score_cache(table: pa.Table, k: int, log: Log) -> tuple[list, list, list, o
     return ckpt_ids, train_ids, test_ids or [], top, selfinf, k
 
 
-def _influence_rows(train_ids: list, test_ids: list, top, selfinf, k: int) -> pa.Table:
-    """Return the influence rows: k proponents and opponents per test sample, then every self-influence, ranked."""
-    import torch
-
-    ids = np.asarray(train_ids, dtype=object)
-    parts = []
-    if top is not None:
-        n_test = len(test_ids)
-        # per test sample, ranks 1..k, each rank's proponent then its opponent (columns built whole, no row loop)
-        idx = torch.stack([top.proponent_idx[:, :k], top.opponent_idx[:, :k]], dim=2).reshape(-1).numpy()
-        score = torch.stack([top.proponent_score[:, :k], top.opponent_score[:, :k]], dim=2).reshape(-1)
-        parts.append({"test_sample_id": np.repeat(np.asarray(test_ids, dtype=object), 2 * k),
-                      "train_sample_id": ids[idx], "kind": np.tile(np.array(["proponent", "opponent"]), n_test * k),
-                      "rank": np.tile(np.repeat(np.arange(1, k + 1), 2), n_test),
-                      "score": score.double().numpy()})
-    order = torch.argsort(selfinf, descending=True).numpy()
-    parts.append({"test_sample_id": np.full(len(order), None, dtype=object), "train_sample_id": ids[order],
-                  "kind": np.full(len(order), "self"), "rank": np.arange(1, len(order) + 1),
-                  "score": selfinf[torch.from_numpy(order)].double().numpy()})
-    cols = {key: pa.array(np.concatenate([p[key] for p in parts]).tolist(),
-                          type={"rank": pa.int64(), "score": pa.float64()}.get(key, pa.string()))
-            for key in ("test_sample_id", "train_sample_id", "kind", "rank", "score")}
-    return pa.table({**cols, "method": pa.array(["tracincp"] * len(cols["kind"]), pa.string())})
-
-
 def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCacheHandle,
               settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
     """Score every test sample against every training sample with TracInCP; keep top-k and self-influence."""
@@ -100,7 +76,7 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
 
     table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
     ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log)
-    rows = _influence_rows(train_ids, test_ids, top, selfinf, k)
+    rows = influence_rows(train_ids, test_ids, top, selfinf, k)
     order = torch.argsort(selfinf, descending=True).tolist()
     art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
                          "influence_scores", rows)
@@ -122,7 +98,7 @@ def influence_shard(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: Grad
     """Score one shard's training samples against every test sample; keep its top-k as an artifact to combine."""
     table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
     _, train_ids, test_ids, top, selfinf, k_used = _score_cache(table, settings.top_k, log)
-    rows = _influence_rows(train_ids, test_ids, top, selfinf, k_used)
+    rows = influence_rows(train_ids, test_ids, top, selfinf, k_used)
     shard = cache.shard
     art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{shard}-{run_id}.parquet",
                          "influence_shard", rows)

@@ -1,0 +1,136 @@
+"""TracInCP over a recorded run: its checkpoints (sha256 checked) at the learning rates its steps applied.
+
+Each checkpoint's lr is what the last applied step before it used, per parameter: a run with parameter
+groups at different lrs gives TracInCP a mapping from parameter name to lr (from the run's recorded
+optimizers), one with a single lr a number. Runs the pipelines trained (no optimizer steps recorded) use
+their checkpoints' `lr`. The top-k proponents and opponents and the self-influence are committed as the
+pipelines' influence stage commits them, signed, under asset `influence_scores`.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InputError
+from ..ledger.artifacts import check_artifact
+from ..ledger.audit import resolve_run
+from ..ledger.influence_rows import influence_rows
+from ..ledger.store import Commit, CommitResult, Ledger
+from ..tracing.ids import name_sample_id
+
+Lr = float | dict[str, float]
+
+
+class InfluenceError(InputError):
+    """A run whose checkpoints cannot be scored (none recorded, a file changed, inputs that do not match)."""
+
+
+@dataclass
+class RecordedCheckpoint:
+    """A committed checkpoint: its id, file, and the lr (a number, or per parameter name) its steps applied."""
+
+    checkpoint_id: str
+    path: str
+    sha256: str
+    lr: Lr
+
+
+def recorded_checkpoints(ledger: Ledger, run: str) -> tuple[str, list[RecordedCheckpoint]]:
+    """Return (full run id, its checkpoints in step order with their applied lrs); `run` may be a prefix or latest."""
+    with ledger.reader() as con:
+        rid = resolve_run(con, run)
+        ckpts = con.execute("SELECT checkpoint_id, step, lr, path, sha256 FROM checkpoints WHERE training_run = ? "
+                            "AND path IS NOT NULL ORDER BY step, leaf_index", [rid]).fetchall()
+        steps = con.execute("SELECT step, lrs FROM optimizer_steps WHERE training_run = ? AND applied "
+                            "ORDER BY step", [rid]).fetchall()
+        opts = con.execute("SELECT optimizers FROM training_runs WHERE training_run = ?", [rid]).fetchall()
+    if not ckpts:
+        raise InfluenceError(f"training run {rid}: no checkpoints recorded (call run.checkpoint(model) in the loop)")
+    groups = [[g["parameters"] for g in o["groups"]] for o in json.loads(opts[0][0])] if opts else []
+    out = []
+    for cid, step, lr, path, sha in ckpts:
+        before = [json.loads(s_lrs) for s, s_lrs in steps if s < step]
+        applied = before[-1] if before else None
+        out.append(RecordedCheckpoint(cid, path, sha, _lr(applied, groups, lr, cid)))
+    return rid, out
+
+
+def _lr(applied: dict | None, groups: list[list[list[str]]], fallback: float | None, cid: str) -> Lr:
+    """Return one lr when every parameter group applied the same, else {parameter name: lr}."""
+    if not applied:
+        if fallback is None:
+            raise InfluenceError(f"checkpoint {cid}: no step applied before it, so no learning rate")
+        return float(fallback)
+    values = {v for lrs in applied.values() for v in lrs}
+    if len(values) == 1:
+        return float(values.pop())
+    per_param = {}
+    for opt, lrs in applied.items():
+        for names, lr in zip(groups[int(opt)], lrs):
+            for name in names:
+                if name.startswith("#"):
+                    raise InfluenceError(f"checkpoint {cid}: parameter groups at different lrs but no parameter "
+                                         "names recorded (call run.checkpoint(model) during the run)")
+                per_param[name] = float(lr)
+    return per_param
+
+
+@dataclass
+class InfluenceResult:
+    """What fg.influence scored and committed: the run, the checkpoints used, the top-k and the commit."""
+
+    training_run: str
+    checkpoints: list[str]
+    top: Any
+    self_influence: Any
+    train_ids: list[str]
+    test_ids: list[str]
+    commit: CommitResult | None
+
+
+def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], test: tuple,
+              test_ids: Sequence[str], home=None, layer: str | Sequence[str] | None = None, k: int = 10,
+              pipeline: str | None = None, commit: bool = True, batch_size: int = 512) -> InfluenceResult:
+    """Score test samples against the run's training samples with TracInCP over its recorded checkpoints.
+
+    train and test are (inputs, targets); ids are the samples' names (or content ids), in the same order.
+    loss_fn(outputs, targets) returns per-sample losses. With commit, the rows are signed into the ledger.
+    """
+    import torch
+
+    from ..attribution import TracInCP
+
+    ledger = Ledger(home)
+    if not ledger.exists():
+        raise InfluenceError(f"no ledger at {ledger.home.root}")
+    rid, ckpts = recorded_checkpoints(ledger, run)
+    states = []
+    for c in ckpts:
+        if (why := check_artifact(ledger.home.root, c.path, c.sha256)) is not None:
+            raise InfluenceError(f"checkpoint {c.checkpoint_id} ({c.path}): {why}")
+        states.append((torch.load(ledger.home.root / c.path, map_location="cpu", weights_only=True), c.lr))
+    names = list(train_ids) + list(test_ids)
+    train_ids, test_ids = [name_sample_id(n) for n in train_ids], [name_sample_id(n) for n in test_ids]
+    for name, ids, data in (("train", train_ids, train), ("test", test_ids, test)):
+        if len(ids) != len(data[1]):
+            raise InfluenceError(f"{name}_ids: {len(ids)} ids for {len(data[1])} {name} samples")
+    k = min(k, len(train_ids))
+    scorer = TracInCP(model, states, loss_fn, layer=layer, batch_size=batch_size)
+    top = scorer.top_k(*train, *test, k=k)
+    selfinf = scorer.self_influence(*train)
+    result = None
+    if commit:
+        from .run import new_sample_rows
+
+        owner = pipeline or _pipeline_of(ledger, rid)
+        rows = {**new_sample_rows(ledger, owner, train_ids + test_ids, names),
+                "influence": influence_rows(train_ids, test_ids, top, selfinf, k)}
+        result = ledger.commit(Commit(pipeline=owner, asset="influence_scores", run_id=f"{rid}/influence",
+                                      training_run=rid, rows=rows))
+    return InfluenceResult(rid, [c.checkpoint_id for c in ckpts], top, selfinf, train_ids, test_ids, result)
+
+
+def _pipeline_of(ledger: Ledger, run: str) -> str:
+    """Return the pipeline that committed a training run's set."""
+    return ledger.query("SELECT pipeline FROM training_sets WHERE training_run = ? LIMIT 1", [run]).column(0)[0].as_py()

@@ -1,0 +1,111 @@
+"""fg.influence: TracInCP over a session's recorded checkpoints at the lrs its steps applied, per parameter."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fgtrac_assets as fg
+from fgtrac_assets.ledger import Ledger
+from fgtrac_assets.session.influence import InfluenceError, recorded_checkpoints
+
+N, T = 48, 6
+NAMES = [f"train-{i}" for i in range(N)]
+TEST = [f"test-{i}" for i in range(T)]
+
+
+def setup():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N + T, 5, generator=g), torch.randint(0, 3, (N + T,), generator=g)
+    return (x[:N], y[:N]), (x[N:], y[N:])
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def train(home, groups: bool):
+    (x, y), _ = setup()
+    model = make_model()
+    params = ([{"params": model[0].parameters(), "lr": 0.2}, {"params": model[2].parameters(), "lr": 0.05}]
+              if groups else model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    with fg.track(NAMES, run="r", home=home) as run:
+        loader, opt = run.loader(DataLoader(TensorDataset(x, y), batch_size=12, shuffle=True)), run.optimizer(opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(3):
+            for xb, yb in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+            run.checkpoint(model, val_loss=1.0)
+            sched.step()
+    return model
+
+
+def brute_force(home, lr_of):
+    """sum over checkpoints and parameters of lr * g_train . g_test, from per-sample autograd."""
+    (x, y), (tx, ty) = setup()
+    model = make_model()
+    _, ckpts = recorded_checkpoints(Ledger(home), "r")
+    total = torch.zeros(N, T)
+    for c in ckpts:
+        model.load_state_dict(torch.load(Ledger(home).home.root / c.path))
+
+        def grads(xs, ys):
+            out = []
+            for i in range(len(ys)):
+                loss = nn.functional.cross_entropy(model(xs[i:i + 1]), ys[i:i + 1])
+                out.append(dict(zip([n for n, _ in model.named_parameters()],
+                                    torch.autograd.grad(loss, list(model.parameters())))))
+            return out
+
+        gtr, gte = grads(x, y), grads(tx, ty)
+        for name, _ in model.named_parameters():
+            a = torch.stack([g[name].flatten() for g in gtr])
+            b = torch.stack([g[name].flatten() for g in gte])
+            total += lr_of(c, name) * a @ b.T
+    return total
+
+
+
+
+def test_each_checkpoint_uses_the_lr_its_steps_applied(tmp_path):
+    train(tmp_path, groups=False)
+    _, ckpts = recorded_checkpoints(Ledger(tmp_path), "r")
+    assert [c.lr for c in ckpts] == [0.1, 0.05, 0.025]  # StepLR halves after each checkpoint
+    (x, y), (tx, ty) = setup()
+    result = fg.influence("r", make_model(), nn.CrossEntropyLoss(reduction="none"), (x, y), NAMES, (tx, ty), TEST,
+                          home=tmp_path, k=5)
+    expected = brute_force(tmp_path, lambda c, name: c.lr)
+    top = expected.T.topk(5, dim=1)
+    assert torch.equal(result.top.proponent_idx, top.indices)
+    assert torch.allclose(result.top.proponent_score, top.values, atol=1e-5)
+    stored = Ledger(tmp_path).query("SELECT count(*) FROM influence WHERE kind = 'proponent'").column(0)[0].as_py()
+    assert stored == T * 5 and result.commit.tree_size > 0
+
+
+def test_parameter_groups_give_each_parameter_its_own_lr(tmp_path):
+    train(tmp_path, groups=True)
+    _, ckpts = recorded_checkpoints(Ledger(tmp_path), "r")
+    assert ckpts[0].lr == {"0.weight": 0.2, "0.bias": 0.2, "2.weight": 0.05, "2.bias": 0.05}
+    assert ckpts[2].lr["0.weight"] == pytest.approx(0.05)
+    (x, y), (tx, ty) = setup()
+    result = fg.influence("r", make_model(), nn.CrossEntropyLoss(reduction="none"), (x, y), NAMES, (tx, ty), TEST,
+                          home=tmp_path, k=4, commit=False)
+    expected = brute_force(tmp_path, lambda c, name: c.lr[name])
+    top = expected.T.topk(4, dim=1)
+    assert torch.equal(result.top.proponent_idx, top.indices)
+    assert torch.allclose(result.top.proponent_score, top.values, atol=1e-5)
+
+
+def test_a_changed_checkpoint_file_is_refused(tmp_path):
+    train(tmp_path, groups=False)
+    _, ckpts = recorded_checkpoints(Ledger(tmp_path), "r")
+    with open(tmp_path / ckpts[1].path, "ab") as f:
+        f.write(b"\0")
+    (x, y), (tx, ty) = setup()
+    with pytest.raises(InfluenceError, match=ckpts[1].checkpoint_id):
+        fg.influence("r", make_model(), nn.CrossEntropyLoss(reduction="none"), (x, y), NAMES, (tx, ty), TEST,
+                     home=tmp_path)
