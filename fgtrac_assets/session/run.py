@@ -164,6 +164,9 @@ class Run:
             distributed.barrier(self.world_size)
             return None
         names, log = distributed.merge(shares)
+        if self._sampler and self._sampler.get("class") == "DistributedSampler" and self._given:
+            self._artifacts.append(distributed.write_dataset_order(self.ledger, self.pipeline, self.training_run,
+                                                                   [sample_id(n) for n in self.names]))
         self.result = self.ledger.commit(self._commit(names, log))
         distributed.barrier(self.world_size)
         return self.result
