@@ -62,8 +62,8 @@ def traced_loop(x, y, ids, settings: TrainSettings, home: Path) -> tuple[float, 
     loader = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(settings.seed))
     tracer = Tracer(ids, "bench")
-    own = [0.0]  # seconds spent inside fgtrac's recording calls
-    time_calls(tracer, ["record_batch"], own, [0])
+    own = [0.0]  # seconds spent inside fgtrac's recording calls: the loader's batch report and the step hook
+    time_calls(tracer._steps, ["batch", "_stepping"], own, [0])
     traced, opt = tracer.wrap_loader(loader), torch.optim.SGD(model.parameters(), lr=settings.lr)
     step = tracer.wrap_optimizer(opt)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")

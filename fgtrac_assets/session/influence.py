@@ -91,11 +91,13 @@ class InfluenceResult:
 
 def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], test: tuple,
               test_ids: Sequence[str], home=None, layer: str | Sequence[str] | None = None, k: int = 10,
-              pipeline: str | None = None, commit: bool = True, batch_size: int = 512) -> InfluenceResult:
+              pipeline: str | None = None, commit: bool = True, batch_size: int = 512,
+              checkpoints: Sequence[str] | int | None = None) -> InfluenceResult:
     """Score test samples against the run's training samples with TracInCP over its recorded checkpoints.
 
     train and test are (inputs, targets); ids are the samples' names (or content ids), in the same order.
-    loss_fn(outputs, targets) returns per-sample losses. With commit, the rows are signed into the ledger.
+    loss_fn(outputs, targets) returns per-sample losses. checkpoints: ids to use, or how many of the latest
+    (default: all). With commit, the rows are signed into the ledger.
     """
     import torch
 
@@ -105,6 +107,13 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
     if not ledger.exists():
         raise InfluenceError(f"no ledger at {ledger.home.root}")
     rid, ckpts = recorded_checkpoints(ledger, run)
+    if isinstance(checkpoints, int):
+        ckpts = ckpts[-checkpoints:]
+    elif checkpoints is not None:
+        unknown = set(checkpoints) - {c.checkpoint_id for c in ckpts}
+        if unknown:
+            raise InfluenceError(f"training run {rid} has no checkpoint {sorted(unknown)[0]}")
+        ckpts = [c for c in ckpts if c.checkpoint_id in set(checkpoints)]
     states = []
     for c in ckpts:
         if (why := check_artifact(ledger.home.root, c.path, c.sha256)) is not None:

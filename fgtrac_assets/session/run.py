@@ -86,6 +86,29 @@ class Run:
         """Let a torch.amp.GradScaler's skipped steps (inf/NaN gradients) be recorded as skipped; same object back."""
         return self.recorder.attach_scaler(scaler)
 
+    # -- the Recorder contract (tracing/recorder.py), for loops that report their steps themselves
+    @property
+    def step(self) -> int:
+        """The number of optimizer steps recorded so far."""
+        return self.recorder.step
+
+    def start_epoch(self, epoch: int) -> None:
+        """Mark the start of an epoch (loops reporting steps themselves; a traced loader does it per iter)."""
+        self.recorder.epoch = epoch
+
+    def record_batch(self, indices, lr: float, details=None) -> None:
+        """Record one step a loop reports itself: the dataset indices of its batch and the lr it applies."""
+        if not self._given:
+            raise SessionError("record_batch takes dataset indices: give fg.track the sample ids")
+        idx = indices.numpy() if hasattr(indices, "numpy") else np.asarray(indices, dtype=np.int64)
+        self.recorder.record_step(idx, lr, details() if callable(details) else details)
+
+    def record(self, kind: str, indices, details=None, whole_run: bool = False) -> None:
+        """Record one event of `kind` per sample at these indices, in this epoch or for the whole run."""
+        idx = indices.numpy() if hasattr(indices, "numpy") else np.asarray(indices, dtype=np.int64)
+        self.recorder.log.add(kind, idx, epoch=None if whole_run else self.recorder.epoch,
+                              details=details() if callable(details) else details)
+
     # -- what the hooks report
     def _indexed_batch(self, keys: list, padding: list[bool] | None) -> None:
         self.recorder.batch(np.asarray(keys, dtype=np.int64), self._details(len(keys), padding))

@@ -116,6 +116,14 @@ class StepRecorder:
             self.log.add("batched", idx, epoch=self.epoch, step=self.step, lr=lrs[0], details=_arrow(details))
         self.step += 1
 
+    def record_step(self, indices: np.ndarray, lr: float, details=None) -> None:
+        """Record a step a loop reports itself (the Recorder contract): these samples, applied at lr."""
+        idx = np.asarray(indices, dtype=np.int64)
+        self.rows.append(StepRow(step=self.step, epoch=self.epoch, applied=True, lrs={0: [float(lr)]},
+                                 samples=len(idx), micro_batches=1))
+        self.log.add("batched", idx, epoch=self.epoch, step=self.step, lr=float(lr), details=details)
+        self.step += 1
+
     def _skip(self, optimizer: torch.optim.Optimizer) -> None:
         number = next((i for i, o in enumerate(self.optimizers) if o is optimizer), None)
         idx, details, micro = self._take()

@@ -55,8 +55,7 @@ class Tracer:
 
     def record_batch(self, indices, lr: float, details=None) -> None:
         """Record that the samples at these dataset indices formed the current step's batch, applied at lr."""
-        self._add("batched", indices, self.epoch, self.step, float(lr), details)
-        self._steps.step += 1
+        self._steps.record_step(_indices(indices), lr, details() if callable(details) else details)
 
     def record(self, kind: str, indices, details=None, whole_run: bool = False) -> None:
         """Record one event of `kind` per sample at these indices, in this epoch or (whole_run) for the whole run.
@@ -66,8 +65,8 @@ class Tracer:
         self._add(kind, indices, None if whole_run else self.epoch, None, None, details)
 
     def _add(self, kind: str, indices, epoch: int | None, step: int | None, lr: float | None, details) -> None:
-        idx = indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
-        self._log.add(kind, idx, epoch=epoch, step=step, lr=lr, details=details() if callable(details) else details)
+        self._log.add(kind, _indices(indices), epoch=epoch, step=step, lr=lr,
+                      details=details() if callable(details) else details)
 
     def groups(self) -> EventGroups:
         """Return everything recorded as event groups, ready for Ledger.commit (batches never stepped: `discarded`)."""
@@ -87,3 +86,8 @@ class Tracer:
         if not used:
             return []
         return sorted(self.sample_ids.take(pa.array(np.unique(np.concatenate(used)))).to_pylist())
+
+
+def _indices(indices) -> np.ndarray:
+    """Return dataset indices (a tensor, array or list) as an int64 array."""
+    return indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
