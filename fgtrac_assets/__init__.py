@@ -1,11 +1,12 @@
 """fgtrac: sample-level traceability for ML pipelines.
 
 From your own training code: ``import fgtrac_assets as fg`` then ``with fg.track(sample_ids, run="run-1",
-home="./data") as run: ...`` (session/run.py), and ``fg.influence(...)`` for TracInCP over the run's recorded
-checkpoints (session/influence.py). Loaded on first use, so ``import fgtrac_assets`` stays light.
+home="./data") as run: ...`` (session/run.py); ``fg.influence(...)`` for TracInCP over the run's recorded
+checkpoints and ``fg.checkpoints(run)`` for them as TracInCP's (state_dict, lr) pairs (session/scoring.py).
+Loaded on first use, so ``import fgtrac_assets`` stays light.
 """
 
-__all__ = ["influence", "sample_id", "track"]
+__all__ = ["checkpoints", "influence", "sample_id", "track"]
 
 
 def __getattr__(name: str):
@@ -14,8 +15,8 @@ def __getattr__(name: str):
         from . import session
 
         return getattr(session, name)
-    if name == "influence":
-        from .session.influence import influence
+    if name in ("influence", "checkpoints"):
+        import importlib
 
-        return influence
+        return getattr(importlib.import_module(f"{__name__}.session.scoring"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

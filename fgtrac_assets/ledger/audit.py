@@ -66,6 +66,18 @@ def describe_about(detail: str | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in about.items() if k != "split" and v is not None)
 
 
+def describe_group_lrs(step_lrs: list[str]) -> str:
+    """Return 'group G lo..hi' (with several optimizers 'optimizer O group G') per parameter group over these steps."""
+    ranges: dict[tuple[int, int], list[float]] = {}
+    for text in step_lrs:
+        for opt, lrs in json.loads(text).items():
+            for g, lr in enumerate(lrs):
+                ranges.setdefault((int(opt), g), []).append(lr)
+    several = len({o for o, _ in ranges}) > 1
+    return ", ".join((f"optimizer {o} " if several else "") + f"group {g} {min(v):.4g}"
+                     + (f"..{max(v):.4g}" if max(v) != min(v) else "") for (o, g), v in sorted(ranges.items()))
+
+
 def _q(con, sql: str, params: list | None = None) -> Result:
     rel = con.execute(sql, params or [])
     return [d[0] for d in rel.description], rel.fetchall()
@@ -85,6 +97,10 @@ def sample_used(ledger: Ledger, sample: str, run: str, test: str | None = None) 
         sid, rid = resolve_sample(con, sample), resolve_run(con, run)
         cols, rows = _q(con, "SELECT sample_id, training_run, used, epochs, steps, first_step, last_step, min_lr, max_lr "
                              "FROM sample_usage_of(?, ?)", [sid, rid])
+        groups = con.execute("SELECT o.lrs FROM optimizer_steps o WHERE o.training_run = ? AND o.applied AND o.step IN "
+                             "(SELECT step FROM sample_usage_events(?, ?))", [rid, sid, rid]).fetchall()
+        if groups:  # a session-recorded run: every parameter group's lr range over the sample's steps
+            cols, rows = cols + ["lrs_by_group"], [rows[0] + (describe_group_lrs([g[0] for g in groups]),)]
         if test is None:
             return cols, rows
         tid = resolve_sample(con, test)

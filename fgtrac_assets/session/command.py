@@ -45,7 +45,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
     """Score the run's test samples, commit the top-k, and print each --test sample's proponents and opponents."""
     from ..ledger.audit import influence as audit_influence
     from ..ledger.store import Ledger
-    from .influence import influence
+    from .scoring import influence
 
     inputs = load_entry(args.entry)()
     missing = [k for k in REQUIRED if k not in inputs]

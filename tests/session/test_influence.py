@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fgtrac_assets as fg
 from fgtrac_assets.ledger import Ledger
-from fgtrac_assets.session.influence import InfluenceError, recorded_checkpoints
+from fgtrac_assets.session.scoring import InfluenceError, recorded_checkpoints
 
 N, T = 48, 6
 NAMES = [f"train-{i}" for i in range(N)]
@@ -75,6 +75,8 @@ def test_each_checkpoint_uses_the_lr_its_steps_applied(tmp_path):
     train(tmp_path, groups=False)
     _, ckpts = recorded_checkpoints(Ledger(tmp_path), "r")
     assert [c.lr for c in ckpts] == [0.1, 0.05, 0.025]  # StepLR halves after each checkpoint
+    pairs = fg.checkpoints("r", tmp_path)  # what TracInCP takes, for users who call it themselves
+    assert [lr for _, lr in pairs] == [0.1, 0.05, 0.025] and set(pairs[0][0]) == set(make_model().state_dict())
     (x, y), (tx, ty) = setup()
     result = fg.influence("r", make_model(), nn.CrossEntropyLoss(reduction="none"), (x, y), NAMES, (tx, ty), TEST,
                           home=tmp_path, k=5)

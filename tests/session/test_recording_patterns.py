@@ -49,7 +49,7 @@ def steps(home):
     return Ledger(home).query("SELECT * FROM optimizer_steps ORDER BY step").to_pylist()
 
 
-def test_parameter_groups_record_every_groups_lr(tmp_path):
+def test_parameter_groups_record_every_groups_lr(tmp_path, capsys):
     model, _ = model_and_opt()
     opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 0.002},
                              {"params": model[2].parameters(), "lr": 0.001}])
@@ -66,6 +66,11 @@ def test_parameter_groups_record_every_groups_lr(tmp_path):
     assert {r["lrs"] for r in steps(tmp_path)} == {json.dumps({"0": [0.002, 0.001]})}
     groups = json.loads(Ledger(tmp_path).query("SELECT optimizers FROM training_runs").column(0)[0].as_py())[0]["groups"]
     assert [g["parameters"] for g in groups] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    from fgtrac_assets.cli import main
+
+    capsys.readouterr()
+    assert main(["--home", str(tmp_path), "audit", "used", IDS[0], "--run", "groups", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["lrs_by_group"] == "group 0 0.002, group 1 0.001"
 
 
 def test_gradient_accumulation_every_micro_batch_belongs_to_its_step(tmp_path):

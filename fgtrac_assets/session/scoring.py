@@ -76,6 +76,24 @@ def _lr(applied: dict | None, groups: list[list[list[str]]], fallback: float | N
     return per_param
 
 
+def _load(ledger: Ledger, ckpts: list[RecordedCheckpoint]) -> list[tuple[dict, Lr]]:
+    """Return (state_dict, lr) per checkpoint, each file's sha256 checked against the ledger first."""
+    import torch
+
+    out = []
+    for c in ckpts:
+        if (why := check_artifact(ledger.home.root, c.path, c.sha256)) is not None:
+            raise InfluenceError(f"checkpoint {c.checkpoint_id} ({c.path}): {why}")
+        out.append((torch.load(ledger.home.root / c.path, map_location="cpu", weights_only=True), c.lr))
+    return out
+
+
+def checkpoints(run: str, home=None) -> list[tuple[dict, Lr]]:
+    """Return a recorded run's checkpoints as TracInCP takes them: (state_dict, lr), files checked, in step order."""
+    ledger = Ledger(home)
+    return _load(ledger, recorded_checkpoints(ledger, run)[1])
+
+
 @dataclass
 class InfluenceResult:
     """What fg.influence scored and committed: the run, the checkpoints used, the top-k and the commit."""
@@ -99,8 +117,6 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
     loss_fn(outputs, targets) returns per-sample losses. checkpoints: ids to use, or how many of the latest
     (default: all). With commit, the rows are signed into the ledger.
     """
-    import torch
-
     from ..attribution import TracInCP
 
     ledger = Ledger(home)
@@ -114,11 +130,7 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
         if unknown:
             raise InfluenceError(f"training run {rid} has no checkpoint {sorted(unknown)[0]}")
         ckpts = [c for c in ckpts if c.checkpoint_id in set(checkpoints)]
-    states = []
-    for c in ckpts:
-        if (why := check_artifact(ledger.home.root, c.path, c.sha256)) is not None:
-            raise InfluenceError(f"checkpoint {c.checkpoint_id} ({c.path}): {why}")
-        states.append((torch.load(ledger.home.root / c.path, map_location="cpu", weights_only=True), c.lr))
+    states = _load(ledger, ckpts)
     names = list(train_ids) + list(test_ids)
     train_ids, test_ids = [name_sample_id(n) for n in train_ids], [name_sample_id(n) for n in test_ids]
     for name, ids, data in (("train", train_ids, train), ("test", test_ids, test)):
