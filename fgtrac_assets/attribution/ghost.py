@@ -10,7 +10,10 @@ over all of their parameters.  Only the factors ``e`` (n x out) and ``a`` (n x i
 ever stored.  Each layer must be called once per forward on a 2-D input whose rows are
 the samples, and sample i's loss must depend on row i only (true for ordinary batched
 models; not for e.g. a Linear inside message passing); otherwise
-:class:`GhostNotApplicable` is raised and callers use the general path.
+:class:`GhostNotApplicable` is raised and callers use the general path.  Nor may a
+layer's parameters be held by any other module (tied weights, e.g. a language model's
+decoder sharing the embedding's weight): the factors see the layer's own use only, not
+the other module's share of the gradient (:func:`shared_parameters`).
 """
 
 from collections.abc import Callable, Sequence
@@ -40,7 +43,9 @@ __all__ = [
     "influence_from_factors",
     "linear_factors",
     "linear_layer_names",
+    "parameter_holders",
     "self_influence_from_factors",
+    "shared_parameters",
     "top_k_from_factors",
     "unit_factors",
 ]
@@ -77,7 +82,10 @@ class Factors:
 
 
 def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[str] | None:
-    """Return the Linear layer names the ghost path would use, or None if the selection is not Linear-only."""
+    """Return the Linear layer names the ghost path would use, or None if the selection is not Linear-only.
+
+    Parameters shared with other modules are not checked here: see :func:`shared_parameters`.
+    """
     if layers is not None:
         mods = [model.get_submodule(n) for n in layers]
         if not layers or not all(isinstance(m, nn.Linear) for m in mods):
@@ -88,7 +96,7 @@ def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[s
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if not trainable:
         return None
-    names, covered = [], []
+    names, covered, seen = [], set(), set()
     for name, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.Linear):
             continue
@@ -96,13 +104,62 @@ def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[s
         flags = [p.requires_grad for p in own]
         if not any(flags):
             continue
-        if not all(flags) or name in names:
-            return None
+        if not all(flags) or id(m) in seen:
+            return None  # a Linear partly frozen, or one Linear under two paths (most likely called twice)
+        seen.add(id(m))
         names.append(name)
-        covered.extend(id(p) for p in own)
-    if len(covered) != len(set(covered)) or set(covered) != trainable:
-        return None  # shared weights, a Linear used twice, or trainable non-Linear parameters
+        covered.update(id(p) for p in own)
+    if covered != trainable:
+        return None  # trainable parameters outside the Linear layers
     return names
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """Return, per parameter id, every (module path, parameter name, module) holding it directly, aliases included."""
+    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((path, pname, mod))
+    return holders
+
+
+def shared_parameters(model: nn.Module, layers: Sequence[str | nn.Module]) -> list[tuple[str, str]]:
+    """Return (parameter of a layer, the same Parameter under another module) name pairs, e.g. tied weights.
+
+    A module registered under several paths is one module, not a sharer; two of the
+    given layers holding one Parameter are.
+    """
+    holders = parameter_holders(model)
+    paths: dict[int, str] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), path)
+    pairs = []
+    for layer in layers:
+        mod = model.get_submodule(layer) if isinstance(layer, str) else layer
+        label = layer if isinstance(layer, str) else paths.get(id(mod), type(mod).__name__)
+        for pname, p in mod.named_parameters(recurse=False):
+            seen = {id(mod)}
+            for path, other_name, other in holders.get(id(p), []):
+                if id(other) not in seen:
+                    seen.add(id(other))
+                    pairs.append((_join(label, pname), _join(path, other_name)))
+    return pairs
+
+
+def describe_shared(pairs: Sequence[tuple[str, str]]) -> str:
+    """Return a sentence naming each shared parameter, its layer and the other module holding it."""
+    return "; ".join(
+        f"layer {_module(a)!r} shares {a} with module {_module(b)!r} (tied: the same Parameter as {b})"
+        for a, b in pairs
+    )
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _module(param_name: str) -> str:
+    return param_name.rpartition(".")[0] or "<the model itself>"
 
 
 # --------------------------------------------------------------------- capturing
@@ -119,7 +176,9 @@ def linear_factors(
 ) -> list[Factors]:
     """Return one :class:`Factors` per layer (same order as ``layers``) for all samples, via one forward+backward per batch.
 
-    ``loss_fn(outputs, targets)`` must return per-sample losses.  The model runs in
+    ``loss_fn(outputs, targets)`` must return per-sample losses.  A layer called more
+    than once per forward, on inputs that are not (n, in_features), or whose parameters
+    another module also holds raises :class:`GhostNotApplicable`.  The model runs in
     eval mode; its modes and requires_grad flags are restored afterwards and no
     ``.grad`` is touched.
     """
@@ -127,6 +186,9 @@ def linear_factors(
     for m in modules:
         if not isinstance(m, nn.Linear):
             raise GhostNotApplicable(f"{type(m).__name__} is not an nn.Linear")
+    shared = shared_parameters(model, layers)
+    if shared:
+        raise GhostNotApplicable(f"{describe_shared(shared)}, whose use the layer's factors miss")
     device = model_device(model)
     acts: list[list[Tensor]] = [[] for _ in modules]
     errs: list[list[Tensor]] = [[] for _ in modules]
@@ -157,11 +219,12 @@ def linear_factors(
                     losses = per_sample_losses(loss_fn, call_model(model, forward, x), t)
                     n = losses.shape[0]
                     for i, a in enumerate(a_seen):
+                        label = repr(layers[i]) if isinstance(layers[i], str) else i
                         if len(a) != 1:
-                            raise GhostNotApplicable(f"layer {i} ran {len(a)} times in one forward")
+                            raise GhostNotApplicable(f"layer {label} ran {len(a)} times in one forward")
                         if a[0].dim() != 2 or a[0].shape[0] != n:
                             raise GhostNotApplicable(
-                                f"layer {i} input has shape {tuple(a[0].shape)}; need ({n}, in_features)"
+                                f"layer {label} input has shape {tuple(a[0].shape)}; need ({n}, in_features)"
                             )
                     # Backward through every hooked output without touching .grad: the sinks
                     # (bias, else weight) sit right behind each output, so the tensor hooks fire.

@@ -15,6 +15,10 @@ batch.  That fallback is exact but costs one backward pass per sample (roughly
 the outer product of the layer's output gradient and its input, both captured by hooks
 in one ordinary forward and backward (:func:`.ghost.linear_factors`), a little faster
 (writing the gradients out is most of the cost of both paths).
+
+A parameter tied to another module (the same Parameter object, e.g. a decoder sharing an
+embedding's weight) is selected under one name and differentiated as that one
+Parameter, so its gradient sums every use, as ``torch.autograd.grad`` would give.
 """
 
 import math
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .ghost import GhostNotApplicable, linear_factors
+from .ghost import GhostNotApplicable, linear_factors, parameter_holders
 from .model_calls import (
     ForwardFn,
     LossFn,
@@ -200,16 +204,13 @@ def _loop_grads(model, forward, names, loss_fn, x, t) -> list[Tensor]:
 def _linear_parameters(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Linear, str]] | None:
     """Return (its nn.Linear, "weight" | "bias") per name when every named parameter belongs to exactly one
     module, an nn.Linear (no weight tying), else None."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((mod, pname))
+    owners = parameter_holders(model)
     out = []
     for name in names:
         found = owners.get(id(model.get_parameter(name)), [])
-        if len({id(m) for m, _ in found}) != 1 or not isinstance(found[0][0], nn.Linear):
+        if len({id(m) for _, _, m in found}) != 1 or not isinstance(found[0][2], nn.Linear):
             return None
-        out.append(found[0])
+        out.append((found[0][2], found[0][1]))
     return out
 
 

@@ -10,10 +10,12 @@ from torch import Tensor, nn
 from .ghost import (
     Factors,
     GhostNotApplicable,
+    describe_shared,
     influence_from_factors,
     linear_factors,
     linear_layer_names,
     self_influence_from_factors,
+    shared_parameters,
     top_k_from_factors,
     unit_factors,
 )
@@ -37,18 +39,25 @@ class TracInCP:
 
     ``checkpoints`` is a sequence of ``(state_dict, lr)``.  The gradient is taken over
     the parameters (weight and bias) of the submodule(s) named by ``layer``, or over all
-    trainable parameters when ``layer`` is None.  ``loss_fn(outputs, targets)`` must
-    return per-sample losses; ``forward(model, inputs)`` (optional) produces outputs
-    for models whose input is not one tensor.
+    trainable parameters when ``layer`` is None; a parameter tied to another module (the
+    same Parameter, e.g. a decoder sharing the embedding's weight) counts once, with the
+    gradient of all its uses.  ``loss_fn(outputs, targets)`` must return per-sample
+    losses; ``forward(model, inputs)`` (optional) produces outputs for models whose input
+    is not one tensor.
 
     Two computation paths (``path`` attribute):
 
-    * ``"ghost"`` — every selected parameter belongs to an ``nn.Linear`` (and no custom
-      ``forward`` is given): exact dot products from per-layer factors, see
-      :mod:`.ghost`.  ``projection_dim`` is ignored there (exact is cheaper).
+    * ``"ghost"`` — every selected parameter belongs to an ``nn.Linear`` that holds it
+      alone (no tied weights), and no custom ``forward`` is given: exact dot products
+      from per-layer factors, see :mod:`.ghost`.  ``projection_dim`` is ignored there
+      (exact is cheaper).
     * ``"per_sample"`` — anything else: per-sample gradients via ``torch.func``
       (looping per sample when vmap is impossible), optionally projected to
       ``projection_dim`` with a Gaussian projection seeded by ``seed``.
+
+    Under "auto" a Linear-only selection that the ghost path cannot take exactly (tied
+    weights) takes the per-sample path with a RuntimeWarning saying why;
+    ``method="ghost"`` refuses it with a ValueError.
 
     Data arguments are either tensors ``(inputs, targets)`` (``inputs`` may be a tuple of
     tensors), batched internally by ``batch_size``, or an iterable of ``(inputs, targets)``
@@ -88,16 +97,35 @@ class TracInCP:
         self.method = method
         self.normalize = normalize
         self.param_names = selected_parameter_names(model, self.layers)
-        self.linear_layers = linear_layer_names(model, self.layers)
         self.projection = RandomProjection(projection_dim, seed) if projection_dim else None
-        if method == "ghost" and self.linear_layers is None:
-            raise ValueError("method='ghost' needs layers that are all nn.Linear")
-        use_ghost = self.linear_layers is not None and (
-            method == "ghost" or (method == "auto" and forward is None)
-        )
-        self.path = "ghost" if use_ghost else "per_sample"
+        self.linear_layers = linear_layer_names(model, self.layers)
+        self.path = self._pick_path()
 
     # ------------------------------------------------------------------ helpers
+
+    def _pick_path(self) -> str:
+        """Return "ghost" or "per_sample"; warn ("auto") or raise ("ghost") where the shortcut would not be exact."""
+        if self.linear_layers is None:
+            if self.method == "ghost":
+                raise ValueError("method='ghost' needs layers that are all nn.Linear")
+            return "per_sample"
+        obstacle = self._ghost_obstacle()
+        if obstacle is None:
+            wanted = self.method == "ghost" or (self.method == "auto" and self.forward is None)
+            return "ghost" if wanted else "per_sample"
+        if self.method == "ghost":
+            raise ValueError(f"method='ghost' would not be exact: {obstacle}")
+        if self.method == "auto" and self.forward is None:
+            warnings.warn(f"TracInCP: linear shortcut not applicable ({obstacle}); using per-sample gradients",
+                          RuntimeWarning, stacklevel=3)
+        return "per_sample"
+
+    def _ghost_obstacle(self) -> str | None:
+        """Return why the Linear-factor path cannot be exact here (tied weights), else None."""
+        shared = shared_parameters(self.model, self.linear_layers)
+        if shared:
+            return f"{describe_shared(shared)}, whose use the layer's factors would miss"
+        return None
 
     def _load(self, i: int) -> float:
         state, lr = self.checkpoints[i]
