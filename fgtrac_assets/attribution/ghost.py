@@ -14,6 +14,9 @@ models; not for e.g. a Linear inside message passing); otherwise
 layer's parameters be held by any other module (tied weights, e.g. a language model's
 decoder sharing the embedding's weight): the factors see the layer's own use only, not
 the other module's share of the gradient (:func:`shared_parameters`).
+
+Learning rates (``lrs``) are one per checkpoint, or one per layer of a checkpoint (a
+parameter group per layer).
 """
 
 from collections.abc import Callable, Sequence
@@ -244,7 +247,11 @@ def linear_factors(
 # --------------------------------------------------------------------- dot products
 
 
-def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]] | None, lrs: Sequence[float]) -> None:
+LayerLrs = float | Sequence[float]
+
+
+def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]] | None,
+           lrs: Sequence[LayerLrs]) -> None:
     if len(train) != len(lrs) or (test is not None and len(test) != len(lrs)):
         raise ValueError("need one factor list and one learning rate per checkpoint")
     if not train or not train[0]:
@@ -252,22 +259,29 @@ def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]]
     for i, ck in enumerate(train):
         if len(ck) != len(train[0]) or (test is not None and len(test[i]) != len(ck)):
             raise ValueError("every checkpoint needs the same layers")
+        if isinstance(lrs[i], Sequence) and len(lrs[i]) != len(ck):
+            raise ValueError(f"checkpoint {i}: {len(lrs[i])} learning rates for {len(ck)} layers")
         if test is not None:
             for f, g in zip(ck, test[i]):
                 if f.bias != g.bias:
                     raise ValueError("train and test factors disagree on the bias")
 
 
+def _layer_scales(lrs: Sequence[LayerLrs], n_layers: int) -> list[list[float]]:
+    """Return one scale per (checkpoint, layer): a checkpoint's single lr repeated, or its per-layer lrs."""
+    return [[float(v) for v in lr] if isinstance(lr, Sequence) else [float(lr)] * n_layers for lr in lrs]
+
+
 def _accumulate(
     out: Tensor,
     train: Sequence[Sequence[Factors]],
     test: Sequence[Sequence[Factors]],
-    scales: Sequence[float],
+    scales: Sequence[Sequence[float]],
     row0: int = 0,
     tile: tuple[int, int] = (TILE_ROWS, TILE_COLS),
     overwrite: bool = False,
 ) -> Tensor:
-    """Add sum_c scale_c * sum_l (E E'^T) * (A A'^T + 1) for train rows ``row0:row0+len(out)`` into ``out``.
+    """Add sum_c sum_l scale_cl * (E E'^T) * (A A'^T + 1) for train rows ``row0:row0+len(out)`` into ``out``.
 
     With ``overwrite`` the first term is written instead of added, so ``out`` may be
     uninitialised (saves a zero-fill pass over the output).
@@ -295,8 +309,8 @@ def _accumulate(
             be = buf_e[: rows * cols].view(rows, cols)
             ba = buf_a[: rows * cols].view(rows, cols)
             first = overwrite
-            for ck_train, ck_test, scale in zip(train, test_t, scales):
-                for f, (et, at, bias) in zip(ck_train, ck_test):
+            for ck_train, ck_test, ck_scales in zip(train, test_t, scales):
+                for f, (et, at, bias), scale in zip(ck_train, ck_test, ck_scales):
                     torch.mm(f.errors[lo:hi], et[:, c : c + cols], out=be)
                     torch.mm(f.activations[lo:hi], at[:, c : c + cols], out=ba)
                     if bias:
@@ -330,26 +344,30 @@ def factor_self_dot(factors: Sequence[Factors]) -> Tensor:
     """Return (n,) squared gradient norms sum_l |e|^2 (|a|^2 + 1)."""
     total = None
     for f in factors:
-        a2 = f.activations.pow(2).sum(1)
-        if f.bias:
-            a2 = a2 + 1.0
-        term = f.errors.pow(2).sum(1) * a2
+        term = _layer_self_dot(f)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("no factors given")
     return total
 
 
+def _layer_self_dot(f: Factors) -> Tensor:
+    a2 = f.activations.pow(2).sum(1)
+    if f.bias:
+        a2 = a2 + 1.0
+    return f.errors.pow(2).sum(1) * a2
+
+
 def influence_from_factors(
     train_by_ckpt: Sequence[Sequence[Factors]],
     test_by_ckpt: Sequence[Sequence[Factors]],
-    lrs: Sequence[float],
+    lrs: Sequence[LayerLrs],
     out: Tensor | None = None,
 ) -> Tensor:
-    """Return TracInCP scores (n_train, n_test) = sum_c lr_c * factor_dot(train_c, test_c), in row blocks."""
+    """Return TracInCP scores (n_train, n_test) = sum_c sum_l lr_cl * factor_dot(train_cl, test_cl), in row blocks."""
     _check(train_by_ckpt, test_by_ckpt, lrs)
     n_train, n_test = len(train_by_ckpt[0][0]), len(test_by_ckpt[0][0])
-    scales = [float(lr) for lr in lrs]
+    scales = _layer_scales(lrs, len(train_by_ckpt[0]))
     if out is None:
         return _accumulate(_new_out(train_by_ckpt, n_train, n_test), train_by_ckpt, test_by_ckpt, scales, overwrite=True)
     if out.shape != (n_train, n_test):
@@ -357,12 +375,15 @@ def influence_from_factors(
     return _accumulate(out, train_by_ckpt, test_by_ckpt, scales)
 
 
-def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs: Sequence[float]) -> Tensor:
-    """Return TracInCP self-influence (n_train,) = sum_c lr_c * |g_c|^2."""
+def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs: Sequence[LayerLrs]) -> Tensor:
+    """Return TracInCP self-influence (n_train,) = sum_c sum_l lr_cl * |g_cl|^2."""
     _check(train_by_ckpt, None, lrs)
     total = None
     for ck, lr in zip(train_by_ckpt, lrs):
-        term = factor_self_dot(ck) * float(lr)
+        if isinstance(lr, Sequence):
+            term = sum(_layer_self_dot(f) * float(v) for f, v in zip(ck, lr))
+        else:
+            term = factor_self_dot(ck) * float(lr)
         total = term if total is None else total + term
     return total
 
@@ -370,7 +391,7 @@ def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs:
 def top_k_from_factors(
     train_by_ckpt: Sequence[Sequence[Factors]],
     test_by_ckpt: Sequence[Sequence[Factors]],
-    lrs: Sequence[float],
+    lrs: Sequence[LayerLrs],
     k: int,
     chunk: int = 4096,
     progress: Callable[[int, int], None] | None = None,
@@ -378,7 +399,7 @@ def top_k_from_factors(
     """Return the :class:`TopK` proponents/opponents per test sample, scoring ``chunk`` train rows at a time."""
     _check(train_by_ckpt, test_by_ckpt, lrs)
     n_train, n_test = len(train_by_ckpt[0][0]), len(test_by_ckpt[0][0])
-    scales = [float(lr) for lr in lrs]
+    scales = _layer_scales(lrs, len(train_by_ckpt[0]))
     acc = RunningTopK(k)
     chunk = max(1, min(int(chunk), n_train))
     buf = _new_out(train_by_ckpt, n_test, chunk).T  # (n_test, chunk) in memory: top-k along contiguous rows

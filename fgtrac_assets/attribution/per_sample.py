@@ -19,6 +19,10 @@ in one ordinary forward and backward (:func:`.ghost.linear_factors`), a little f
 A parameter tied to another module (the same Parameter object, e.g. a decoder sharing an
 embedding's weight) is selected under one name and differentiated as that one
 Parameter, so its gradient sums every use, as ``torch.autograd.grad`` would give.
+
+``column_scales`` (one factor per parameter) multiplies each parameter's gradient
+columns before any projection: with per-parameter learning rates on one side of a dot
+product, (R^T L g) . (R^T g') is still an unbiased estimate of g^T L g'.
 """
 
 import math
@@ -46,6 +50,7 @@ __all__ = [
     "RandomProjection",
     "iter_per_sample_grads",
     "per_sample_grads",
+    "scale_columns",
     "selected_parameter_names",
     "unit_rows",
 ]
@@ -234,6 +239,12 @@ def _factor_grads(model: nn.Module, linear: list[tuple[nn.Linear, str]], loss_fn
     return flat, blocks
 
 
+def scale_columns(g: Tensor, sizes: Sequence[int], scales: Sequence[float]) -> Tensor:
+    """Return g (n, sum(sizes)) with each parameter's block of ``sizes`` columns times its scale."""
+    factors = torch.cat([g.new_full((size,), float(s)) for size, s in zip(sizes, scales)])
+    return g * factors
+
+
 def unit_rows(g: Tensor) -> Tensor:
     """Return the rows of g divided by their norms (zero rows stay zero)."""
     norm = g.norm(dim=1, keepdim=True)
@@ -249,8 +260,14 @@ def iter_per_sample_grads(
     forward: ForwardFn | None = None,
     batch_size: int = 512,
     projection: RandomProjection | None = None,
+    column_scales: Sequence[float] | None = None,
 ) -> Iterator[Tensor]:
-    """Yield, per batch, the flattened per-sample gradients (b, P) or their projections (b, dim)."""
+    """Yield, per batch, the flattened per-sample gradients (b, P) or their projections (b, dim).
+
+    ``column_scales`` (one per name): each parameter's gradient times its scale, before the projection.
+    """
+    if column_scales is not None and len(column_scales) != len(names):
+        raise ValueError(f"{len(column_scales)} column scales for {len(names)} parameters")
     device = model_device(model)
     linear = _linear_parameters(model, names) if forward is None else None
     mode = "linear" if linear is not None else "vmap"
@@ -268,7 +285,8 @@ def iter_per_sample_grads(
                     mode = "vmap"
                 else:
                     if projection is None:
-                        yield flat
+                        yield flat if column_scales is None else scale_columns(
+                            flat, [b.shape[1] for b in blocks], column_scales)
                         continue
             if mode != "loop" and blocks is None and _vmappable(x, t):
                 try:
@@ -283,6 +301,8 @@ def iter_per_sample_grads(
                     mode = "loop"
             if blocks is None:
                 blocks = _loop_grads(model, forward, names, loss_fn, x, t)
+            if column_scales is not None:  # out of place: vmap may return a parameter's zero gradient expanded
+                blocks = [b * float(s) for b, s in zip(blocks, column_scales)]
             yield projection(blocks) if projection is not None else torch.cat(blocks, dim=1)
 
 
@@ -295,7 +315,9 @@ def per_sample_grads(
     forward: ForwardFn | None = None,
     batch_size: int = 512,
     projection: RandomProjection | None = None,
+    column_scales: Sequence[float] | None = None,
 ) -> Tensor:
     """Return the per-sample gradients over parameters ``names`` as one (n, P) tensor ((n, dim) if projected)."""
-    blocks = list(iter_per_sample_grads(model, names, inputs, targets, loss_fn, forward, batch_size, projection))
+    blocks = list(iter_per_sample_grads(model, names, inputs, targets, loss_fn, forward, batch_size, projection,
+                                        column_scales))
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
