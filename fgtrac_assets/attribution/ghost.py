@@ -10,7 +10,13 @@ over all of their parameters.  Only the factors ``e`` (n x out) and ``a`` (n x i
 ever stored.  Each layer must be called once per forward on a 2-D input whose rows are
 the samples, and sample i's loss must depend on row i only (true for ordinary batched
 models; not for e.g. a Linear inside message passing); otherwise
-:class:`GhostNotApplicable` is raised and callers use the general path.
+:class:`GhostNotApplicable` is raised and callers use the general path.  Nor may a
+layer's parameters be held by any other module (tied weights, e.g. a language model's
+decoder sharing the embedding's weight): the factors see the layer's own use only, not
+the other module's share of the gradient (:func:`shared_parameters`).
+
+Learning rates (``lrs``) are one per checkpoint, or one per layer of a checkpoint (a
+parameter group per layer).
 """
 
 from collections.abc import Callable, Sequence
@@ -40,7 +46,9 @@ __all__ = [
     "influence_from_factors",
     "linear_factors",
     "linear_layer_names",
+    "parameter_holders",
     "self_influence_from_factors",
+    "shared_parameters",
     "top_k_from_factors",
     "unit_factors",
 ]
@@ -77,7 +85,10 @@ class Factors:
 
 
 def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[str] | None:
-    """Return the Linear layer names the ghost path would use, or None if the selection is not Linear-only."""
+    """Return the Linear layer names the ghost path would use, or None if the selection is not Linear-only.
+
+    Parameters shared with other modules are not checked here: see :func:`shared_parameters`.
+    """
     if layers is not None:
         mods = [model.get_submodule(n) for n in layers]
         if not layers or not all(isinstance(m, nn.Linear) for m in mods):
@@ -88,7 +99,7 @@ def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[s
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if not trainable:
         return None
-    names, covered = [], []
+    names, covered, seen = [], set(), set()
     for name, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.Linear):
             continue
@@ -96,13 +107,62 @@ def linear_layer_names(model: nn.Module, layers: Sequence[str] | None) -> list[s
         flags = [p.requires_grad for p in own]
         if not any(flags):
             continue
-        if not all(flags) or name in names:
-            return None
+        if not all(flags) or id(m) in seen:
+            return None  # a Linear partly frozen, or one Linear under two paths (most likely called twice)
+        seen.add(id(m))
         names.append(name)
-        covered.extend(id(p) for p in own)
-    if len(covered) != len(set(covered)) or set(covered) != trainable:
-        return None  # shared weights, a Linear used twice, or trainable non-Linear parameters
+        covered.update(id(p) for p in own)
+    if covered != trainable:
+        return None  # trainable parameters outside the Linear layers
     return names
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """Return, per parameter id, every (module path, parameter name, module) holding it directly, aliases included."""
+    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((path, pname, mod))
+    return holders
+
+
+def shared_parameters(model: nn.Module, layers: Sequence[str | nn.Module]) -> list[tuple[str, str]]:
+    """Return (parameter of a layer, the same Parameter under another module) name pairs, e.g. tied weights.
+
+    A module registered under several paths is one module, not a sharer; two of the
+    given layers holding one Parameter are.
+    """
+    holders = parameter_holders(model)
+    paths: dict[int, str] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(mod), path)
+    pairs = []
+    for layer in layers:
+        mod = model.get_submodule(layer) if isinstance(layer, str) else layer
+        label = layer if isinstance(layer, str) else paths.get(id(mod), type(mod).__name__)
+        for pname, p in mod.named_parameters(recurse=False):
+            seen = {id(mod)}
+            for path, other_name, other in holders.get(id(p), []):
+                if id(other) not in seen:
+                    seen.add(id(other))
+                    pairs.append((_join(label, pname), _join(path, other_name)))
+    return pairs
+
+
+def describe_shared(pairs: Sequence[tuple[str, str]]) -> str:
+    """Return a sentence naming each shared parameter, its layer and the other module holding it."""
+    return "; ".join(
+        f"layer {_module(a)!r} shares {a} with module {_module(b)!r} (tied: the same Parameter as {b})"
+        for a, b in pairs
+    )
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _module(param_name: str) -> str:
+    return param_name.rpartition(".")[0] or "<the model itself>"
 
 
 # --------------------------------------------------------------------- capturing
@@ -119,7 +179,9 @@ def linear_factors(
 ) -> list[Factors]:
     """Return one :class:`Factors` per layer (same order as ``layers``) for all samples, via one forward+backward per batch.
 
-    ``loss_fn(outputs, targets)`` must return per-sample losses.  The model runs in
+    ``loss_fn(outputs, targets)`` must return per-sample losses.  A layer called more
+    than once per forward, on inputs that are not (n, in_features), or whose parameters
+    another module also holds raises :class:`GhostNotApplicable`.  The model runs in
     eval mode; its modes and requires_grad flags are restored afterwards and no
     ``.grad`` is touched.
     """
@@ -127,6 +189,9 @@ def linear_factors(
     for m in modules:
         if not isinstance(m, nn.Linear):
             raise GhostNotApplicable(f"{type(m).__name__} is not an nn.Linear")
+    shared = shared_parameters(model, layers)
+    if shared:
+        raise GhostNotApplicable(f"{describe_shared(shared)}, whose use the layer's factors miss")
     device = model_device(model)
     acts: list[list[Tensor]] = [[] for _ in modules]
     errs: list[list[Tensor]] = [[] for _ in modules]
@@ -157,11 +222,12 @@ def linear_factors(
                     losses = per_sample_losses(loss_fn, call_model(model, forward, x), t)
                     n = losses.shape[0]
                     for i, a in enumerate(a_seen):
+                        label = repr(layers[i]) if isinstance(layers[i], str) else i
                         if len(a) != 1:
-                            raise GhostNotApplicable(f"layer {i} ran {len(a)} times in one forward")
+                            raise GhostNotApplicable(f"layer {label} ran {len(a)} times in one forward")
                         if a[0].dim() != 2 or a[0].shape[0] != n:
                             raise GhostNotApplicable(
-                                f"layer {i} input has shape {tuple(a[0].shape)}; need ({n}, in_features)"
+                                f"layer {label} input has shape {tuple(a[0].shape)}; need ({n}, in_features)"
                             )
                     # Backward through every hooked output without touching .grad: the sinks
                     # (bias, else weight) sit right behind each output, so the tensor hooks fire.
@@ -181,7 +247,11 @@ def linear_factors(
 # --------------------------------------------------------------------- dot products
 
 
-def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]] | None, lrs: Sequence[float]) -> None:
+LayerLrs = float | Sequence[float]
+
+
+def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]] | None,
+           lrs: Sequence[LayerLrs]) -> None:
     if len(train) != len(lrs) or (test is not None and len(test) != len(lrs)):
         raise ValueError("need one factor list and one learning rate per checkpoint")
     if not train or not train[0]:
@@ -189,22 +259,29 @@ def _check(train: Sequence[Sequence[Factors]], test: Sequence[Sequence[Factors]]
     for i, ck in enumerate(train):
         if len(ck) != len(train[0]) or (test is not None and len(test[i]) != len(ck)):
             raise ValueError("every checkpoint needs the same layers")
+        if isinstance(lrs[i], Sequence) and len(lrs[i]) != len(ck):
+            raise ValueError(f"checkpoint {i}: {len(lrs[i])} learning rates for {len(ck)} layers")
         if test is not None:
             for f, g in zip(ck, test[i]):
                 if f.bias != g.bias:
                     raise ValueError("train and test factors disagree on the bias")
 
 
+def _layer_scales(lrs: Sequence[LayerLrs], n_layers: int) -> list[list[float]]:
+    """Return one scale per (checkpoint, layer): a checkpoint's single lr repeated, or its per-layer lrs."""
+    return [[float(v) for v in lr] if isinstance(lr, Sequence) else [float(lr)] * n_layers for lr in lrs]
+
+
 def _accumulate(
     out: Tensor,
     train: Sequence[Sequence[Factors]],
     test: Sequence[Sequence[Factors]],
-    scales: Sequence[float],
+    scales: Sequence[Sequence[float]],
     row0: int = 0,
     tile: tuple[int, int] = (TILE_ROWS, TILE_COLS),
     overwrite: bool = False,
 ) -> Tensor:
-    """Add sum_c scale_c * sum_l (E E'^T) * (A A'^T + 1) for train rows ``row0:row0+len(out)`` into ``out``.
+    """Add sum_c sum_l scale_cl * (E E'^T) * (A A'^T + 1) for train rows ``row0:row0+len(out)`` into ``out``.
 
     With ``overwrite`` the first term is written instead of added, so ``out`` may be
     uninitialised (saves a zero-fill pass over the output).
@@ -232,8 +309,8 @@ def _accumulate(
             be = buf_e[: rows * cols].view(rows, cols)
             ba = buf_a[: rows * cols].view(rows, cols)
             first = overwrite
-            for ck_train, ck_test, scale in zip(train, test_t, scales):
-                for f, (et, at, bias) in zip(ck_train, ck_test):
+            for ck_train, ck_test, ck_scales in zip(train, test_t, scales):
+                for f, (et, at, bias), scale in zip(ck_train, ck_test, ck_scales):
                     torch.mm(f.errors[lo:hi], et[:, c : c + cols], out=be)
                     torch.mm(f.activations[lo:hi], at[:, c : c + cols], out=ba)
                     if bias:
@@ -267,26 +344,30 @@ def factor_self_dot(factors: Sequence[Factors]) -> Tensor:
     """Return (n,) squared gradient norms sum_l |e|^2 (|a|^2 + 1)."""
     total = None
     for f in factors:
-        a2 = f.activations.pow(2).sum(1)
-        if f.bias:
-            a2 = a2 + 1.0
-        term = f.errors.pow(2).sum(1) * a2
+        term = _layer_self_dot(f)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("no factors given")
     return total
 
 
+def _layer_self_dot(f: Factors) -> Tensor:
+    a2 = f.activations.pow(2).sum(1)
+    if f.bias:
+        a2 = a2 + 1.0
+    return f.errors.pow(2).sum(1) * a2
+
+
 def influence_from_factors(
     train_by_ckpt: Sequence[Sequence[Factors]],
     test_by_ckpt: Sequence[Sequence[Factors]],
-    lrs: Sequence[float],
+    lrs: Sequence[LayerLrs],
     out: Tensor | None = None,
 ) -> Tensor:
-    """Return TracInCP scores (n_train, n_test) = sum_c lr_c * factor_dot(train_c, test_c), in row blocks."""
+    """Return TracInCP scores (n_train, n_test) = sum_c sum_l lr_cl * factor_dot(train_cl, test_cl), in row blocks."""
     _check(train_by_ckpt, test_by_ckpt, lrs)
     n_train, n_test = len(train_by_ckpt[0][0]), len(test_by_ckpt[0][0])
-    scales = [float(lr) for lr in lrs]
+    scales = _layer_scales(lrs, len(train_by_ckpt[0]))
     if out is None:
         return _accumulate(_new_out(train_by_ckpt, n_train, n_test), train_by_ckpt, test_by_ckpt, scales, overwrite=True)
     if out.shape != (n_train, n_test):
@@ -294,12 +375,15 @@ def influence_from_factors(
     return _accumulate(out, train_by_ckpt, test_by_ckpt, scales)
 
 
-def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs: Sequence[float]) -> Tensor:
-    """Return TracInCP self-influence (n_train,) = sum_c lr_c * |g_c|^2."""
+def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs: Sequence[LayerLrs]) -> Tensor:
+    """Return TracInCP self-influence (n_train,) = sum_c sum_l lr_cl * |g_cl|^2."""
     _check(train_by_ckpt, None, lrs)
     total = None
     for ck, lr in zip(train_by_ckpt, lrs):
-        term = factor_self_dot(ck) * float(lr)
+        if isinstance(lr, Sequence):
+            term = sum(_layer_self_dot(f) * float(v) for f, v in zip(ck, lr))
+        else:
+            term = factor_self_dot(ck) * float(lr)
         total = term if total is None else total + term
     return total
 
@@ -307,7 +391,7 @@ def self_influence_from_factors(train_by_ckpt: Sequence[Sequence[Factors]], lrs:
 def top_k_from_factors(
     train_by_ckpt: Sequence[Sequence[Factors]],
     test_by_ckpt: Sequence[Sequence[Factors]],
-    lrs: Sequence[float],
+    lrs: Sequence[LayerLrs],
     k: int,
     chunk: int = 4096,
     progress: Callable[[int, int], None] | None = None,
@@ -315,7 +399,7 @@ def top_k_from_factors(
     """Return the :class:`TopK` proponents/opponents per test sample, scoring ``chunk`` train rows at a time."""
     _check(train_by_ckpt, test_by_ckpt, lrs)
     n_train, n_test = len(train_by_ckpt[0][0]), len(test_by_ckpt[0][0])
-    scales = [float(lr) for lr in lrs]
+    scales = _layer_scales(lrs, len(train_by_ckpt[0]))
     acc = RunningTopK(k)
     chunk = max(1, min(int(chunk), n_train))
     buf = _new_out(train_by_ckpt, n_test, chunk).T  # (n_test, chunk) in memory: top-k along contiguous rows

@@ -94,7 +94,9 @@ class MeanLossHessian:
         if missing:
             raise ValueError(f"unknown parameters {missing}")
         self.params = {prefix + n: state[n].to(device) for n in self.names}
-        self.fixed = {prefix + k: v.to(device) for k, v in state.items() if k not in chosen}
+        # a tied tensor is passed under its one canonical name; functional_call ties it to the others
+        aliases = _alias_names(model)
+        self.fixed = {prefix + k: v.to(device) for k, v in state.items() if k not in chosen and k not in aliases}
         self.shapes = [tuple(self.params[prefix + n].shape) for n in self.names]
         self.sizes = [self.params[prefix + n].numel() for n in self.names]
         self.keys = [prefix + n for n in self.names]
@@ -246,11 +248,21 @@ ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.S
                nn.Dropout)
 
 
+def _alias_names(model: nn.Module) -> set[str]:
+    """Return the names under which a tied parameter or buffer appears besides its canonical (first) name."""
+    every = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    every += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    canonical = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return set(every) - canonical
+
+
 def _mlp_layers(model: nn.Module) -> list[tuple[str, nn.Linear, list[nn.Module]]] | None:
     """Return [(name, Linear, element-wise modules after it)] when ``model`` is an nn.Sequential of Linear layers
-    and element-wise activations ending in a Linear layer, else None."""
+    and element-wise activations ending in a Linear layer, with no module used twice and no tied parameter, else None."""
     if not isinstance(model, nn.Sequential) or len(model) == 0:
         return None
+    if len({id(m) for m in model}) != len(model) or _alias_names(model):
+        return None  # the hand-written products would treat each use as its own parameter
     layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
     for name, mod in model.named_children():
         if isinstance(mod, nn.Linear):

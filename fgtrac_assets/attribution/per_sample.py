@@ -15,6 +15,14 @@ batch.  That fallback is exact but costs one backward pass per sample (roughly
 the outer product of the layer's output gradient and its input, both captured by hooks
 in one ordinary forward and backward (:func:`.ghost.linear_factors`), a little faster
 (writing the gradients out is most of the cost of both paths).
+
+A parameter tied to another module (the same Parameter object, e.g. a decoder sharing an
+embedding's weight) is selected under one name and differentiated as that one
+Parameter, so its gradient sums every use, as ``torch.autograd.grad`` would give.
+
+``column_scales`` (one factor per parameter) multiplies each parameter's gradient
+columns before any projection: with per-parameter learning rates on one side of a dot
+product, (R^T L g) . (R^T g') is still an unbiased estimate of g^T L g'.
 """
 
 import math
@@ -26,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .ghost import GhostNotApplicable, linear_factors
+from .ghost import GhostNotApplicable, linear_factors, parameter_holders
 from .model_calls import (
     ForwardFn,
     LossFn,
@@ -42,6 +50,7 @@ __all__ = [
     "RandomProjection",
     "iter_per_sample_grads",
     "per_sample_grads",
+    "scale_columns",
     "selected_parameter_names",
     "unit_rows",
 ]
@@ -200,16 +209,13 @@ def _loop_grads(model, forward, names, loss_fn, x, t) -> list[Tensor]:
 def _linear_parameters(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Linear, str]] | None:
     """Return (its nn.Linear, "weight" | "bias") per name when every named parameter belongs to exactly one
     module, an nn.Linear (no weight tying), else None."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((mod, pname))
+    owners = parameter_holders(model)
     out = []
     for name in names:
         found = owners.get(id(model.get_parameter(name)), [])
-        if len({id(m) for m, _ in found}) != 1 or not isinstance(found[0][0], nn.Linear):
+        if len({id(m) for _, _, m in found}) != 1 or not isinstance(found[0][2], nn.Linear):
             return None
-        out.append(found[0])
+        out.append((found[0][2], found[0][1]))
     return out
 
 
@@ -233,6 +239,12 @@ def _factor_grads(model: nn.Module, linear: list[tuple[nn.Linear, str]], loss_fn
     return flat, blocks
 
 
+def scale_columns(g: Tensor, sizes: Sequence[int], scales: Sequence[float]) -> Tensor:
+    """Return g (n, sum(sizes)) with each parameter's block of ``sizes`` columns times its scale."""
+    factors = torch.cat([g.new_full((size,), float(s)) for size, s in zip(sizes, scales)])
+    return g * factors
+
+
 def unit_rows(g: Tensor) -> Tensor:
     """Return the rows of g divided by their norms (zero rows stay zero)."""
     norm = g.norm(dim=1, keepdim=True)
@@ -248,8 +260,14 @@ def iter_per_sample_grads(
     forward: ForwardFn | None = None,
     batch_size: int = 512,
     projection: RandomProjection | None = None,
+    column_scales: Sequence[float] | None = None,
 ) -> Iterator[Tensor]:
-    """Yield, per batch, the flattened per-sample gradients (b, P) or their projections (b, dim)."""
+    """Yield, per batch, the flattened per-sample gradients (b, P) or their projections (b, dim).
+
+    ``column_scales`` (one per name): each parameter's gradient times its scale, before the projection.
+    """
+    if column_scales is not None and len(column_scales) != len(names):
+        raise ValueError(f"{len(column_scales)} column scales for {len(names)} parameters")
     device = model_device(model)
     linear = _linear_parameters(model, names) if forward is None else None
     mode = "linear" if linear is not None else "vmap"
@@ -267,7 +285,8 @@ def iter_per_sample_grads(
                     mode = "vmap"
                 else:
                     if projection is None:
-                        yield flat
+                        yield flat if column_scales is None else scale_columns(
+                            flat, [b.shape[1] for b in blocks], column_scales)
                         continue
             if mode != "loop" and blocks is None and _vmappable(x, t):
                 try:
@@ -282,6 +301,8 @@ def iter_per_sample_grads(
                     mode = "loop"
             if blocks is None:
                 blocks = _loop_grads(model, forward, names, loss_fn, x, t)
+            if column_scales is not None:  # out of place: vmap may return a parameter's zero gradient expanded
+                blocks = [b * float(s) for b, s in zip(blocks, column_scales)]
             yield projection(blocks) if projection is not None else torch.cat(blocks, dim=1)
 
 
@@ -294,7 +315,9 @@ def per_sample_grads(
     forward: ForwardFn | None = None,
     batch_size: int = 512,
     projection: RandomProjection | None = None,
+    column_scales: Sequence[float] | None = None,
 ) -> Tensor:
     """Return the per-sample gradients over parameters ``names`` as one (n, P) tensor ((n, dim) if projected)."""
-    blocks = list(iter_per_sample_grads(model, names, inputs, targets, loss_fn, forward, batch_size, projection))
+    blocks = list(iter_per_sample_grads(model, names, inputs, targets, loss_fn, forward, batch_size, projection,
+                                        column_scales))
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
