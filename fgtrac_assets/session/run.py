@@ -60,8 +60,12 @@ class Run:
                                "give this run a new name")
 
     # -- wrapping
-    def loader(self, loader, key: Callable[[Any], str] | None = None):
-        """Return a loader yielding the same batches while recording which samples each holds."""
+    def loader(self, loader, key: Callable[[Any], str] | None = None, deferred: bool = False):
+        """Return a loader yielding the same batches while recording which samples each holds.
+
+        ``deferred=True`` (for trainers that fetch ahead): a batch is recorded when ``loader.consumed()`` is
+        called, just before the trainer trains on it, not when it is handed out.
+        """
         from torch.utils.data import IterableDataset
 
         from ..tracing.loader import TracedLoader
@@ -76,7 +80,7 @@ class Run:
             check_names(self.names, len(loader.dataset))
         self._note_sampler(loader.sampler)
         on_batch = self._keyed_batch if key is not None else self._indexed_batch
-        return TracedLoader(loader, on_batch, lambda: self._epoch(loader.sampler), key)
+        return TracedLoader(loader, on_batch, lambda: self._epoch(loader.sampler), key, deferred)
 
     def optimizer(self, optimizer):
         """Hook the optimizer's steps (the same object comes back, so LR schedulers keep working on it)."""
@@ -108,6 +112,22 @@ class Run:
         idx = indices.numpy() if hasattr(indices, "numpy") else np.asarray(indices, dtype=np.int64)
         self.recorder.log.add(kind, idx, epoch=None if whole_run else self.recorder.epoch,
                               details=details() if callable(details) else details)
+
+    # -- for trainers that carry the dataset indices with their batches (no traced loader)
+    def batch(self, indices: Sequence[int]) -> None:
+        """Record a batch the loop is about to train on, by the dataset indices of its items."""
+        if not self._given:
+            raise SessionError("give fg.track the sample ids (one per dataset item, in dataset order)")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.names)):
+            raise SessionError(f"batch indices {idx.min()}..{idx.max()}: the run has {len(self.names)} sample ids")
+        self._indexed_batch(idx.tolist(), None)
+
+    def next_epoch(self, sampler=None) -> None:
+        """Begin the next epoch of batches reported with ``batch`` (a traced loader does this on every iter)."""
+        if sampler is not None and self._sampler is None:
+            self._note_sampler(sampler)
+        self._epoch(sampler)
 
     # -- what the hooks report
     def _indexed_batch(self, keys: list, padding: list[bool] | None) -> None:
@@ -170,6 +190,15 @@ class Run:
             row.update(path=art.path, sha256=art.sha256)
         self.checkpoints.append(row)
         return cid
+
+    def set_losses(self, checkpoint_id: str, val_loss: float | None = None, train_loss: float | None = None) -> None:
+        """Set a saved checkpoint's losses known only after it was saved (None leaves a loss as it is)."""
+        row = next((c for c in self.checkpoints if c["checkpoint_id"] == checkpoint_id), None)
+        if row is None:
+            raise SessionError(f"checkpoint {checkpoint_id}: not saved in this run")
+        for name, value in (("val_loss", val_loss), ("train_loss", train_loss)):
+            if value is not None:
+                row[name] = _finite(value, name)
 
     def _last_lr(self) -> float | None:
         applied = [r for r in self.recorder.rows if r.applied and r.lrs]

@@ -6,6 +6,7 @@ collate function: so the keys travel with the batch whatever the worker count, p
 pinning, and the batches the loop receives are the ones the user's loader would have made.
 """
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,25 +90,46 @@ def keyed_loader(loader: DataLoader, key: Callable[[Any], str] | None = None) ->
 class TracedLoader:
     """Iterates like the user's DataLoader; tells `on_batch` the keys of each batch (and which are padding).
 
-    Each ``iter()`` is one epoch (``on_epoch`` is called first). Attributes not defined here (``dataset``,
+    Each iteration is one epoch (``on_epoch`` is called at its first batch). Attributes not defined here (``dataset``,
     ``sampler``, ``batch_size``, …) are the user's loader's, so its sampler's ``set_epoch`` keeps working.
+    A ``deferred`` loader tells `on_batch` only when ``consumed()`` is called, oldest batch first: for
+    trainers that fetch batches ahead of the step that trains them (a ``None`` batch, which trainers skip,
+    is never reported; batches of an epoch left unconsumed are forgotten at the next ``iter()``).
     """
 
     def __init__(self, loader: DataLoader, on_batch: BatchCallback, on_epoch: Callable[[], None],
-                 key: Callable[[Any], str] | None = None):
+                 key: Callable[[Any], str] | None = None, deferred: bool = False):
         self.loader = loader
         self._keyed = keyed_loader(loader, key)
         self._on_batch, self._on_epoch = on_batch, on_epoch
+        self._waiting: deque | None = deque() if deferred else None
         sampler = loader.sampler
         self._distributed = sampler if isinstance(sampler, DistributedSampler) else None
 
     def __iter__(self) -> Iterator:
+        # made now, as iter() on the user's loader would (workers start, seeds are drawn); the epoch begins
+        # at its first batch, so an iterator a trainer makes and drops is no epoch
+        return self._batches(iter(self._keyed))
+
+    def _batches(self, keyed: Iterator) -> Iterator:
         self._on_epoch()
+        if self._waiting is not None:
+            self._waiting.clear()
         seen = 0
-        for keys, batch in self._keyed:
-            self._on_batch(keys, self._padding(seen, len(keys)))
+        for keys, batch in keyed:
+            padding = self._padding(seen, len(keys))
             seen += len(keys)
+            if self._waiting is None:
+                self._on_batch(keys, padding)
+            elif batch is not None:
+                self._waiting.append((keys, padding))
             yield batch
+
+    def consumed(self) -> None:
+        """Report the oldest batch handed out and not yet reported (deferred loaders only)."""
+        if not self._waiting:
+            raise RuntimeError("consumed(): no batch handed out is waiting (is the loader deferred?)")
+        self._on_batch(*self._waiting.popleft())
 
     def _padding(self, start: int, n: int) -> list[bool] | None:
         """Return which of the epoch's items start..start+n are DistributedSampler's padding (None: none can be)."""
