@@ -162,9 +162,11 @@ class Run:
         from torch.utils.data.distributed import DistributedSampler
 
         if isinstance(sampler, DistributedSampler):
-            self._sampler = {"class": "DistributedSampler", "num_replicas": sampler.num_replicas,
-                             "shuffle": sampler.shuffle, "seed": sampler.seed, "drop_last": sampler.drop_last,
-                             "dataset_size": len(sampler.dataset), "epochs": []}
+            noted = {"class": "DistributedSampler", "num_replicas": sampler.num_replicas, "shuffle": sampler.shuffle,
+                     "seed": sampler.seed, "drop_last": sampler.drop_last, "dataset_size": len(sampler.dataset)}
+            if self._sampler is not None and {k: v for k, v in self._sampler.items() if k != "epochs"} == noted:
+                return  # the same sampler's loader wrapped again (reloaded each epoch): keep its epochs
+            self._sampler = {**noted, "epochs": []}
         else:
             self._sampler = {"class": type(sampler).__name__}
 
