@@ -183,12 +183,20 @@ class Ledger:
         if not self.exists() or not sample_ids:
             return set()
         with self.reader(code_views=False) as con:
-            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'").fetchall()[0][0]:
+            if not _has_table(con, "samples"):
                 return set()  # a file a killed first commit left without its schema
             con.register("_ids", pa.table({"sample_id": sample_ids}))
             rows = con.execute("SELECT DISTINCT s.sample_id FROM samples s JOIN _ids USING (sample_id) "
                                "WHERE s.pipeline = ?", [pipeline]).fetchall()
         return {r[0] for r in rows}
+
+    def has_training_run(self, training_run: str) -> bool:
+        """Return whether a training set of this run is committed (False for a new ledger)."""
+        if not self.exists():
+            return False
+        with self.reader(code_views=False) as con:
+            return _has_table(con, "training_sets") and con.execute(
+                "SELECT count(*) FROM training_sets WHERE training_run = ?", [training_run]).fetchall()[0][0] > 0
 
     def committed_rows(self, table: str, leaf_start: int, leaf_count: int) -> list[dict]:
         """Return the rows of a leaf table that one commit logged (its leaf range), in log order."""
@@ -289,6 +297,11 @@ class Ledger:
 
 # The digest of every DDL statement: a ledger whose fgtrac_schema row holds it needs no DDL on connect.
 SCHEMA_DIGEST = hashlib.sha256("\n".join(all_ddl()).encode()).hexdigest()
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Return whether the file has this table (a killed first commit can leave a file without the schema)."""
+    return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchall()[0][0] > 0
 
 
 def _with_provenance(table: str, rows: pa.Table | list[dict], commit: Commit) -> pa.Table | list[dict]:

@@ -54,8 +54,7 @@ class Run:
         self._sampler: dict | None = None
         self.rank, self.world_size = distributed.rank_and_size()
         self.result: CommitResult | None = None
-        if self.ledger.exists() and self.ledger.query(
-                "SELECT count(*) AS n FROM training_sets WHERE training_run = ?", [run]).column("n")[0].as_py():
+        if self.ledger.has_training_run(run):
             raise SessionError(f"training run {run!r} is already in the ledger at {self.ledger.home.root}; "
                                "give this run a new name")
 
