@@ -11,9 +11,10 @@ from dagster import Config
 from pydantic import Field
 
 from ..attribution.selection import DEFAULT_RULE, SelectionRule
-from ..pipelines.base import InfluenceSettings, IngestSettings, TrainSettings
+from ..pipelines.base import DEVICE_CHOICES, GradientSettings, InfluenceSettings, IngestSettings, TrainSettings
 
 _INGEST = IngestSettings()
+_DEVICE = f"where it runs: {DEVICE_CHOICES}"
 
 
 class RawSamplesConfig(Config):
@@ -40,6 +41,7 @@ class TrainingConfig(Config):
     batch_size: Optional[int] = None
     seed: Optional[int] = None
     schedule: Optional[str] = Field(default=None, description="'cosine' or 'constant'")
+    device: Optional[str] = Field(default=None, description=_DEVICE)
 
     def settings(self, defaults: TrainSettings) -> TrainSettings:
         """Return the pipeline's default training settings with the fields this config sets."""
@@ -63,14 +65,25 @@ class SelectionConfig(Config):
                              always_keep_last=self.always_keep_last, consider_from=self.consider_from)
 
 
+class GradientConfig(Config):
+    """Where the per-sample gradient factors are taken."""
+
+    device: str = Field(default=GradientSettings().device, description=_DEVICE)
+
+    def settings(self, defaults: TrainSettings) -> GradientSettings:
+        """Return the gradient settings this config describes."""
+        return GradientSettings(device=self.device)
+
+
 class InfluenceConfig(Config):
-    """How many proponents and opponents to keep per test sample."""
+    """How many proponents and opponents to keep per test sample, and where they are scored."""
 
     top_k: int = InfluenceSettings().top_k
+    device: str = Field(default=InfluenceSettings().device, description=_DEVICE)
 
     def settings(self, defaults: TrainSettings) -> InfluenceSettings:
         """Return the influence settings this config describes."""
-        return InfluenceSettings(top_k=self.top_k)
+        return InfluenceSettings(top_k=self.top_k, device=self.device)
 
 
 class StudyConfig(Config):
@@ -82,4 +95,4 @@ class StudyConfig(Config):
 
 #: the launchpad config of each stage settings type
 CONFIG_OF = {IngestSettings: RawSamplesConfig, TrainSettings: TrainingConfig, SelectionRule: SelectionConfig,
-             InfluenceSettings: InfluenceConfig}
+             GradientSettings: GradientConfig, InfluenceSettings: InfluenceConfig}

@@ -13,6 +13,9 @@ The public API is the methods, which share one interface (``influence`` / ``self
 
 Everything else (factors, solvers, guards) is imported from its own module. The names load on first
 use, so ``attribution.selection`` imports without torch.
+
+Every method runs on the model's device (its first parameter's): data is moved there batch by batch
+(:func:`.model_calls.to_device`) and scores come back on that device (see :class:`.TracInCP`).
 """
 
 import importlib

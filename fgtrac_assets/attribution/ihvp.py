@@ -178,8 +178,8 @@ def solve_cg(apply: Apply, rhs: Tensor, damping: float, max_iter: int = 100, tol
     bnorm = rhs.norm(dim=1)
     rs = (r * r).sum(1)
     active = (bnorm > 0) & (rs.sqrt() > tol * bnorm)
-    iters = torch.zeros(m, dtype=torch.long)
-    negative = torch.zeros(m, dtype=torch.bool)
+    iters = torch.zeros(m, dtype=torch.long, device=rhs.device)  # indexed by rows of rhs: on its device
+    negative = torch.zeros(m, dtype=torch.bool, device=rhs.device)
     products = 0
     for _ in range(int(max_iter)):
         idx = active.nonzero().squeeze(1)

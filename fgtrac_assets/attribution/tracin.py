@@ -83,6 +83,15 @@ class TracInCP:
     with per-parameter lrs the unit gradients are scaled, and a projection is refused.
     Gradients are taken in eval mode; afterwards the model's parameters/buffers,
     train/eval modes and requires_grad flags are restored (also on exceptions).
+
+    Devices: everything runs where the model lives (the device of its first parameter).
+    Tensor inputs and targets (and tuples/lists of tensors) are moved there batch by batch
+    from wherever they are (with a custom ``forward`` the inputs reach it as given; targets
+    are moved); checkpoint state_dicts may be on any device (``load_state_dict`` copies
+    them into the model's parameters).  Scores, self-influence and every :class:`.TopK`
+    field are returned on the model's device, never copied back behind the caller's back:
+    call ``.cpu()`` before ``.numpy()`` or writing them out.  GradDot, GradCos and
+    InfluenceFunction follow the same rule.
     """
 
     def __init__(

@@ -44,15 +44,51 @@ class Preprocessed:
     params: dict
 
 
+#: the values a `device` setting takes, as its messages and the launchpad describe them
+DEVICE_CHOICES = "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
+
+
+def resolve_device(device: str, setting: str = "device") -> str:
+    """Return the torch device a `device` setting names: 'auto' is 'cuda:<current>' if CUDA is available, else 'cpu'.
+
+    Raise InputError naming the setting for a string torch cannot parse, or a device this machine does not have
+    (CUDA when torch.cuda.is_available() is False, a CUDA index past the last device, a device type fgtrac does
+    not run on).
+    """
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{setting}={device!r} is not a torch device: use {DEVICE_CHOICES}") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{setting}={device!r}: CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False): use 'auto' or 'cpu'")
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= count:
+            raise InputError(f"{setting}={device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return f"cuda:{index}"
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return "mps"
+    raise InputError(f"{setting}={device!r} is not a device fgtrac runs on here: use {DEVICE_CHOICES}")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyper-parameters of one training run."""
+    """Hyper-parameters of one training run, and the device it runs on."""
 
     epochs: int = 12
     lr: float = 0.1
     batch_size: int = 32
     seed: int = 0
     schedule: str = "cosine"
+    device: str = "auto"  # see resolve_device; checkpoints are saved on the CPU whatever it is
 
     def validate(self) -> None:
         """Raise InputError (a ValueError) naming the first setting out of range."""
@@ -64,6 +100,7 @@ class TrainSettings:
             raise InputError(f"batch_size={self.batch_size} is out of range (1..1000000)")
         if self.schedule not in ("cosine", "constant"):
             raise InputError(f"schedule={self.schedule!r} must be 'cosine' or 'constant'")
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -78,10 +115,26 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class GradientSettings:
+    """Where the gradient-cache stage takes the influence layer's per-sample gradient factors."""
+
+    device: str = "auto"  # see resolve_device; the cache is written from CPU copies
+
+    def validate(self) -> None:
+        """Raise InputError naming the device setting when this machine cannot run it."""
+        resolve_device(self.device)
+
+
+@dataclass(frozen=True)
 class InfluenceSettings:
-    """How many proponents and opponents the influence stage keeps per test sample."""
+    """How many proponents and opponents the influence stage keeps per test sample, and where it scores them."""
 
     top_k: int = 10
+    device: str = "auto"  # see resolve_device; the scores are written from CPU copies
+
+    def validate(self) -> None:
+        """Raise InputError naming the device setting when this machine cannot run it."""
+        resolve_device(self.device)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..attribution.selection import SelectionRule
 from ..ledger.checks import SqlCheck, check_names
 from . import stages
-from .base import InfluenceSettings, IngestSettings, Pipeline, TrainSettings
+from .base import GradientSettings, InfluenceSettings, IngestSettings, Pipeline, TrainSettings
 from .handles import Handle, StageResult
 from .stages.gradient_cache import GRADIENT_CHECKS
 from .stages.influence_scores import INFLUENCE_CHECKS
@@ -61,8 +61,8 @@ CHAIN: tuple[Stage, ...] = (
           "Checkpoints where validation loss improved substantially (FG-Trac), the final one always kept; "
           "each decision signed with the numbers the rule computed.", "selected", SELECT_CHECKS),
     Stage("gradient_cache", stages.gradients, ("preprocessed_samples", "training_checkpoints", "selected_checkpoints"),
-          None, "Per-sample gradient factors of layer `{p.influence_layer}` at each selected checkpoint (output "
-          "error and input activation), as a Parquet artifact.", "rows", GRADIENT_CHECKS),
+          GradientSettings, "Per-sample gradient factors of layer `{p.influence_layer}` at each selected checkpoint "
+          "(output error and input activation), as a Parquet artifact.", "rows", GRADIENT_CHECKS),
     Stage("influence_scores", stages.influence, ("gradient_cache",), InfluenceSettings,
           "Signed TracInCP scores: top-k proponents and opponents per test sample and the self-influence of every "
           "training sample.", "influence_rows", INFLUENCE_CHECKS),
@@ -70,7 +70,7 @@ CHAIN: tuple[Stage, ...] = (
 
 SHARDED: tuple[Stage, ...] = (
     Stage("gradient_cache_shards", stages.gradients,
-          ("preprocessed_samples", "training_checkpoints", "selected_checkpoints"), None,
+          ("preprocessed_samples", "training_checkpoints", "selected_checkpoints"), GradientSettings,
           "The gradient cache of one shard of training samples (all test samples).", "rows"),
     Stage("influence_shards", stages.influence_shard, ("gradient_cache_shards",), InfluenceSettings,
           "TracInCP top-k and self-influence of one shard of training samples, to be combined.", "rows"),

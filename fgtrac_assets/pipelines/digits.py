@@ -116,9 +116,13 @@ class DigitsPipeline(Pipeline):
     def evaluate(self, model, prepared: pa.Table) -> dict:
         import torch
 
+        from ..attribution.model_calls import model_device
+
         ids, x, y = self.tensors(prepared, "test")
         if not ids:
             return {}
+        device = model_device(model)
+        x, y = x.to(device), y.to(device)
         with torch.no_grad():
             model.eval()
             logits = model(x)

@@ -101,7 +101,7 @@ import pyarrow.compute as pc
 from ..errors import InputError, MissingInput
 from ..integrity.canonical import content_id
 from ..tracing.recorder import Recorder
-from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings
+from .base import EpochResult, Ingested, Pipeline, Preprocessed, Rejection, TrainSettings, resolve_device
 from .tables import TABLE_FORMATS, TableUnreadable, UserTable, name_text, read_user_table
 
 BUNDLED = ("dslabs", "movielens")
@@ -635,13 +635,16 @@ class MovieLensPipeline(Pipeline):
     def train(self, prepared: pa.Table, settings: TrainSettings, recorder: Recorder) -> Iterator[EpochResult]:
         import torch
 
-        from .training import lr_at
+        from .training import cpu_state_dict, lr_at
 
         settings.validate()
+        device = torch.device(resolve_device(settings.device))
         torch.manual_seed(settings.seed)
-        model = self.build_model(prepared)
+        model = self.build_model(prepared).to(device)  # with its message-passing graph (buffers)
         ids, pairs, ratings = self.tensors(prepared, "train")
         _, val_pairs, val_ratings = self.tensors(prepared, "val")
+        pairs, ratings = pairs.to(device), ratings.to(device)
+        val_pairs, val_ratings = val_pairs.to(device), val_ratings.to(device)
         loss_fn = self.loss_fn()
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
         generator = torch.Generator().manual_seed(settings.seed)
@@ -657,8 +660,9 @@ class MovieLensPipeline(Pipeline):
             recorder.start_epoch(epoch)
             model.train()
             for batch in torch.randperm(n, generator=generator).split(settings.batch_size):
+                on_device = batch.to(device)  # `batch` stays on the CPU, for the recorder
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(pairs[batch]), ratings[batch]).mean()
+                loss = loss_fn(model(pairs[on_device]), ratings[on_device]).mean()
                 loss.backward()
                 recorder.record_batch(batch, lr)
                 optimizer.step()
@@ -668,7 +672,7 @@ class MovieLensPipeline(Pipeline):
                 val_loss = float(loss_fn(model(val_pairs), val_ratings).mean())
             yield EpochResult(epoch=epoch, step=recorder.step,
                               lr=lr, train_loss=train_loss, val_loss=val_loss,
-                              state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+                              state_dict=cpu_state_dict(model))
 
     # -- attribution and metrics
     def gradient_factors(self, model, prepared: pa.Table, split: str):
@@ -693,6 +697,8 @@ class MovieLensPipeline(Pipeline):
     def evaluate(self, model, prepared: pa.Table) -> dict:
         import torch
 
+        from ..attribution.model_calls import model_device
+
         g = self._graph(prepared)
         _, test_pairs, test_y, _, _ = g.splits["test"]
         _, train_pairs, train_y, _, _ = g.splits["train"]
@@ -700,7 +706,8 @@ class MovieLensPipeline(Pipeline):
             return {}
         with torch.no_grad():
             model.eval()
-            pred = model(torch.from_numpy(test_pairs.copy())).clamp(*RATING_RANGE).numpy().astype(np.float64)
+            pairs = torch.from_numpy(test_pairs.copy()).to(model_device(model))
+            pred = model(pairs).clamp(*RATING_RANGE).cpu().numpy().astype(np.float64)
         y = test_y.astype(np.float64)
         mu = float(train_y.mean()) if train_y.size else 3.0
         sums = np.bincount(train_pairs[:, 1], weights=train_y, minlength=g.num_movies)

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..attribution.model_calls import model_device
 from ..tracing.recorder import Recorder
-from .base import EpochResult, TrainSettings
+from .base import EpochResult, TrainSettings, resolve_device
 
 
 def lr_at(settings: TrainSettings, epoch: int) -> float:
@@ -17,16 +18,23 @@ def lr_at(settings: TrainSettings, epoch: int) -> float:
     return 0.5 * settings.lr * (1 + math.cos(math.pi * epoch / settings.epochs))
 
 
+def cpu_state_dict(model) -> dict:
+    """Return a copy of the model's state_dict on the CPU: a checkpoint written on a GPU machine loads anywhere."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 @torch.no_grad()
 def mean_loss(model, loss_fn, inputs, targets, batch_size: int = 1024) -> float:
-    """Return the mean per-sample loss of a model over tensors."""
+    """Return the mean per-sample loss of a model over tensors (moved batch by batch to the model's device)."""
     if len(inputs) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
+    device = model_device(model)
     total = 0.0
     for i in range(0, len(inputs), batch_size):
-        total += float(loss_fn(model(inputs[i:i + batch_size]), targets[i:i + batch_size]).sum())
+        x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
+        total += float(loss_fn(model(x), y).sum())
     model.train(was_training)
     return total / len(inputs)
 
@@ -55,8 +63,15 @@ class EvenBatches:
 
 def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSettings,
                      recorder: Recorder) -> Iterator[EpochResult]:
-    """Train with SGD on (inputs, targets), one recorded step per near-equal batch; yield each epoch's result."""
+    """Train with SGD on (inputs, targets), one recorded step per near-equal batch; yield each epoch's result.
+
+    The model is moved to ``settings.device`` (in place, as ``nn.Module.to`` does) and each batch follows it;
+    the data stays where it is, the recorder gets each batch's sample indices as a CPU tensor and every
+    epoch's state_dict is a CPU copy.
+    """
     settings.validate()
+    device = torch.device(resolve_device(settings.device))
+    model.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     n = len(train[1])
     # the dataset yields each sample's index with it, so every batch says which samples it holds
@@ -69,7 +84,8 @@ def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSe
         for group in optimizer.param_groups:
             group["lr"] = lr
         recorder.start_epoch(epoch)
-        for indices, x, y in loader:
+        for indices, x, y in loader:  # indices come from the CPU sampler and stay there, for the recorder
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y).mean()
             loss.backward()
@@ -77,4 +93,4 @@ def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSe
             optimizer.step()
         yield EpochResult(epoch=epoch, step=recorder.step, lr=optimizer.param_groups[0]["lr"],
                           train_loss=mean_loss(model, loss_fn, *train), val_loss=mean_loss(model, loss_fn, *val),
-                          state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+                          state_dict=cpu_state_dict(model))

@@ -31,7 +31,13 @@ def digits_splits(seed: int, n_train: int, n_val: int):
 
 
 def train_cnn(x, y, val, settings, seed: int):
-    """Return (model, epoch results) of the digits pipeline's CNN trained with its own loop, unrecorded."""
+    """Return (model, epoch results) of the digits pipeline's CNN trained with its own loop, unrecorded.
+
+    Always on the CPU, whatever ``settings.device`` says: the studies score the model on the CPU tensors they
+    hold, and their documented numbers are CPU numbers.
+    """
+    import dataclasses
+
     import torch
 
     from ..pipelines.digits import build_cnn
@@ -41,5 +47,6 @@ def train_cnn(x, y, val, settings, seed: int):
     torch.manual_seed(seed)
     model = build_cnn(10)
     loss = torch.nn.CrossEntropyLoss(reduction="none")
-    epochs = list(train_supervised(model, loss, (x, y), val, settings, NullRecorder()))
+    epochs = list(train_supervised(model, loss, (x, y), val, dataclasses.replace(settings, device="cpu"),
+                                   NullRecorder()))
     return model, epochs

@@ -8,7 +8,7 @@ import pyarrow as pa
 from ...ledger.checks import SqlCheck
 from ...ledger.store import Ledger
 from ...tracing.groups import GroupLog
-from ..base import Pipeline
+from ..base import GradientSettings, Pipeline, resolve_device
 from ..handles import ArtifactRef, GradientCacheHandle, Handle, StageResult
 from .commit import Log, commit_stage, quiet, write_parquet
 from .selection import signed_selection
@@ -25,8 +25,12 @@ GRADIENT_CHECKS = (
 
 
 def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, training: Handle,
-              selected: Handle, shard: tuple[int, int] | None = None, log: Log = quiet) -> StageResult:
+              selected: Handle, settings: GradientSettings = GradientSettings(),
+              shard: tuple[int, int] | None = None, log: Log = quiet) -> StageResult:
     """Cache the influence layer's gradient factors (output error, input activation) per selected checkpoint.
+
+    The model runs on ``settings.device`` (resolved once, recorded in the metadata as ``device``); the cache
+    is written from CPU copies of the factors.
 
     With shard=(i, n) only the training samples of shard i (``shard_of``) are kept, with every
     test sample; the test samples' gradient events are recorded by shard 0 alone.
@@ -36,20 +40,22 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
     from ..splits import shard_of
 
     asset = "gradient_cache" if shard is None else "gradient_cache_shards"
+    settings.validate()
+    device = resolve_device(settings.device)
 
     table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
-    model = pipeline.build_model(table)
+    model = pipeline.build_model(table).to(device)
     layer = pipeline.influence_layer
     parts, recorded, recorded_ids = [], GroupLog(), []
     chosen = signed_selection(ledger, training, selected)
     for c in chosen:
         path = ArtifactRef(c["path"], c["sha256"]).open_checked(ledger.home.root)
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # copied onto the model's device
         for split in ("train", "test"):
             ids, f = pipeline.gradient_factors(model, table, split)
             if not ids:
                 continue
-            e, a = f.errors.detach().float().numpy(), f.activations.detach().float().numpy()
+            e, a = f.errors.detach().float().cpu().numpy(), f.activations.detach().float().cpu().numpy()
             if shard is not None and split == "train":
                 keep = [r for r, sid in enumerate(ids) if shard_of(sid, shard[1]) == shard[0]]
                 ids, e, a = [ids[r] for r in keep], e[keep], a[keep]
@@ -65,13 +71,13 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
                 recorded.add("gradient", np.arange(len(recorded_ids), len(recorded_ids) + len(ids)), lr=c["lr"],
                              checkpoint_id=c["checkpoint_id"], details=pa.array(details, pa.string()))
                 recorded_ids.extend(ids)
-        log(f"gradient factors at {c['checkpoint_id']}")
+        log(f"gradient factors at {c['checkpoint_id']} on {device}")
     cache = pa.concat_tables(parts)
     suffix = "" if shard is None else f"-shard{shard[0]}of{shard[1]}"
     art = write_parquet(ledger, f"{pipeline.name}/runs/{training.training_run}/gradient_cache{suffix}-{run_id}.parquet",
                          "gradient_cache", cache)
     groups = recorded.build(training.training_run, pa.array(recorded_ids, pa.string()))
-    meta = {"layer": layer, "checkpoints": len(chosen), "rows": cache.num_rows,
+    meta = {"layer": layer, "device": device, "checkpoints": len(chosen), "rows": cache.num_rows,
             "gradient_events": groups.num_members, **({} if shard is None else {"shard": f"{shard[0]} of {shard[1]}"})}
     return commit_stage(ledger, pipeline, asset, run_id, {}, [prepared, training, selected], {"gradient_cache": art},
                         meta, GRADIENT_CHECKS if shard is None else (), groups=groups,

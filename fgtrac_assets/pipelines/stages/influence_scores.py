@@ -11,7 +11,7 @@ from ...ledger.influence_rows import influence_rows
 from ...ledger.store import Ledger
 from ...report import plots
 from ...report.influence_figures import influence_figures
-from ..base import InfluenceSettings, Pipeline
+from ..base import InfluenceSettings, Pipeline, resolve_device
 from ..handles import GradientCacheHandle, Handle, StageResult
 from .commit import Log, commit_stage, quiet, write_parquet
 
@@ -43,9 +43,13 @@ INFLUENCE_CHECKS = (
 )
 
 
-def _score_cache(table: pa.Table, k: int, log: Log) -> tuple[list, list, list, object, object, int]:
-    """Return (checkpoint ids, train ids, test ids, top-k or None, self-influence, k) of one gradient cache."""
+def _score_cache(table: pa.Table, k: int, log: Log, device: str = "cpu") -> tuple[list, list, list, object, object, int]:
+    """Return (checkpoint ids, train ids, test ids, top-k or None, self-influence, k) of one gradient cache.
+
+    The scores are computed on ``device`` and handed back on the CPU.
+    """
     from ...attribution.ghost import Factors, self_influence_from_factors, top_k_from_factors
+    from ...attribution.topk import TopK
 
     ckpt_ids = list(dict.fromkeys(table.column("checkpoint_id").to_pylist()))
     train_by, test_by, lrs, train_ids, test_ids = [], [], [], None, None
@@ -59,28 +63,37 @@ def _score_cache(table: pa.Table, k: int, log: Log) -> tuple[list, list, list, o
                 train_ids = train_ids or ids
             else:
                 test_ids = test_ids or ids
-            dest.append([Factors(errors=_matrix(sp.column("errors")), activations=_matrix(sp.column("activations")))])
+            dest.append([Factors(errors=_matrix(sp.column("errors")).to(device),
+                                 activations=_matrix(sp.column("activations")).to(device))])
     k = min(k, len(train_ids))
     started = time.monotonic()
     top = top_k_from_factors(train_by, test_by, lrs, k) if test_ids else None
-    selfinf = self_influence_from_factors(train_by, lrs)
+    selfinf = self_influence_from_factors(train_by, lrs).cpu()
+    if top is not None:
+        top = TopK(top.proponent_idx.cpu(), top.proponent_score.cpu(), top.opponent_idx.cpu(), top.opponent_score.cpu())
     log(f"TracInCP over {len(train_ids)} train x {len(test_ids or [])} test at {len(lrs)} checkpoints "
-        f"in {time.monotonic() - started:.2f}s")
+        f"on {device} in {time.monotonic() - started:.2f}s")
     return ckpt_ids, train_ids, test_ids or [], top, selfinf, k
 
 
 def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCacheHandle,
               settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
-    """Score every test sample against every training sample with TracInCP; keep top-k and self-influence."""
+    """Score every test sample against every training sample with TracInCP; keep top-k and self-influence.
+
+    The scores are computed on ``settings.device`` (resolved once, recorded in the metadata as ``device``).
+    """
     import torch
 
+    settings.validate()
+    device = resolve_device(settings.device)
     table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
-    ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log)
+    ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log, device)
     rows = influence_rows(train_ids, test_ids, top, selfinf, k)
     order = torch.argsort(selfinf, descending=True).tolist()
     art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
                          "influence_scores", rows)
-    meta = {"method": "TracInCP (last layer, selected checkpoints)", "checkpoints": ckpt_ids, "top_k": k,
+    meta = {"method": "TracInCP (last layer, selected checkpoints)", "device": device, "checkpoints": ckpt_ids,
+            "top_k": k,
             "self_influence_md": plots.markdown_image(
                 plots.histogram(selfinf.tolist(), "self-influence of training samples", "TracInCP(z, z)"),
                 "distribution of self-influence"),
@@ -96,13 +109,16 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
 def influence_shard(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCacheHandle,
                     settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
     """Score one shard's training samples against every test sample; keep its top-k as an artifact to combine."""
+    settings.validate()
+    device = resolve_device(settings.device)
     table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
-    _, train_ids, test_ids, top, selfinf, k_used = _score_cache(table, settings.top_k, log)
+    _, train_ids, test_ids, top, selfinf, k_used = _score_cache(table, settings.top_k, log, device)
     rows = influence_rows(train_ids, test_ids, top, selfinf, k_used)
     shard = cache.shard
     art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{shard}-{run_id}.parquet",
                          "influence_shard", rows)
-    meta = {"shard": shard, "train_samples": len(train_ids), "test_samples": len(test_ids), "rows": rows.num_rows}
+    meta = {"shard": shard, "device": device, "train_samples": len(train_ids), "test_samples": len(test_ids),
+            "rows": rows.num_rows}
     return commit_stage(ledger, pipeline, "influence_shards", run_id, {}, [cache], {"influence": art}, meta,
                         training_run=cache.training_run)
 

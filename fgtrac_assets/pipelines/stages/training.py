@@ -1,5 +1,6 @@
 """The training stage: a new model version, a checkpoint per epoch, a `batched` event group per step."""
 
+import dataclasses
 import time
 
 from ...ledger.artifacts import write_artifact
@@ -7,7 +8,7 @@ from ...ledger.checks import SqlCheck
 from ...ledger.proofs import training_set_root
 from ...ledger.store import Ledger
 from ...report import plots
-from ..base import Pipeline, TrainSettings
+from ..base import Pipeline, TrainSettings, resolve_device
 from ..handles import Handle, StageResult
 from .commit import Log, NothingToTrain, commit_stage, quiet
 
@@ -25,10 +26,15 @@ TRAIN_CHECKS = (
 
 def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, settings: TrainSettings,
           log: Log = quiet) -> StageResult:
-    """Train a new model version; record a `batched` event per sample per step (a leaf per step) and a checkpoint per epoch."""
+    """Train a new model version; record a `batched` event per sample per step (a leaf per step) and a checkpoint per epoch.
+
+    Training and the final evaluation run on ``settings.device``, resolved once here and recorded in the metadata
+    (``device``); the checkpoints are saved from CPU copies, so they load on any machine.
+    """
     import torch
 
     settings.validate()
+    device = resolve_device(settings.device)
     table = prepared.artifacts["prepared"].read_parquet(ledger.home.root)
     train_ids, _, _ = pipeline.tensors(table, "train")
     val_ids, _, _ = pipeline.tensors(table, "val")
@@ -42,7 +48,8 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     tracer = Tracer(train_ids, training_run)
     checkpoints, arts, history = [], {}, []
     started = time.monotonic()
-    for ep in pipeline.train(table, settings, tracer):
+    log(f"training on {device}")
+    for ep in pipeline.train(table, dataclasses.replace(settings, device=device), tracer):
         rel = f"artifacts/{pipeline.name}/runs/{training_run}/checkpoints/epoch-{ep.epoch:03d}.pt"
 
         def save(path, state=ep.state_dict):
@@ -61,6 +68,7 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
             f"lr {ep.lr:.4g}, {rate:,.0f} samples/s, ETA {eta:.0f}s")
     final = pipeline.build_model(table)
     final.load_state_dict(ep.state_dict)
+    final.to(device)
     metrics = pipeline.evaluate(final, table)
     if metrics:
         log("test metrics of the final model: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -70,7 +78,7 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     meta = {"epochs": settings.epochs, "steps": tracer.step, "training_set_root": training_set[0]["root"],
             "traced_events": groups.num_members, "event_groups": groups.groups.num_rows,
             "train_samples": len(train_ids), "final_val_loss": checkpoints[-1]["val_loss"],
-            "settings": settings.__dict__, "loss_history": history, **metrics}
+            "settings": settings.__dict__, "device": device, "loss_history": history, **metrics}
     meta["loss_curve_md"] = plots.markdown_image(plots.loss_curve(history), "training and validation loss")
     return commit_stage(ledger, pipeline, "training_checkpoints", run_id,
                         {"checkpoints": checkpoints, "training_sets": training_set}, [prepared], arts, meta,
