@@ -22,6 +22,7 @@ BIN = Path(sys.executable).parent
 
 SCRIPTS = [  # (script, full args, quick args)
     ("bench_tracing.py", ["--reps", "5"], ["--reps", "1", "--graph-limit", "3000"]),
+    ("bench_session.py", [], ["--reps", "1", "--samples", "2048", "--ddp-samples", "1024", "--epochs", "1"]),
     ("bench_tracin.py", [], ["--quick"]),
     ("bench_dattri.py", [], ["--quick"]),
     ("bench_canonical.py", [], []),
