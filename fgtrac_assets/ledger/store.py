@@ -4,6 +4,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from pathlib import Path
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -94,19 +95,15 @@ class Ledger:
         if not read_only:
             self.ensure_home()
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
+            if not read_only and not self.home.ledger.exists():
+                _create_ledger_file(self.home.ledger)
             con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
             try:
                 if read_only and code_views:
                     install_code_definitions(con)  # audits read the code's views, never the file's (catalog.py)
                 _lock_configuration(con)
-                if not read_only and not _schema_current(con):  # one transaction: a kill leaves all or none
-                    con.execute("BEGIN TRANSACTION")
-                    migrate_events_table(con)
-                    for ddl in all_ddl():
-                        con.execute(ddl)
-                    migrate_log_nodes(con)
-                    con.execute("CREATE OR REPLACE TABLE fgtrac_schema AS SELECT ? AS digest", [SCHEMA_DIGEST])
-                    con.execute("COMMIT")
+                if not read_only and not _schema_current(con):
+                    _install_schema(con)
                 yield con
             finally:
                 con.close()
@@ -342,6 +339,43 @@ def _witness(con: duckdb.DuckDBPyConnection, policy, size: int, note: str, previ
         witnessing.store(con, size, policy, outcomes, utc_now())
         con.execute("COMMIT")
     return {o.witness: "cosigned" if o.line else o.problem for o in outcomes}
+
+
+def _install_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create or migrate the schema in one transaction: a kill leaves all of it or none."""
+    con.execute("BEGIN TRANSACTION")
+    migrate_events_table(con)
+    for ddl in all_ddl():
+        con.execute(ddl)
+    migrate_log_nodes(con)
+    con.execute("CREATE OR REPLACE TABLE fgtrac_schema AS SELECT ? AS digest", [SCHEMA_DIGEST])
+    con.execute("COMMIT")
+
+
+def _create_ledger_file(path: Path) -> None:
+    """Make a new ledger file with its schema under a temporary name, then move it into place.
+
+    DuckDB writes a new file's headers in several steps; killed between them, it leaves a file it cannot open
+    again. Built aside and renamed, the ledger file either does not exist or is whole. Called under the
+    exclusive lock, so a temporary file left by a killed creator can be removed.
+    """
+    for stale in path.parent.glob(f".{path.name}.creating-*"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    con = duckdb.connect(str(tmp), config={"enable_external_access": False})
+    try:
+        _install_schema(con)
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _lock_configuration(con: duckdb.DuckDBPyConnection) -> None:

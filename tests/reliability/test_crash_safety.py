@@ -160,3 +160,26 @@ def test_uncommitted_artifact_files_are_reported_by_verify(tmp_path):
     report = verify_ledger(ledger, update_witness=False)
     assert report.ok
     assert any("never committed" in n and "killed-run.parquet" in n for n in report.notices), report.notices
+
+
+def test_a_new_ledger_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """DuckDB writes a new file's headers in steps (a kill between them left a file it cannot open): it is built aside."""
+    from fgtrac_assets.ledger import store
+    from fgtrac_assets.ledger.store import Commit, Ledger
+    from fgtrac_assets.ledger.verify import verify_ledger
+
+    ledger = Ledger(tmp_path / "home")
+    row = Commit("digits_cnn", "raw_samples", "r1", rows={"events": [{"sample_id": "s", "kind": "ingested"}]})
+
+    def killed(*_):
+        raise KeyboardInterrupt  # the process dies after building the file, before moving it into place
+
+    monkeypatch.setattr(store.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.commit(row)
+    monkeypatch.undo()
+    home = ledger.home.root
+    assert not ledger.home.ledger.exists() and list(home.glob(".ledger.duckdb.creating-*"))
+    ledger.commit(row)
+    assert not list(home.glob(".ledger.duckdb.creating-*"))
+    assert verify_ledger(ledger, update_witness=False).ok
