@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from benchmarks.bench_tracing import time_calls  # noqa: E402
 from benchmarks.results import machine, table, write_section  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -80,7 +81,7 @@ def loop(x, y, names, epochs: int, out: Path, session_home: Path | None, sampler
     run = None
     if session_home is not None:
         run = Run(names, f"bench-{time.time_ns()}", session_home)
-        _time(run.recorder, ["batch", "_stepping"], own)
+        time_calls(run.recorder, ["batch", "_stepping"], own, [0])
         loader, optimizer = run.loader(loader), run.optimizer(optimizer)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     for epoch in range(epochs):
@@ -101,21 +102,6 @@ def loop(x, y, names, epochs: int, out: Path, session_home: Path | None, sampler
         run.commit()
         own[0] += time.perf_counter() - t
     return time.perf_counter() - started, own[0]
-
-
-def _time(obj, names: list[str], own: list[float]) -> None:
-    """Replace obj's methods by wrappers adding their wall time to own[0]."""
-    for name in names:
-        inner = getattr(obj, name)
-
-        def wrapper(*args, _inner=inner, **kwargs):
-            t = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                own[0] += time.perf_counter() - t
-
-        setattr(obj, name, wrapper)
 
 
 def single(args, tmp: Path) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..session.ids import check_names
+from ..tracing.loader import IndexedDataset
 from ..session.run import Run, SessionError
 
 __all__ = ["INDEX", "FgtracTrainer", "FgtracTrainerCallback", "FgtracTrainerMixin"]
@@ -30,25 +31,7 @@ __all__ = ["INDEX", "FgtracTrainer", "FgtracTrainerCallback", "FgtracTrainerMixi
 INDEX = "fgtrac_index"
 
 
-class _WithIndex(torch.utils.data.Dataset):
-    """A map-style dataset whose (dict) items also hold their dataset index under INDEX."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index):
-        return _tagged(self.inner[index], index)
-
-    def __getitems__(self, indices):
-        fetch = getattr(self.inner, "__getitems__", None)
-        items = fetch(indices) if fetch else [self.inner[i] for i in indices]
-        return [_tagged(item, i) for item, i in zip(items, indices)]
-
-
-def _tagged(item, index) -> dict:
+def _tagged(index, item) -> dict:
     if not isinstance(item, Mapping):
         raise SessionError(f"FgtracTrainerMixin: dataset items are {type(item).__name__}; the Trainer's "
                            "items are dicts of model inputs")
@@ -125,13 +108,13 @@ class FgtracTrainerCallback(TrainerCallback):
         self._sampler = None
 
     # -- called by the mixin
-    def indexed(self, dataset) -> _WithIndex:
+    def indexed(self, dataset) -> IndexedDataset:
         """Return the train dataset with each item's index added, after checking there is one id per item."""
         if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise SessionError("FgtracTrainerCallback records map-style train datasets (indexed items, a length)")
         check_names(self.sample_ids, len(dataset))
         self._indexed = True
-        return _WithIndex(dataset)
+        return IndexedDataset(dataset, _tagged)
 
     def batch(self, indices: torch.Tensor) -> None:
         """Record a batch about to be trained, by its items' dataset indices."""

@@ -98,7 +98,8 @@ def sample_used(ledger: Ledger, sample: str, run: str, test: str | None = None) 
         cols, rows = _q(con, "SELECT sample_id, training_run, used, epochs, steps, first_step, last_step, min_lr, max_lr "
                              "FROM sample_usage_of(?, ?)", [sid, rid])
         groups = con.execute("SELECT o.lrs FROM optimizer_steps o WHERE o.training_run = ? AND o.applied AND o.step IN "
-                             "(SELECT step FROM sample_usage_events(?, ?))", [rid, sid, rid]).fetchall()
+                             "(SELECT step FROM events WHERE sample_id = ? AND kind = 'batched' AND training_run = ?)",
+                             [rid, sid, rid]).fetchall()
         if groups:  # a session-recorded run: every parameter group's lr range over the sample's steps
             cols, rows = cols + ["lrs_by_group"], [rows[0] + (describe_group_lrs([g[0] for g in groups]),)]
         if test is None:

@@ -229,8 +229,6 @@ VIEW_DDL = [
        SELECT sid AS sample_id, run AS training_run, count(*) > 0 AS used, count(DISTINCT epoch) AS epochs,
               count(*) AS steps, min(step) AS first_step, max(step) AS last_step, min(lr) AS min_lr, max(lr) AS max_lr
        FROM s WHERE kind = 'batched' AND training_run = run""",
-    """CREATE OR REPLACE MACRO sample_usage_events(sid, run) AS TABLE
-       SELECT step FROM events WHERE sample_id = sid AND kind = 'batched' AND training_run = run""",
     """CREATE OR REPLACE VIEW model_training_set AS
        SELECT t.pipeline, t.training_run, t.size AS committed_size, t.root AS committed_root, e.sample_id
        FROM training_sets t

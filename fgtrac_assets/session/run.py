@@ -24,7 +24,7 @@ from ..ledger.proofs import training_set_root
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
 from ..tracing.groups import GroupLog
-from ..tracing.steps import StepRecorder
+from ..tracing.steps import StepRecorder, as_indices
 from . import distributed
 from .ids import check_names, sample_id
 
@@ -103,13 +103,11 @@ class Run:
         """Record one step a loop reports itself: the dataset indices of its batch and the lr it applies."""
         if not self._given:
             raise SessionError("record_batch takes dataset indices: give fg.track the sample ids")
-        idx = indices.numpy() if hasattr(indices, "numpy") else np.asarray(indices, dtype=np.int64)
-        self.recorder.record_step(idx, lr, details() if callable(details) else details)
+        self.recorder.record_step(as_indices(indices), lr, details() if callable(details) else details)
 
     def record(self, kind: str, indices, details=None, whole_run: bool = False) -> None:
         """Record one event of `kind` per sample at these indices, in this epoch or for the whole run."""
-        idx = indices.numpy() if hasattr(indices, "numpy") else np.asarray(indices, dtype=np.int64)
-        self.recorder.log.add(kind, idx, epoch=None if whole_run else self.recorder.epoch,
+        self.recorder.log.add(kind, as_indices(indices), epoch=None if whole_run else self.recorder.epoch,
                               details=details() if callable(details) else details)
 
     # -- for trainers that carry the dataset indices with their batches (no traced loader)
@@ -227,7 +225,7 @@ class Run:
     def _commit(self, names: list[str], log: GroupLog) -> Commit:
         ids = [sample_id(n) for n in names]
         groups = log.build(self.training_run, pa.array(ids, pa.string()))
-        used = sorted({ids[j] for k, idx in zip(log.kind, log.indices) if k == "batched" for j in idx.tolist()})
+        used = sorted(ids[j] for j in log.trained_indices().tolist())
         rows = {
             **new_sample_rows(self.ledger, self.pipeline, ids, names),
             "checkpoints": self.checkpoints,

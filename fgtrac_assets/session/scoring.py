@@ -7,6 +7,7 @@ their checkpoints' `lr`. The top-k proponents and opponents and the self-influen
 pipelines' influence stage commits them, signed, under asset `influence_scores`.
 """
 
+import bisect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,10 +49,11 @@ def recorded_checkpoints(ledger: Ledger, run: str) -> tuple[str, list[RecordedCh
     if not ckpts:
         raise InfluenceError(f"training run {rid}: no checkpoints recorded (call run.checkpoint(model) in the loop)")
     groups = [[g["parameters"] for g in o["groups"]] for o in json.loads(opts[0][0])] if opts else []
+    step_numbers = [s for s, _ in steps]
     out = []
     for cid, step, lr, path, sha in ckpts:
-        before = [json.loads(s_lrs) for s, s_lrs in steps if s < step]
-        applied = before[-1] if before else None
+        last = bisect.bisect_left(step_numbers, step) - 1  # the last step applied before the checkpoint
+        applied = json.loads(steps[last][1]) if last >= 0 else None
         out.append(RecordedCheckpoint(cid, path, sha, _lr(applied, groups, lr, cid)))
     return rid, out
 

@@ -73,6 +73,11 @@ class GroupLog:
     def __len__(self) -> int:
         return sum(len(i) for i in self.indices)
 
+    def trained_indices(self) -> np.ndarray:
+        """Return the sorted distinct sample indices of the `batched` groups (what some step trained on)."""
+        used = [i for k, i in zip(self.kind, self.indices) if k == "batched"]
+        return np.unique(np.concatenate(used)) if used else np.zeros(0, dtype=np.int64)
+
     def build(self, training_run: str, sample_ids: pa.Array) -> EventGroups:
         """Return the recorded groups over these sample ids, ready for Ledger.commit."""
         return build_groups(self.kind, training_run, self.epoch, self.step, self.lr, self.indices, sample_ids,

@@ -17,22 +17,27 @@ from torch.utils.data.distributed import DistributedSampler
 BatchCallback = Callable[[list, "list[bool] | None"], None]
 
 
-class _Indexed(torch.utils.data.Dataset):
-    """A map-style dataset whose items are (index, item)."""
+def with_index(index, item) -> tuple:
+    """Return (index, item): how a traced loader's items carry their index."""
+    return index, item
 
-    def __init__(self, inner):
-        self.inner = inner
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items are tag(index, item) (default: (index, item)); tag must pickle."""
+
+    def __init__(self, inner, tag: Callable[[int, Any], Any] = with_index):
+        self.inner, self.tag = inner, tag
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index):
-        return index, self.inner[index]
+        return self.tag(index, self.inner[index])
 
     def __getitems__(self, indices):
         fetch = getattr(self.inner, "__getitems__", None)
         items = fetch(indices) if fetch else [self.inner[i] for i in indices]
-        return list(zip(indices, items))
+        return [self.tag(i, item) for i, item in zip(indices, items)]
 
 
 class _Keyed(IterableDataset):
@@ -81,9 +86,9 @@ def keyed_loader(loader: DataLoader, key: Callable[[Any], str] | None = None) ->
         return DataLoader(_Keyed(dataset, key), batch_size=loader.batch_size, drop_last=loader.drop_last,
                           collate_fn=_KeepKeys(loader.collate_fn, batched), **opts)
     if loader.batch_sampler is None:  # batch_size=None: the sampler's indices, one item at a time
-        return DataLoader(_Indexed(dataset), sampler=loader.sampler, batch_size=None,
+        return DataLoader(IndexedDataset(dataset), sampler=loader.sampler, batch_size=None,
                           collate_fn=_KeepKeys(loader.collate_fn, False), **opts)
-    return DataLoader(_Indexed(dataset), batch_sampler=loader.batch_sampler,
+    return DataLoader(IndexedDataset(dataset), batch_sampler=loader.batch_sampler,
                       collate_fn=_KeepKeys(loader.collate_fn, True), **opts)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .groups import GroupLog
@@ -28,6 +29,11 @@ class StepRow:
     lrs: dict[int, list[float]] = field(default_factory=dict)
     samples: int = 0
     micro_batches: int = 0
+
+
+def as_indices(indices) -> np.ndarray:
+    """Return dataset indices (a tensor, array or list) as an int64 array."""
+    return indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
@@ -46,7 +52,6 @@ class StepRecorder:
         self.optimizers: list[torch.optim.Optimizer] = []
         self._pending: list[tuple[np.ndarray, list | None]] = []
         self._handles: list = []
-        self._in_scaler_step: set[int] = set()
         self._stepped_in_scaler = False
 
     # -- what the loader reports
@@ -146,6 +151,4 @@ class StepRecorder:
 
 
 def _arrow(details: Sequence | None):
-    import pyarrow as pa
-
     return None if details is None else pa.array(details, pa.string())

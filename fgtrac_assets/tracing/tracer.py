@@ -2,14 +2,13 @@
 
 from collections.abc import Sequence
 
-import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
 from .groups import EventGroups, GroupLog
 from .loader import TracedLoader
-from .steps import StepRecorder
+from .steps import StepRecorder, as_indices
 
 
 class Tracer:
@@ -55,7 +54,7 @@ class Tracer:
 
     def record_batch(self, indices, lr: float, details=None) -> None:
         """Record that the samples at these dataset indices formed the current step's batch, applied at lr."""
-        self._steps.record_step(_indices(indices), lr, details() if callable(details) else details)
+        self._steps.record_step(as_indices(indices), lr, details() if callable(details) else details)
 
     def record(self, kind: str, indices, details=None, whole_run: bool = False) -> None:
         """Record one event of `kind` per sample at these indices, in this epoch or (whole_run) for the whole run.
@@ -65,7 +64,7 @@ class Tracer:
         self._add(kind, indices, None if whole_run else self.epoch, None, None, details)
 
     def _add(self, kind: str, indices, epoch: int | None, step: int | None, lr: float | None, details) -> None:
-        self._log.add(kind, _indices(indices), epoch=epoch, step=step, lr=lr,
+        self._log.add(kind, as_indices(indices), epoch=epoch, step=step, lr=lr,
                       details=details() if callable(details) else details)
 
     def groups(self) -> EventGroups:
@@ -82,12 +81,4 @@ class Tracer:
 
     def used_sample_ids(self) -> list[str]:
         """Return the sorted distinct ids of the samples some step trained on."""
-        used = [i for k, i in zip(self._log.kind, self._log.indices) if k == "batched"]
-        if not used:
-            return []
-        return sorted(self.sample_ids.take(pa.array(np.unique(np.concatenate(used)))).to_pylist())
-
-
-def _indices(indices) -> np.ndarray:
-    """Return dataset indices (a tensor, array or list) as an int64 array."""
-    return indices.numpy() if torch.is_tensor(indices) else np.asarray(indices, dtype=np.int64)
+        return sorted(self.sample_ids.take(pa.array(self._log.trained_indices())).to_pylist())
