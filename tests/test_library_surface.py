@@ -35,12 +35,12 @@ def test_readme_tracing_example_runs_with_the_package_imports(tmp_path):
 
 def test_attribution_exports_the_methods_and_the_selection_rule_only():
     import fgtrac_assets.attribution as attribution
-    from fgtrac_assets.attribution import FurtherTraining, GradCos, GradDot, InfluenceFunction, TracInCP
+    from fgtrac_assets.attribution import TRAK, FurtherTraining, GradCos, GradDot, InfluenceFunction, TracInCP
     from fgtrac_assets.attribution.final_model import GradDot as home
 
     assert attribution.__all__ == ["FurtherTraining", "GradCos", "GradDot", "InfluenceFunction", "SelectionRule",
-                                   "TracInCP", "select_checkpoints"]
-    assert GradDot is home and all(callable(c) for c in (FurtherTraining, GradCos, InfluenceFunction, TracInCP))
+                                   "TRAK", "TracInCP", "select_checkpoints"]
+    assert GradDot is home and all(callable(c) for c in (FurtherTraining, GradCos, InfluenceFunction, TracInCP, TRAK))
     for internal in ("factor_dot", "solve_block_cg", "model_guard", "linear_factors", "TopK"):
         with pytest.raises(AttributeError):
             getattr(attribution, internal)

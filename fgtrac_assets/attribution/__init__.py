@@ -1,4 +1,4 @@
-"""Training-data attribution (torch + numpy only): TracInCP and final-model-only methods.
+"""Training-data attribution (torch + numpy only): TracInCP, TRAK and final-model-only methods.
 
 The public API is the methods, which share one interface (``influence`` / ``self_influence`` /
 ``top_k``) and one sign (positive = proponent), and FG-Trac's checkpoint selection rule:
@@ -9,6 +9,8 @@ The public API is the methods, which share one interface (``influence`` / ``self
   Hessian of :mod:`.hessian`, solvers in :mod:`.ihvp`, an optional (E)K-FAC preconditioner in
   :mod:`.preconditioner`) with the final model only, and the ``FurtherTraining`` gold standard
   (:mod:`.further_training`).
+* ``TRAK`` (:mod:`.trak`): Park et al.'s kernel over randomly projected output gradients, averaged
+  over an ensemble of checkpoints.
 * ``select_checkpoints`` and its settings ``SelectionRule`` (:mod:`.selection`).
 
 Everything else (factors, solvers, guards) is imported from its own module. The names load on first
@@ -27,10 +29,11 @@ if TYPE_CHECKING:
     from .influence_function import InfluenceFunction
     from .selection import SelectionRule, select_checkpoints
     from .tracin import TracInCP
+    from .trak import TRAK
 
 _HOMES = {"FurtherTraining": ".further_training", "GradCos": ".final_model", "GradDot": ".final_model",
           "InfluenceFunction": ".influence_function", "SelectionRule": ".selection",
-          "TracInCP": ".tracin", "select_checkpoints": ".selection"}
+          "TRAK": ".trak", "TracInCP": ".tracin", "select_checkpoints": ".selection"}
 
 __all__ = sorted(_HOMES)
 
