@@ -38,8 +38,9 @@ def test_attribution_exports_the_methods_and_the_selection_rule_only():
     from fgtrac_assets.attribution import TRAK, FurtherTraining, GradCos, GradDot, InfluenceFunction, TracInCP
     from fgtrac_assets.attribution.final_model import GradDot as home
 
-    assert attribution.__all__ == ["FurtherTraining", "GradCos", "GradDot", "InfluenceFunction", "SelectionRule",
-                                   "TRAK", "TracInCP", "select_checkpoints"]
+    assert attribution.__all__ == ["FurtherTraining", "GradCos", "GradDot", "InfluenceFunction", "Metagradient",
+                                   "OptimizerSpec", "SelectionRule", "StepExactTracIn", "TRAK", "TracInCP",
+                                   "TrainingTrace", "select_checkpoints"]
     assert GradDot is home and all(callable(c) for c in (FurtherTraining, GradCos, InfluenceFunction, TracInCP, TRAK))
     for internal in ("factor_dot", "solve_block_cg", "model_guard", "linear_factors", "TopK"):
         with pytest.raises(AttributeError):

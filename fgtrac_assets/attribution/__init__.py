@@ -1,4 +1,4 @@
-"""Training-data attribution (torch + numpy only): TracInCP, TRAK and final-model-only methods.
+"""Training-data attribution (torch + numpy only): TracInCP, TRAK, final-model-only and replay methods.
 
 The public API is the methods, which share one interface (``influence`` / ``self_influence`` /
 ``top_k``) and one sign (positive = proponent), and FG-Trac's checkpoint selection rule:
@@ -11,6 +11,10 @@ The public API is the methods, which share one interface (``influence`` / ``self
   (:mod:`.further_training`).
 * ``TRAK`` (:mod:`.trak`): Park et al.'s kernel over randomly projected output gradients, averaged
   over an ensemble of checkpoints.
+* the replay methods, which need the recorded run as a ``TrainingTrace`` (:mod:`.trace`: initial weights,
+  every step's batch and lr, the optimiser as an ``OptimizerSpec``, the checkpoints it must reproduce):
+  ``StepExactTracIn`` (:mod:`.step_exact`, first-order TracIn at every step's own parameters) and
+  ``Metagradient`` (:mod:`.metagradient`, exact reverse-mode derivatives through every optimiser step).
 * ``select_checkpoints`` and its settings ``SelectionRule`` (:mod:`.selection`).
 
 Everything else (factors, solvers, guards) is imported from its own module. The names load on first
@@ -28,12 +32,16 @@ if TYPE_CHECKING:
     from .further_training import FurtherTraining
     from .influence_function import InfluenceFunction
     from .selection import SelectionRule, select_checkpoints
+    from .metagradient import Metagradient
+    from .step_exact import StepExactTracIn
+    from .trace import OptimizerSpec, TrainingTrace
     from .tracin import TracInCP
     from .trak import TRAK
 
 _HOMES = {"FurtherTraining": ".further_training", "GradCos": ".final_model", "GradDot": ".final_model",
           "InfluenceFunction": ".influence_function", "SelectionRule": ".selection",
-          "TRAK": ".trak", "TracInCP": ".tracin", "select_checkpoints": ".selection"}
+          "Metagradient": ".metagradient", "OptimizerSpec": ".trace", "StepExactTracIn": ".step_exact",
+          "TRAK": ".trak", "TracInCP": ".tracin", "TrainingTrace": ".trace", "select_checkpoints": ".selection"}
 
 __all__ = sorted(_HOMES)
 

@@ -30,8 +30,8 @@ def digits_splits(seed: int, n_train: int, n_val: int):
     return (xs[tr], ys[tr], ids), (xs[va], ys[va]), (xs[te], ys[te])
 
 
-def train_cnn(x, y, val, settings, seed: int):
-    """Return (model, epoch results) of the digits pipeline's CNN trained with its own loop, unrecorded.
+def train_cnn(x, y, val, settings, seed: int, recorder=None):
+    """Return (model, epoch results) of the digits pipeline's CNN trained with its own loop (unrecorded by default).
 
     Always on the CPU, whatever ``settings.device`` says: the studies score the model on the CPU tensors they
     hold, and their documented numbers are CPU numbers.
@@ -48,5 +48,5 @@ def train_cnn(x, y, val, settings, seed: int):
     model = build_cnn(10)
     loss = torch.nn.CrossEntropyLoss(reduction="none")
     epochs = list(train_supervised(model, loss, (x, y), val, dataclasses.replace(settings, device="cpu"),
-                                   NullRecorder()))
+                                   recorder if recorder is not None else NullRecorder()))
     return model, epochs
