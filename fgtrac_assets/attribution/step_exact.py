@@ -52,11 +52,30 @@ class StepExactTracIn:
 
     def batch_influence(self, train_inputs: Tensor, train_targets: Tensor, test_inputs: Tensor, test_targets: Tensor
                         ) -> Tensor:
-        """Return (n_train,) step-exact scores for the test batch's mean output (one test gradient per step)."""
-        def mean_grad(work: nn.Module, t: int) -> Tensor:
-            return self._test_grads(work, test_inputs, test_targets, mean=True).T
+        """Return (n_train,) step-exact scores for the test batch's mean output (one test gradient per step).
 
-        return self._run(train_inputs, train_targets, mean_grad)[:, 0]
+        Per step: the gradient v of the test batch's mean loss (one backward pass), then every batch member's
+        g(z) . v at once as a forward-mode derivative of the batch's losses along v (no per-sample gradients).
+        """
+        from torch.func import functional_call, jvp
+
+        model, names = self.model, self.names
+
+        def dots(work: nn.Module, params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+            fixed = {n: t.detach() for n, t in work.named_parameters() if n not in names}
+            fixed.update(dict(work.named_buffers()))
+            live = [p.detach().requires_grad_(True) for p in params]
+            with torch.enable_grad():
+                out = functional_call(model, {**fixed, **dict(zip(names, live))}, (self._cast(test_inputs),))
+                v = torch.autograd.grad(self._minus_output(out, test_targets).mean(), live, allow_unused=True)
+            v = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, v))
+
+            def losses(*p: Tensor) -> Tensor:
+                return self.loss_fn(functional_call(model, {**fixed, **dict(zip(names, p))}, (x,)), y)
+
+            return jvp(losses, tuple(p.detach() for p in params), v)[1][:, None]
+
+        return self._run(train_inputs, train_targets, None, dots)[:, 0]
 
     def self_influence(self, train_inputs: Tensor, train_targets: Tensor) -> Tensor:
         """Return (n_train,) sum over the steps using z of lr_t / |B_t| * |grad l(theta_t, z)|^2."""
@@ -94,8 +113,12 @@ class StepExactTracIn:
         dtype = next(self._work.parameters()).dtype
         return x.to(dtype) if x.is_floating_point() else x
 
-    def _run(self, x: Tensor, y: Tensor, test_grads: Callable[[nn.Module, int], Tensor] | None) -> Tensor:
-        """Replay the trace; per step, add lr/|B| * (batch gradients) @ test_grads(theta_t) (or |g|^2) per row."""
+    def _run(self, x: Tensor, y: Tensor, test_grads: Callable[[nn.Module, int], Tensor] | None,
+             dots: Callable[[nn.Module, list[Tensor], Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """Replay the trace; per step, add lr/|B| * (batch gradients) @ test_grads(theta_t) (or |g|^2) per row.
+
+        ``dots(work, params, x_batch, y_batch)`` (when given) returns the (|B|, width) products directly instead.
+        """
         self._work = work = copy.deepcopy(self.model)
         if self.dtype is not None:
             work.to(self.dtype)
@@ -114,12 +137,13 @@ class StepExactTracIn:
                     p.copy_(v)
             step = self.trace.steps[state.done]
             rows = torch.tensor(step.rows, dtype=torch.long, device=x.device)
-            g_train = per_sample_grads(work, self.names, x[rows], y[rows.to(y.device)], self.loss_fn,
-                                       batch_size=self.batch_size)
-            if test_grads is None:
-                part = (g_train * g_train).sum(1, keepdim=True)
+            xb, yb = x[rows], y[rows.to(y.device)]
+            if dots is not None:
+                part = dots(work, state.params, xb, yb)
             else:
-                part = g_train @ test_grads(work, state.done)
+                g_train = per_sample_grads(work, self.names, xb, yb, self.loss_fn, batch_size=self.batch_size)
+                part = (g_train * g_train).sum(1, keepdim=True) if test_grads is None else \
+                    g_train @ test_grads(work, state.done)
             part = part * (step.lr / len(rows))
             if out is None:
                 out = torch.zeros(len(y), part.shape[1], dtype=part.dtype, device=part.device)

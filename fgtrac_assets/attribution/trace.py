@@ -138,27 +138,29 @@ def optimizer_update(params: Sequence[Tensor], grads: Sequence[Tensor], state: S
     """
     k = spec.state_size
     new_p, new_s = [], []
+    # the same operations in the same order as torch.optim's single-tensor CPU paths, so a float32 replay
+    # reproduces the recorded weights bit for bit
     for i, (p, g) in enumerate(zip(params, grads)):
         s = state[i * k:(i + 1) * k]
         if spec.kind == "sgd":
             if spec.weight_decay:
-                g = g + spec.weight_decay * p
+                g = g.add(p, alpha=spec.weight_decay)
             if spec.momentum:
-                buf = g if step == 0 else spec.momentum * s[0] + (1 - spec.dampening) * g
+                buf = g if step == 0 else (s[0] * spec.momentum).add(g, alpha=1 - spec.dampening)
                 new_s.append(buf)
-                g = g + spec.momentum * buf if spec.nesterov else buf
-            new_p.append(p - lr * g)
+                g = g.add(buf, alpha=spec.momentum) if spec.nesterov else buf
+            new_p.append(p.add(g, alpha=-lr))
             continue
         b1, b2 = spec.betas
         if spec.kind == "adamw":
             p = p * (1 - lr * spec.weight_decay)
         elif spec.weight_decay:
-            g = g + spec.weight_decay * p
-        m = b1 * s[0] + (1 - b1) * g
-        v = b2 * s[1] + (1 - b2) * g * g
+            g = g.add(p, alpha=spec.weight_decay)
+        m = torch.lerp(s[0], g, 1 - b1)
+        v = torch.addcmul(s[1] * b2, g, g, value=1 - b2)
         t = step + 1
-        denom = _safe_sqrt(v) / math.sqrt(1 - b2 ** t) + spec.eps
-        new_p.append(p - (lr / (1 - b1 ** t)) * m / denom)
+        denom = (_safe_sqrt(v) / math.sqrt(1 - b2 ** t)).add(spec.eps)
+        new_p.append(torch.addcdiv(p, m, denom, value=-(lr / (1 - b1 ** t))))
         new_s += [m, v]
     return new_p, new_s
 
@@ -181,12 +183,12 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def step_loss(model: nn.Module, names: Sequence[str], fixed: Mapping[str, Tensor], loss_fn: LossFn,
               params: Sequence[Tensor], inputs: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Return the step's loss sum_i w_i l(theta, z_i) / |B| at ``params`` (all weights 1 when ``weights`` is None)."""
+    """Return the step's loss sum_i w_i l(theta, z_i) / |B| at ``params`` (the plain mean when ``weights`` is None)."""
     out = functional_call(model, {**fixed, **dict(zip(names, params))}, (inputs,))
     losses = loss_fn(out, targets)
-    if weights is not None:
-        losses = losses * weights
-    return losses.sum() / len(targets)
+    if weights is None:
+        return losses.mean()  # what the recorded loop computed
+    return (losses * weights).sum() / len(targets)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The studies fgtrac ships, per pipeline: what each shows, its function and its presets."""
 
-from . import final_model
+from . import datamodeling, final_model
 from .graph_noise import noisy_rating_evaluation
 from .mislabel import mislabel_evaluation, table_markdown
 from .run import Study
@@ -39,7 +39,21 @@ NOISY_RATING_STUDY = Study(
     presets={"default": {}, "large": {"limit": 28_000}},
     headline=lambda r: {"run": r["run"]})
 
+LDS_STUDY = Study(
+    name="lds_evaluation",
+    description="The linear datamodeling score on digits: random training subsets (half, and 90%) retrained with "
+                "the recorded order and seed (fixed order) and with fresh seeds; Spearman correlation per test "
+                "sample between each method's summed scores and the retrained models' test loss and margin, for "
+                "TracInCP (all, FG-Trac-selected and final checkpoints), Grad-Dot, Grad-Cos, influence functions "
+                "(CG), TRAK (fgtrac's and dattri's) and the replay methods (step-exact TracIn, metagradients).",
+    run=datamodeling.lds_evaluation, table_markdown=datamodeling.table_markdown,
+    # default: 300 training samples, 8 epochs (152 steps), 50 subsets per fraction: about 20 s
+    presets={"default": {}, "large": {"n_train": 1000, "n_val": 300, "n_test": 100, "epochs": 20, "subsets": 100,
+                                      "trak_dim": 256},
+             "smoke": {"n_train": 60, "n_val": 40, "n_test": 8, "epochs": 2, "subsets": 6}},
+    headline=lambda r: {"winners": r["winners"], "run": r["run"]})
+
 # Evaluation assets per pipeline: each depends on the pipeline's preprocessed_samples, trains its own models on
 # the bundled data and commits a table and a plot.
-STUDIES: dict[str, list[Study]] = {"digits_cnn": [MISLABEL_STUDY, FINAL_MODEL_STUDY],
+STUDIES: dict[str, list[Study]] = {"digits_cnn": [MISLABEL_STUDY, FINAL_MODEL_STUDY, LDS_STUDY],
                                    "multimodal_graph": [NOISY_RATING_STUDY]}

@@ -3,7 +3,9 @@
 dattri (a dev extra) is imported inside the function, so this module imports without it.
 """
 
+import contextlib
 import copy
+import io
 from collections.abc import Sequence
 
 import torch
@@ -62,11 +64,13 @@ def dattri_trak_scores(
               "proj_type": "identity" if projection_dim is None else "normal"}
     defaults = dict(dattri_trak.DEFAULT_PROJECTOR_KWARGS)  # dattri updates this module-level dict in place
     try:
-        attributor = dattri_trak.TRAKAttributor(task=task, correct_probability_func=correct_probability,
-                                                projector_kwargs=kwargs, device=device.type,
-                                                regularization=regularization)
-        attributor.cache(DataLoader(TensorDataset(train_inputs, train_targets), batch_size=batch_size))
-        scores = attributor.attribute(DataLoader(TensorDataset(test_inputs, test_targets), batch_size=batch_size))
+        with contextlib.redirect_stderr(io.StringIO()):  # dattri's progress bars: a study logs one line per stage
+            attributor = dattri_trak.TRAKAttributor(task=task, correct_probability_func=correct_probability,
+                                                    projector_kwargs=kwargs, device=device.type,
+                                                    regularization=regularization)
+            attributor.cache(DataLoader(TensorDataset(train_inputs, train_targets), batch_size=batch_size))
+            scores = attributor.attribute(DataLoader(TensorDataset(test_inputs, test_targets),
+                                                     batch_size=batch_size))
     finally:
         dattri_trak.DEFAULT_PROJECTOR_KWARGS.clear()
         dattri_trak.DEFAULT_PROJECTOR_KWARGS.update(defaults)

@@ -6,6 +6,7 @@ from torch import nn
 
 from fgtrac_assets.attribution.metagradient import Metagradient
 from fgtrac_assets.attribution.trace import OptimizerSpec, ReplayMismatch, TraceStep, TrainingTrace
+from fgtrac_assets.attribution.trak import margin
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -100,11 +101,6 @@ def test_a_sample_no_step_used_has_no_effect_and_the_margin_is_an_output():
     model, x, y, xt, yt, steps = tiny_problem()
     steps = [TraceStep(tuple(r for r in s.rows if r != 7), s.lr) for s in steps]
     trace = TrainingTrace(model.state_dict(), steps)
-
-    def margin(out, t):
-        correct = out.gather(1, t[:, None])[:, 0]
-        others = out.scatter(1, t[:, None], float("-inf"))
-        return correct - others.logsumexp(1)
 
     scores = Metagradient(model, trace, LOSS, output=margin).influence(x, y, xt, yt)
     assert torch.equal(scores[7], torch.zeros(len(yt), dtype=scores.dtype))
