@@ -13,7 +13,7 @@ from fgtrac_assets.pipelines.base import TrainSettings
 from fgtrac_assets.pipelines.digits import build_cnn
 from fgtrac_assets.pipelines.training import lr_at
 from fgtrac_assets.studies import retrain
-from fgtrac_assets.studies.datamodeling import METHODS, lds_evaluation
+from fgtrac_assets.studies.datamodeling import GRAPH_METHODS, METHODS, graph_lds_evaluation, lds_evaluation
 from fgtrac_assets.studies.digits_data import digits_splits, train_cnn
 from fgtrac_assets.tracing.tracer import Tracer
 
@@ -48,8 +48,9 @@ def test_fixed_order_retraining_with_every_weight_one_is_the_recorded_run(record
 def test_fresh_seed_retraining_is_the_pipelines_loop_from_that_seed(recorded_run):
     x, y, settings, initial, model, _ = recorded_run
     every = torch.arange(len(y))[None]
-    stacked = retrain.retrain_fresh(model, [initial], LOSS, x, y, every, [settings.seed], settings.epochs,
-                                    settings.batch_size, lambda e: lr_at(settings, e))
+    steps, lrs = retrain.even_batch_steps(every, [settings.seed], settings.epochs, settings.batch_size,
+                                          lambda e: lr_at(settings, e))
+    stacked = retrain.retrain_fresh(model, [initial], LOSS, x, y, steps, lrs, OptimizerSpec())
     for name, p in zip([n for n, _ in model.named_parameters()], stacked):
         assert torch.allclose(p[0], model.get_parameter(name), atol=1e-5)
 
@@ -80,3 +81,24 @@ def test_lds_study_materialises_a_signed_table_with_every_method(tmp_path):
     assert {(r["setting"], r["fraction"]) for r in table} == {(s, f) for s in ("fixed_order", "fresh_seed")
                                                               for f in (0.5, 0.9)}
     assert verify_ledger(ledger, update_witness=False).findings == []
+
+
+def test_the_graph_study_replays_the_adam_run_and_the_metagradient_wins_the_fixed_order():
+    """The GNN was trained with Adam: the replay reproduces it, and the metagradient predicts the fixed order best."""
+    result = graph_lds_evaluation(limit=1200, n_test=16, epochs=4, subsets=12, fractions=(0.9,),
+                                  settings=("fixed_order",), plot=False)
+    assert {r["method"] for r in result["table"]} == set(GRAPH_METHODS)
+    assert result["run"]["optimizer"] == "adam" and result["run"]["fixed_order_replay_max_abs_diff"] < 1e-5
+    lds = {r["method"]: r["lds"] for r in result["table"]}
+    assert result["winners"]["fixed_order 0.9"]["-loss"] == "metagradient", lds
+    assert lds["metagradient"] >= max(v for m, v in lds.items() if m != "metagradient") + 0.05, lds
+
+
+def test_graph_lds_study_materialises(tmp_path):
+    result = materialize(with_samples("lds_evaluation", "multimodal_graph"),
+                         resources={"fgtrac": FgtracResource(home=str(tmp_path))},
+                         run_config=samples_config("multimodal_graph", limit=800,
+                                                   multimodal_graph__lds_evaluation={"config": {"preset": "smoke"}}))
+    assert result.success
+    meta = result.asset_materializations_for_node("multimodal_graph__lds_evaluation")[0].metadata
+    assert "metagradient" in meta["table"].value and meta["best"].value

@@ -14,7 +14,8 @@ from fgtrac_assets.studies.mislabel import (
     table_markdown,
 )
 
-METHODS = {"tracincp_all", "tracincp_even3", "tracincp_fgtrac", "tracincp_valdrop3", "grad_dot", "loss", "random"}
+METHODS = {"tracincp_all", "tracincp_even3", "tracincp_fgtrac", "tracincp_valdrop3", "grad_dot", "step_exact", "trak",
+           "loss", "random"}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def reduced():
 
 def test_structure(reduced):
     r = reduced
-    assert set(r) == {"table", "curves", "plot_png", "best", "run"}
+    assert set(r) == {"table", "curves", "plot_png", "best", "against_loss", "run"}
     assert {row["method"] for row in r["table"]} == METHODS == set(r["curves"])
     assert r["best"] in METHODS - {"random"}
     assert r["plot_png"][:8] == b"\x89PNG\r\n\x1a\n" and len(r["plot_png"]) > 5_000
@@ -40,6 +41,15 @@ def test_structure(reduced):
         for key in ("found_5", "found_10", "found_20", "found_30", "auroc"):
             assert 0.0 <= row[key] <= 1.0, (row["method"], key)
     assert table_markdown(r["table"]).count("\n") == len(r["table"]) + 1
+    vs = r["against_loss"]
+    assert vs["best_attribution"] in METHODS - {"loss", "random"} and vs["loss_found_10"] == rows["loss"]["found_10"]
+    assert vs["meets_loss_plus_0_03"] == (vs["found_10"] >= rows["loss"]["found_10"] + 0.03)
+
+
+def test_the_step_exact_self_influence_is_the_trace_replayed(reduced):
+    """Summed over every recorded step, it ranks flipped labels about as well as TracInCP over every checkpoint."""
+    rows = {row["method"]: row for row in reduced["table"]}
+    assert rows["step_exact"]["auroc"] >= 0.9 and abs(rows["step_exact"]["found_20"] - rows["tracincp_all"]["found_20"]) <= 0.1
 
 
 def test_fractions_are_monotone(reduced):

@@ -14,13 +14,13 @@ The forward replay is checked against the trace's recorded checkpoints first.
 """
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .model_calls import LossFn
-from .per_sample import per_sample_grads
+from .per_sample import per_sample_grads, selected_parameter_names
 from .topk import RunningTopK, TopK
 from .trace import TrainingTrace, check_reproduced, replay, trainable_names
 
@@ -34,14 +34,20 @@ class StepExactTracIn:
 
     Arguments as :class:`.metagradient.Metagradient`: the model (never modified), the recorded ``trace``, the
     per-sample ``loss_fn``, an optional test ``output`` to raise instead of the loss to lower, ``dtype`` and
-    ``verify``. ``batch_size`` bounds the per-sample gradients computed at once.
+    ``verify``. ``batch_size`` bounds the per-sample gradients computed at once. ``layer`` (a submodule name or
+    names, as :class:`.TracInCP` takes) restricts the gradients to that layer's parameters, which makes the
+    per-step gradients of a Linear layer exact factor products; the replay itself always moves every trainable
+    parameter, as the recorded optimiser did.
     """
 
     def __init__(self, model: nn.Module, trace: TrainingTrace, loss_fn: LossFn, *, output: OutputFn | None = None,
-                 dtype: torch.dtype | None = None, verify: bool = True, batch_size: int = 512):
+                 dtype: torch.dtype | None = None, verify: bool = True, batch_size: int = 512,
+                 layer: str | Sequence[str] | None = None):
         self.model, self.trace, self.loss_fn, self.output = model, trace, loss_fn, output
         self.dtype, self.verify, self.batch_size = dtype, verify, batch_size
-        self.names = trainable_names(model)
+        self.trained = trainable_names(model)
+        self.names = self.trained if layer is None else selected_parameter_names(
+            model, [layer] if isinstance(layer, str) else list(layer))
         self.reproduced_max_abs_diff: float | None = None
 
     def influence(self, train_inputs: Tensor, train_targets: Tensor, test_inputs: Tensor, test_targets: Tensor
@@ -59,7 +65,9 @@ class StepExactTracIn:
         """
         from torch.func import functional_call, jvp
 
-        model, names = self.model, self.names
+        model, names = self.model, self.trained
+        if self.names != self.trained:
+            raise ValueError("batch_influence takes every trainable parameter (build the method without layer=)")
 
         def dots(work: nn.Module, params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
             fixed = {n: t.detach() for n, t in work.named_parameters() if n not in names}
@@ -123,12 +131,12 @@ class StepExactTracIn:
         if self.dtype is not None:
             work.to(self.dtype)
         x = self._cast(x)
-        live = [work.get_parameter(n) for n in self.names]
+        live = [work.get_parameter(n) for n in self.trained]
         out = None
         worst = None
         for state in replay(self.model, self.trace, self.loss_fn, x, y, dtype=self.dtype):
             if self.verify:
-                diff = check_reproduced(self.names, state, self.trace)
+                diff = check_reproduced(self.trained, state, self.trace)
                 worst = diff if worst is None else (worst if diff is None else max(worst, diff))
             if state.done == len(self.trace.steps):
                 break

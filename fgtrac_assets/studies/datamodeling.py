@@ -28,6 +28,7 @@ output, since they are defined for any differentiable test output, and TRAK is m
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,26 +38,100 @@ from .digits_data import digits_splits, train_cnn
 SETTINGS = ("fixed_order", "fresh_seed")
 OUTPUTS = ("-loss", "margin")
 
-#: every method the study can run, in table order
+#: every method the digits study can run, in table order
 METHODS = ("tracincp_all", "tracincp_fgtrac", "tracincp_final", "grad_dot", "grad_cos", "influence_cg", "trak",
            "trak_dattri", "step_exact", "metagradient")
+
+#: the graph study's methods (a regression: no margin, so no TRAK; the decoder's last layer for TracInCP)
+GRAPH_METHODS = ("tracincp_all", "tracincp_fgtrac", "grad_dot", "step_exact", "metagradient")
+
+
+@dataclass
+class ReferenceRun:
+    """A recorded run to measure methods on: the model, its epochs, its trace, its data and how to retrain it fresh.
+
+    ``fresh(subsets (M, size) rows, seeds) -> stacked parameters`` retrains each subset the pipeline's way from its
+    own seed; ``outputs`` are the test outputs to predict ({name: f(model outputs, targets) per sample}).
+    """
+
+    model: object
+    history: list
+    trace: object
+    loss_fn: Callable
+    train: tuple
+    test: tuple
+    train_seconds: float
+    fresh: Callable
+    outputs: dict
+
+
+def measure_lds(run: ReferenceRun, scorers: dict[str, Callable[[], object]], methods: Sequence[str],
+                settings: Sequence[str], subsets: int, fractions: Sequence[float], seed: int) -> dict:
+    """Return the table (method x setting x fraction x output), the winners, retraining seconds and replay gap."""
+    import torch
+
+    from ..attribution.lds import linear_datamodeling_score, random_subsets
+    from . import retrain
+
+    unknown = sorted(set(methods) - set(scorers)) + sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise InputError(f"LDS study: unknown method or setting {unknown[0]!r} (methods: {', '.join(scorers)})")
+    if subsets < 2 or not fractions or not all(0 < f < 1 for f in fractions):
+        raise InputError("LDS study: need subsets >= 2 and every fraction in (0, 1)")
+    model, (x_tr, y_tr), (x_te, y_te) = run.model, run.train, run.test
+    n_train = len(y_tr)
+    masks = {f: random_subsets(n_train, subsets, f, seed) for f in fractions}
+    truth, retrain_seconds = {}, {}
+    for fraction, setting in ((f, s) for f in fractions for s in settings):
+        started = time.perf_counter()
+        if setting == "fixed_order":
+            stacked = retrain.retrain_fixed_order(model, run.trace, run.loss_fn, x_tr, y_tr, masks[fraction])
+        else:
+            rows = torch.stack([torch.nonzero(m)[:, 0] for m in masks[fraction]])
+            stacked = run.fresh(rows, [seed + 1000 + m for m in range(subsets)])
+        truth[fraction, setting] = retrain.model_outputs(model, stacked, x_te, y_te, run.outputs)
+        retrain_seconds[f"{setting} {fraction}"] = round(time.perf_counter() - started, 3)
+    replayed = retrain.retrain_fixed_order(model, run.trace, run.loss_fn, x_tr, y_tr, torch.ones(1, n_train))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    replay_gap = max(float((p[0] - model.get_parameter(n).detach()).abs().max()) for n, p in zip(names, replayed))
+
+    table = []
+    for name in methods:
+        started = time.perf_counter()
+        scores = scorers[name]()
+        seconds = time.perf_counter() - started
+        for (fraction, setting), outs in truth.items():
+            for output in run.outputs:
+                s = scores[output] if isinstance(scores, dict) else scores
+                per_test = linear_datamodeling_score(s, masks[fraction], outs[output]).numpy()
+                valid = per_test[~np.isnan(per_test)]
+                table.append({"method": name, "setting": setting, "fraction": fraction, "output": output,
+                              "lds": float(valid.mean()) if len(valid) else float("nan"),
+                              "lds_sem": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
+                              "seconds": round(seconds, 3), "cost_vs_training": round(seconds / run.train_seconds, 3)})
+    winners = {f"{setting} {fraction}": {
+        output: max((r for r in table if (r["setting"], r["fraction"], r["output"]) == (setting, fraction, output)),
+                    key=lambda r: -np.inf if np.isnan(r["lds"]) else r["lds"])["method"] for output in run.outputs}
+        for fraction, setting in truth}
+    return {"table": table, "winners": winners, "retraining_seconds": retrain_seconds,
+            "fixed_order_replay_max_abs_diff": replay_gap}
 
 
 def lds_evaluation(seed: int = 0, n_train: int = 300, n_val: int = 150, n_test: int = 40, epochs: int = 8,
                    lr: float = 0.1, batch_size: int = 16, schedule: str = "cosine", subsets: int = 50,
-                   fractions: Sequence[float] = (0.5, 0.9), methods: Sequence[str] = METHODS, settings: Sequence[str] = SETTINGS,
-                   trak_dim: int = 64, plot: bool = True) -> dict:
+                   fractions: Sequence[float] = (0.5, 0.9), methods: Sequence[str] = METHODS,
+                   settings: Sequence[str] = SETTINGS, trak_dim: int = 64, plot: bool = True) -> dict:
     """Measure every method's LDS on one digits run; return the table, the plot and the winner per setting.
 
-    Returns a dict with ``table`` (one row per method, setting and output: ``method``, ``setting``, ``output``,
-    ``fraction`` (of the training set kept), ``lds``, ``lds_sem`` (standard error over the test samples), ``seconds`` (the method's scoring time),
-    ``cost_vs_training`` (seconds / the reference run's training seconds)), ``best`` (the winner per setting on
-    the ``-loss`` output), ``winners`` ({"setting fraction": {output: method}}), ``plot_png`` and ``run`` (settings,
-    accuracies, timings, and how closely the fixed-order retraining with every weight 1 reproduces the run).
+    Returns a dict with ``table`` (one row per method, setting, fraction and output: ``method``, ``setting``,
+    ``fraction`` (of the training set kept), ``output``, ``lds``, ``lds_sem`` (standard error over the test
+    samples), ``seconds`` (the method's scoring time), ``cost_vs_training`` (seconds / the reference run's
+    training seconds)), ``best`` (the winner per setting on the ``-loss`` output), ``winners``
+    ({"setting fraction": {output: method}}), ``plot_png`` and ``run`` (settings, accuracy, timings, and how
+    closely the fixed-order retraining with every weight 1 reproduces the run).
     """
     import torch
 
-    from ..attribution.lds import linear_datamodeling_score, random_subsets
     from ..attribution.trace import OptimizerSpec, trace_from_events
     from ..attribution.trak import margin
     from ..pipelines.base import TrainSettings
@@ -65,97 +140,131 @@ def lds_evaluation(seed: int = 0, n_train: int = 300, n_val: int = 150, n_test: 
     from ..tracing.tracer import Tracer
     from . import retrain
 
-    unknown = sorted(set(methods) - set(METHODS)) + sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise InputError(f"lds_evaluation: unknown method or setting {unknown[0]!r}")
-    if subsets < 2 or not fractions or not all(0 < f < 1 for f in fractions):
-        raise InputError("lds_evaluation: need subsets >= 2 and every fraction in (0, 1)")
     t0 = time.perf_counter()
     (x_tr, y_tr, ids), (x_va, y_va), (x_te, y_te) = digits_splits(seed, n_train, n_val)
     x_te, y_te = x_te[:n_test], y_te[:n_test]
     train_settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule=schedule)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
 
-    torch.manual_seed(seed)
-    initial = {k: v.clone() for k, v in build_cnn(10).state_dict().items()}
+    def initial_state(s: int) -> dict:
+        torch.manual_seed(s)
+        return {k: v.clone() for k, v in build_cnn(10).state_dict().items()}
+
     tracer = Tracer(ids, "lds-reference")
     started = time.perf_counter()
     model, history = train_cnn(x_tr, y_tr, (x_va, y_va), train_settings, seed, recorder=tracer)
     train_seconds = time.perf_counter() - started
-    trace = trace_from_events(tracer.events(), ids, initial, OptimizerSpec(),
+    trace = trace_from_events(tracer.events(), ids, initial_state(seed), OptimizerSpec(),
                               {h.step: h.state_dict for h in history}, "lds-reference")
     model.eval()
 
-    # ground truth: per fraction, the subsets retrained in each setting, and their test outputs
-    outputs = {"-loss": lambda out, t: -loss_fn(out, t), "margin": margin}
-    masks = {f: random_subsets(n_train, subsets, f, seed) for f in fractions}
-    truth, retrain_seconds = {}, {}
-    for fraction, setting in ((f, s) for f in fractions for s in settings):
-        started = time.perf_counter()
-        if setting == "fixed_order":
-            stacked = retrain.retrain_fixed_order(model, trace, loss_fn, x_tr, y_tr, masks[fraction])
-        else:
-            seeds = [seed + 1000 + m for m in range(subsets)]
-            inits = []
-            for s in seeds:
-                torch.manual_seed(s)
-                inits.append(build_cnn(10).state_dict())
-            rows = torch.stack([torch.nonzero(m)[:, 0] for m in masks[fraction]])
-            stacked = retrain.retrain_fresh(model, inits, loss_fn, x_tr, y_tr, rows, seeds, epochs, batch_size,
-                                            lambda e: lr_at(train_settings, e))
-        truth[fraction, setting] = retrain.model_outputs(model, stacked, x_te, y_te, outputs)
-        retrain_seconds[f"{setting} {fraction}"] = time.perf_counter() - started
-    replayed = retrain.retrain_fixed_order(model, trace, loss_fn, x_tr, y_tr, torch.ones(1, n_train))
-    replay_gap = max(float((p[0] - model.get_parameter(n).detach()).abs().max())
-                     for n, p in zip([n for n, _ in model.named_parameters()], replayed))
+    def fresh(rows, seeds):
+        steps, lrs = retrain.even_batch_steps(rows, seeds, epochs, batch_size, lambda e: lr_at(train_settings, e))
+        return retrain.retrain_fresh(model, [initial_state(s) for s in seeds], loss_fn, x_tr, y_tr, steps, lrs,
+                                     OptimizerSpec())
 
-    # every method's scores of the reference run, per output
-    scorers = _scorers(model, history, trace, loss_fn, x_tr, y_tr, x_te, y_te, trak_dim, seed)
-    table = []
-    for name in methods:
-        started = time.perf_counter()
-        scores = scorers[name]()
-        seconds = time.perf_counter() - started
-        for (fraction, setting), outs in truth.items():
-            for output in OUTPUTS:
-                s = scores[output] if isinstance(scores, dict) else scores
-                per_test = linear_datamodeling_score(s, masks[fraction], outs[output]).numpy()
-                valid = per_test[~np.isnan(per_test)]
-                table.append({"method": name, "setting": setting, "fraction": fraction, "output": output,
-                              "lds": float(valid.mean()) if len(valid) else float("nan"),
-                              "lds_sem": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
-                              "seconds": round(seconds, 3), "cost_vs_training": round(seconds / train_seconds, 3)})
-    winners = {f"{setting} {fraction}": {
-        output: max((r for r in table if (r["setting"], r["fraction"], r["output"]) == (setting, fraction, output)),
-                    key=lambda r: -np.inf if np.isnan(r["lds"]) else r["lds"])["method"] for output in OUTPUTS}
-        for fraction, setting in truth}
+    run = ReferenceRun(model, history, trace, loss_fn, (x_tr, y_tr), (x_te, y_te), train_seconds, fresh,
+                       {"-loss": lambda out, t: -loss_fn(out, t), "margin": margin})
+    measured = measure_lds(run, _digits_scorers(run, trak_dim, seed), methods, settings, subsets, fractions, seed)
     with torch.no_grad():
         test_acc = float((model(x_te).argmax(1) == y_te).float().mean())
-    return {
-        "table": table,
-        "best": "; ".join(f"{s}: {w['-loss']}" for s, w in winners.items()),
-        "winners": winners,
-        "plot_png": lds_plot(table) if plot else None,
-        "run": {"settings": {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": int(len(y_te)),
-                             "epochs": epochs, "lr": lr, "batch_size": batch_size, "schedule": schedule,
-                             "subsets": subsets, "fractions": list(fractions), "trak_dim": trak_dim},
-                "steps": len(trace.steps), "test_accuracy": test_acc,
-                "training_seconds": round(train_seconds, 3),
-                "retraining_seconds": {k: round(v, 3) for k, v in retrain_seconds.items()},
-                "fixed_order_replay_max_abs_diff": replay_gap,
-                "seconds": round(time.perf_counter() - t0, 2)},
-    }
+    return _result(measured, plot, {
+        "settings": {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": int(len(y_te)), "epochs": epochs,
+                     "lr": lr, "batch_size": batch_size, "schedule": schedule, "subsets": subsets,
+                     "fractions": list(fractions), "trak_dim": trak_dim},
+        "steps": len(trace.steps), "test_accuracy": test_acc, "training_seconds": round(train_seconds, 3),
+        "seconds": round(time.perf_counter() - t0, 2)})
 
 
-def _scorers(model, history, trace, loss_fn, x_tr, y_tr, x_te, y_te, trak_dim: int, seed: int
-             ) -> dict[str, Callable[[], object]]:
+def graph_lds_evaluation(seed: int = 0, limit: int = 2000, n_test: int = 40, epochs: int = 6, lr: float = 0.01,
+                         batch_size: int = 128, hidden: int = 32, subsets: int = 20,
+                         fractions: Sequence[float] = (0.5, 0.9), methods: Sequence[str] = GRAPH_METHODS,
+                         settings: Sequence[str] = SETTINGS, plot: bool = True) -> dict:
+    """Measure the LDS of the methods on the multimodal graph pipeline's GNN (its own loop, Adam); as lds_evaluation.
+
+    The bundled MovieLens ratings of the first users (``limit``), preprocessed by the pipeline, trained with the
+    pipeline's loop and recorded by its Tracer; the test output is minus the squared error on ``n_test`` test
+    ratings. Fresh-seed retraining follows the pipeline's order (a new permutation per epoch, from the seed).
+    """
+    import torch
+
+    from ..attribution.trace import OptimizerSpec, trace_from_events
+    from ..pipelines.base import TrainSettings
+    from ..pipelines.movielens import MovieLensPipeline
+    from ..pipelines.training import lr_at
+    from ..tracing.tracer import Tracer
+    from . import retrain
+
+    t0 = time.perf_counter()
+    pipeline = MovieLensPipeline(hidden=hidden)
+    prepared = pipeline.preprocess(pipeline.ingest("", limit).table).table
+    train_settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, schedule="cosine",
+                                   device="cpu")
+    ids, pairs, ratings = pipeline.tensors(prepared, "train")
+    _, test_pairs, test_ratings = pipeline.tensors(prepared, "test")
+    test = (test_pairs[:n_test], test_ratings[:n_test])
+    loss_fn = pipeline.loss_fn()
+
+    def initial_state(s: int) -> dict:
+        torch.manual_seed(s)
+        return {k: v.clone() for k, v in pipeline.build_model(prepared).state_dict().items()}
+
+    tracer = Tracer(ids, "graph-lds-reference")
+    started = time.perf_counter()
+    history = list(pipeline.train(prepared, train_settings, tracer))
+    train_seconds = time.perf_counter() - started
+    model = pipeline.build_model(prepared)
+    model.load_state_dict(history[-1].state_dict)
+    model.eval()
+    adam = OptimizerSpec(kind="adam")  # the pipeline's torch.optim.Adam(lr) with its default betas and eps
+    trace = trace_from_events(tracer.events(), ids, initial_state(seed), adam,
+                              {h.step: h.state_dict for h in history}, "graph-lds-reference")
+
+    def fresh(rows, seeds):
+        steps, lrs = retrain.split_batch_steps(rows, seeds, epochs, batch_size, lambda e: lr_at(train_settings, e))
+        return retrain.retrain_fresh(model, [initial_state(s) for s in seeds], loss_fn, pairs, ratings, steps, lrs,
+                                     adam)
+
+    run = ReferenceRun(model, history, trace, loss_fn, (pairs, ratings), test, train_seconds, fresh,
+                       {"-loss": lambda out, t: -loss_fn(out, t)})
+    measured = measure_lds(run, _graph_scorers(run, pipeline.influence_layer), methods, settings, subsets,
+                           fractions, seed)
+    return _result(measured, plot, {
+        "settings": {"seed": seed, "limit": limit, "n_test": int(len(test[1])), "epochs": epochs, "lr": lr,
+                     "batch_size": batch_size, "hidden": hidden, "subsets": subsets, "fractions": list(fractions)},
+        "train_ratings": len(ids), "steps": len(trace.steps), "optimizer": "adam",
+        "training_seconds": round(train_seconds, 3), "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def _result(measured: dict, plot: bool, run: dict) -> dict:
+    """Return a study's result from the measured table and the run's figures."""
+    winners = measured["winners"]
+    run = {**run, "retraining_seconds": measured["retraining_seconds"],
+           "fixed_order_replay_max_abs_diff": measured["fixed_order_replay_max_abs_diff"]}
+    return {"table": measured["table"], "best": "; ".join(f"{s}: {w['-loss']}" for s, w in winners.items()),
+            "winners": winners, "plot_png": lds_plot(measured["table"]) if plot else None, "run": run}
+
+
+def _replayed(run: ReferenceRun, cls, outputs: dict) -> Callable[[], dict]:
+    """Return () -> {output: scores} of a replay method, computed for each test output."""
+    x_tr, y_tr = run.train
+
+    def scores() -> dict:
+        return {name: cls(run.model, run.trace, run.loss_fn, output=None if name == "-loss" else fn)
+                .influence(x_tr, y_tr, *run.test) for name, fn in outputs.items()}
+
+    return scores
+
+
+def _digits_scorers(run: ReferenceRun, trak_dim: int, seed: int) -> dict[str, Callable[[], object]]:
     """Return {method: () -> scores (n_train, n_test), or {output: scores} for output-specific methods}."""
     from ..attribution import GradCos, GradDot, InfluenceFunction, TracInCP
     from ..attribution.metagradient import Metagradient
     from ..attribution.selection import DEFAULT_RULE
     from ..attribution.step_exact import StepExactTracIn
-    from ..attribution.trak import margin
 
+    model, loss_fn, history = run.model, run.loss_fn, run.history
+    (x_tr, y_tr), (x_te, y_te) = run.train, run.test
     final = history[-1].state_dict
     checkpoints = [(h.state_dict, h.lr) for h in history]
     chosen = DEFAULT_RULE.select([h.val_loss for h in history])
@@ -173,12 +282,6 @@ def _scorers(model, history, trace, loss_fn, x_tr, y_tr, x_te, y_te, trak_dim: i
 
         return dattri_trak_scores(model, [final], x_tr, y_tr, x_te, y_te, projection_dim=trak_dim, seed=seed)
 
-    def replayed(cls):
-        def run():
-            return {"-loss": cls(model, trace, loss_fn).influence(x_tr, y_tr, x_te, y_te),
-                    "margin": cls(model, trace, loss_fn, output=margin).influence(x_tr, y_tr, x_te, y_te)}
-        return run
-
     return {
         "tracincp_all": tracin(checkpoints),
         "tracincp_fgtrac": tracin([checkpoints[i] for i in chosen]),
@@ -189,8 +292,35 @@ def _scorers(model, history, trace, loss_fn, x_tr, y_tr, x_te, y_te, trak_dim: i
                                                   damping=1e-2).influence(x_tr, y_tr, x_te, y_te),
         "trak": trak,
         "trak_dattri": trak_dattri,
-        "step_exact": replayed(StepExactTracIn),
-        "metagradient": replayed(Metagradient),
+        "step_exact": _replayed(run, StepExactTracIn, run.outputs),
+        "metagradient": _replayed(run, Metagradient, run.outputs),
+    }
+
+
+def _graph_scorers(run: ReferenceRun, layer: str) -> dict[str, Callable[[], object]]:
+    """Return the graph study's scorers: TracInCP on the decoder's last layer, Grad-Dot, the replay methods."""
+    from ..attribution import GradDot, TracInCP
+    from ..attribution.metagradient import Metagradient
+    from ..attribution.selection import DEFAULT_RULE
+    from ..attribution.step_exact import StepExactTracIn
+
+    model, loss_fn, history = run.model, run.loss_fn, run.history
+    (x_tr, y_tr), (x_te, y_te) = run.train, run.test
+    checkpoints = [(h.state_dict, h.lr) for h in history]
+    chosen = DEFAULT_RULE.select([h.val_loss for h in history])
+
+    def tracin(cks):
+        return lambda: TracInCP(model, cks, loss_fn, layer=layer, forward=lambda m, x: m(x),
+                                batch_size=len(y_tr)).influence(x_tr, y_tr, x_te, y_te)
+
+    return {
+        "tracincp_all": tracin(checkpoints),
+        "tracincp_fgtrac": tracin([checkpoints[i] for i in chosen]),
+        "grad_dot": lambda: GradDot(model, loss_fn, layer=layer, forward=lambda m, x: m(x),
+                                    state_dict=history[-1].state_dict,
+                                    batch_size=len(y_tr)).influence(x_tr, y_tr, x_te, y_te),
+        "step_exact": _replayed(run, StepExactTracIn, run.outputs),
+        "metagradient": _replayed(run, Metagradient, run.outputs),
     }
 
 

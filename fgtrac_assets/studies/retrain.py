@@ -8,7 +8,8 @@ about one training run on an M-times larger batch rather than M runs. Two settin
   recorded batches, learning rates and initial weights (the fixed-order setting, where exact metagradients are
   first-order exact);
 * :func:`retrain_fresh`: each subset trained the way the pipeline trains, with a seed of its own (fresh initial
-  weights and a fresh order: near-equal batches of a new permutation per epoch, the epoch's scheduled lr).
+  weights and a fresh order, built by :func:`even_batch_steps` for the digits loop and :func:`split_batch_steps`
+  for the graph loop, the epoch's scheduled lr).
 """
 
 from collections.abc import Callable, Sequence
@@ -18,7 +19,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..attribution.model_calls import LossFn
-from ..attribution.trace import TrainingTrace, initial_optimizer_state, optimizer_update, trainable_names
+from ..attribution.trace import (
+    OptimizerSpec,
+    TrainingTrace,
+    initial_optimizer_state,
+    optimizer_update,
+    trainable_names,
+)
 
 
 def _stacked(states: Sequence[dict], names: Sequence[str]) -> list[Tensor]:
@@ -55,33 +62,56 @@ def retrain_fixed_order(model: nn.Module, trace: TrainingTrace, loss_fn: LossFn,
 
 
 def retrain_fresh(model: nn.Module, initial_states: Sequence[dict], loss_fn: LossFn, inputs: Tensor,
-                  targets: Tensor, subsets: Tensor, seeds: Sequence[int], epochs: int, batch_size: int,
-                  lr_of_epoch: Callable[[int], float]) -> list[Tensor]:
-    """Return the stacked final parameters of each subset trained with plain SGD from its own seed and initial state.
+                  targets: Tensor, step_rows: Sequence[Tensor], lrs: Sequence[float], optimizer: OptimizerSpec
+                  ) -> list[Tensor]:
+    """Return the stacked final parameters of models each trained from its own initial state on its own batches.
 
-    ``subsets`` is (M, size) training rows (every subset the same size); model m's order is the pipeline's
-    (:class:`..pipelines.training.EvenBatches` over its subset with ``torch.Generator().manual_seed(seeds[m])``).
+    ``step_rows[t]`` is an (M, b) tensor: step t's training rows for each of the M models (one batch size per
+    step); ``lrs[t]`` its learning rate. Each step minimises the mean loss of the model's batch.
+    """
+    names = trainable_names(model)
+    params = _stacked(initial_states, names)
+    state = initial_optimizer_state(params, optimizer)
+    step_grads = _batched_grads(model, names, loss_fn, same_batch=False)
+    with torch.no_grad():
+        for t, (rows, lr) in enumerate(zip(step_rows, lrs)):
+            ones = torch.ones(rows.shape, dtype=params[0].dtype)
+            g = step_grads(params, inputs[rows], targets[rows], ones)
+            params, state = optimizer_update(params, g, state, lr, t, optimizer)
+    return params
+
+
+def even_batch_steps(subsets: Tensor, seeds: Sequence[int], epochs: int, batch_size: int,
+                     lr_of_epoch: Callable[[int], float]) -> tuple[list[Tensor], list[float]]:
+    """Return (per step the (M, b) rows, per step the lr) of the digits loop over each subset from its own seed.
+
+    ``subsets`` is (M, size) training rows; model m's order is :class:`..pipelines.training.EvenBatches` over its
+    subset with ``torch.Generator().manual_seed(seeds[m])``, a new permutation per epoch.
     """
     from ..pipelines.training import EvenBatches
 
-    names = trainable_names(model)
-    count, size = subsets.shape
-    params = _stacked(initial_states, names)
-    step_grads = _batched_grads(model, names, loss_fn, same_batch=False)
+    size = subsets.shape[1]
     samplers = [EvenBatches(size, batch_size, torch.Generator().manual_seed(int(s))) for s in seeds]
-    ones = None
-    step = 0
-    with torch.no_grad():
-        for epoch in range(epochs):
-            lr = lr_of_epoch(epoch)
-            for batches in zip(*samplers):
-                rows = torch.stack([subsets[m, torch.tensor(b)] for m, b in enumerate(batches)])  # (M, b)
-                if ones is None or ones.shape != rows.shape:
-                    ones = torch.ones(rows.shape, dtype=params[0].dtype)
-                g = step_grads(params, inputs[rows], targets[rows], ones)
-                params, _ = optimizer_update(params, g, [], lr, step, TrainingTrace({}, []).optimizer)
-                step += 1
-    return params
+    rows, lrs = [], []
+    for epoch in range(epochs):
+        for batches in zip(*samplers):
+            rows.append(torch.stack([subsets[m, torch.tensor(b)] for m, b in enumerate(batches)]))
+            lrs.append(lr_of_epoch(epoch))
+    return rows, lrs
+
+
+def split_batch_steps(subsets: Tensor, seeds: Sequence[int], epochs: int, batch_size: int,
+                      lr_of_epoch: Callable[[int], float]) -> tuple[list[Tensor], list[float]]:
+    """Return the same for the graph loop's order: ``torch.randperm(size, generator).split(batch_size)`` per epoch."""
+    size = subsets.shape[1]
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    rows, lrs = [], []
+    for epoch in range(epochs):
+        orders = [torch.randperm(size, generator=g).split(batch_size) for g in generators]
+        for batches in zip(*orders):
+            rows.append(torch.stack([subsets[m, b] for m, b in enumerate(batches)]))
+            lrs.append(lr_of_epoch(epoch))
+    return rows, lrs
 
 
 def model_outputs(model: nn.Module, stacked: Sequence[Tensor], inputs: Tensor, targets: Tensor,

@@ -12,11 +12,11 @@ from fgtrac_assets.attribution.trace import ReplayMismatch, TraceStep, TrainingT
 from .test_metagradient import LOSS, tiny_problem
 
 
-def brute_force(model, steps, x, y, xt, yt):
+def brute_force(model, steps, x, y, xt, yt, layer=None):
     """Return (n_train, n_test) sum over steps of lr/|B| g(z).g(z'), training with torch.optim.SGD on the way."""
     net = copy.deepcopy(model)
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
-    params = list(net.parameters())
+    params = list(net.parameters() if layer is None else net.get_submodule(layer).parameters())
 
     def grad_of(xi, yi):
         g = torch.autograd.grad(LOSS(net(xi[None]), yi[None]).sum(), params)
@@ -47,6 +47,14 @@ def test_step_exact_scores_equal_a_brute_force_loop_and_the_lemma_machinery():
     events = [(t, i, s.lr) for t, s in enumerate(steps) for i in s.rows]
     lemma = replay_tracin(model, x, y, events, xt, yt, LOSS)
     assert torch.allclose(scores, lemma.tracin, rtol=1e-10, atol=1e-12)
+
+
+def test_a_layer_restricts_the_gradients_not_the_replay():
+    model, x, y, xt, yt, steps = tiny_problem()
+    expected, _ = brute_force(model, steps, x, y, xt, yt, layer="2")
+    method = StepExactTracIn(model, TrainingTrace(model.state_dict(), steps), LOSS, layer="2")
+    assert torch.allclose(method.influence(x, y, xt, yt), expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(method.self_influence(x, y), method.influence(x, y, x, y).diagonal(), atol=1e-12)
 
 
 def test_self_and_batch_influence_and_top_k_agree_with_the_score_matrix():
