@@ -25,6 +25,7 @@ SCRIPTS = [  # (script, full args, quick args)
     ("bench_session.py", [], ["--reps", "1", "--samples", "2048", "--ddp-samples", "1024", "--epochs", "1"]),
     ("bench_tracin.py", [], ["--quick"]),
     ("bench_dattri.py", [], ["--quick"]),
+    ("bench_replay.py", [], ["--reps", "1", "--train", "300", "--epochs", "4"]),
     ("bench_canonical.py", [], []),
     ("bench_log.py", [], ["--leaves", "1000000", "--events", "200000"]),
     ("bench_audit.py", [], ["--events", "1000000"]),

@@ -197,9 +197,14 @@ class Metagradient:
             g = [torch.zeros_like(q) if gi is None else gi for q, gi in zip(p, g)]
             new_p, new_o = optimizer_update(p, g, o, s.lr, t, self.trace.optimizer)
             ins = p + o + [w]
-            res = torch.autograd.grad(new_p + new_o, ins, grad_outputs=lam_p + lam_s, is_grads_batched=True,
-                                      allow_unused=True)
-        count = lam_p[0].shape[0]
+            count = lam_p[0].shape[0]
+            if count == 1:  # one adjoint: a plain backward pass, without vmap's overhead
+                res = torch.autograd.grad(new_p + new_o, ins, grad_outputs=[v[0] for v in lam_p + lam_s],
+                                          allow_unused=True)
+                res = [None if r is None else r.unsqueeze(0) for r in res]
+            else:
+                res = torch.autograd.grad(new_p + new_o, ins, grad_outputs=lam_p + lam_s, is_grads_batched=True,
+                                          allow_unused=True)
         res = [torch.zeros((count, *v.shape), dtype=v.dtype, device=v.device) if r is None else r.detach()
                for v, r in zip(ins, res)]
         n_p = len(p)

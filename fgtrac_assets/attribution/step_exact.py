@@ -61,13 +61,23 @@ class StepExactTracIn:
         """Return (n_train,) step-exact scores for the test batch's mean output (one test gradient per step).
 
         Per step: the gradient v of the test batch's mean loss (one backward pass), then every batch member's
-        g(z) . v at once as a forward-mode derivative of the batch's losses along v (no per-sample gradients).
+        g(z) . v. When every trainable parameter belongs to a Linear or Conv2d layer called once per forward,
+        those products come from the replayed step's own forward and backward (each layer's inputs and output
+        gradients, as in the ghost path: no per-sample gradients, no extra pass); otherwise from a forward-mode
+        derivative of the batch's losses along v.
         """
+        if self.names != self.trained:
+            raise ValueError("batch_influence takes every trainable parameter (build the method without layer=)")
+        factored = _FactoredReplay.of(self, train_inputs, train_targets)
+        if factored is not None:
+            return factored.run(test_inputs, test_targets)
+        return self._run(train_inputs, train_targets, None, self._jvp_dots(test_inputs, test_targets))[:, 0]
+
+    def _jvp_dots(self, test_inputs: Tensor, test_targets: Tensor):
+        """Return dots(work, params, x, y) -> (|B|, 1) products g(z) . v by a forward-mode derivative."""
         from torch.func import functional_call, jvp
 
         model, names = self.model, self.trained
-        if self.names != self.trained:
-            raise ValueError("batch_influence takes every trainable parameter (build the method without layer=)")
 
         def dots(work: nn.Module, params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
             fixed = {n: t.detach() for n, t in work.named_parameters() if n not in names}
@@ -83,7 +93,7 @@ class StepExactTracIn:
 
             return jvp(losses, tuple(p.detach() for p in params), v)[1][:, None]
 
-        return self._run(train_inputs, train_targets, None, dots)[:, 0]
+        return dots
 
     def self_influence(self, train_inputs: Tensor, train_targets: Tensor) -> Tensor:
         """Return (n_train,) sum over the steps using z of lr_t / |B_t| * |grad l(theta_t, z)|^2."""
@@ -161,3 +171,131 @@ class StepExactTracIn:
             width = 1 if test_grads is None else test_grads(work, 0).shape[1]
             out = torch.zeros(len(y), width, dtype=next(work.parameters()).dtype)
         return out
+
+
+class _FactoredReplay:
+    """The step-exact batch scores from each replayed step's own pass: per layer, inputs a and output gradients e.
+
+    For a Linear layer g_i . v = e_i^T V a_i + e_i . v_b; for a Conv2d layer the same summed over the positions
+    of the unfolded input. The replay runs on a copy of the model with hooks, step by step as :func:`.trace.replay`
+    does, and is verified against the trace's checkpoints the same way.
+    """
+
+    def __init__(self, method: "StepExactTracIn", work: nn.Module, layers: list, x: Tensor, y: Tensor):
+        self.method, self.work, self.layers, self.x, self.y = method, work, layers, x, y
+        self.inputs: dict[nn.Module, Tensor] = {}
+        self.grads: dict[nn.Module, Tensor] = {}
+        self.calls: dict[nn.Module, int] = {}
+        names = {m: n for n, m in work.named_modules()}
+        self.param_names = {m: (_joined(names[m], "weight"), _joined(names[m], "bias") if m.bias is not None else None)
+                            for m in layers}
+
+    @classmethod
+    def of(cls, method: "StepExactTracIn", x: Tensor, y: Tensor) -> "_FactoredReplay | None":
+        """Return the factored replay when every trainable parameter is a Linear / plain Conv2d one, else None."""
+        work = copy.deepcopy(method.model)
+        if method.dtype is not None:
+            work.to(method.dtype)
+        owners = {}
+        for name, module in work.named_modules():
+            plain_conv = isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+                and isinstance(module.padding, tuple)
+            if isinstance(module, nn.Linear) or plain_conv:
+                for kind in ("weight", "bias"):
+                    if getattr(module, kind, None) is not None:
+                        owners[_joined(name, kind)] = module
+        if not all(n in owners for n in method.trained):
+            return None
+        layers = list(dict.fromkeys(owners[n] for n in method.trained))
+        dtype = next(work.parameters()).dtype
+        return cls(method, work, layers, x.to(dtype) if x.is_floating_point() else x, y)
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.calls[module] = self.calls.get(module, 0) + 1
+        self.inputs[module] = args[0].detach()
+        if output.requires_grad:
+            output.register_hook(lambda g, m=module: self.grads.__setitem__(m, g.detach()))
+
+    def _dots(self, v: dict[nn.Module, tuple[Tensor, Tensor | None]]) -> Tensor:
+        """Return per batch member sum over layers of e_i . (V a_i) (+ e_i . v_b), from the last backward pass."""
+        total = None
+        for module in self.layers:
+            a, e = self.inputs[module], self.grads[module]
+            vw, vb = v[module]
+            if isinstance(module, nn.Linear):
+                a, e = a.reshape(a.shape[0], -1, a.shape[-1]), e.reshape(e.shape[0], -1, e.shape[-1])
+                part = torch.einsum("bpo,oi,bpi->b", e, vw, a)
+                if vb is not None:
+                    part = part + torch.einsum("bpo,o->b", e, vb)
+            else:
+                cols = torch.nn.functional.unfold(a, module.kernel_size, module.dilation, module.padding,
+                                                  module.stride)  # (b, C*k*k, L)
+                e = e.reshape(e.shape[0], e.shape[1], -1)  # (b, out, L)
+                part = torch.einsum("bol,oc,bcl->b", e, vw.reshape(vw.shape[0], -1), cols)
+                if vb is not None:
+                    part = part + torch.einsum("bol,o->b", e, vb)
+            total = part if total is None else total + part
+        return total
+
+    def run(self, test_inputs: Tensor, test_targets: Tensor) -> Tensor:
+        """Replay the trace with hooks and return the (n_train,) step-exact scores for the test batch's mean."""
+        from .trace import ReplayState, initial_optimizer_state, optimizer_update
+
+        method, work, trace = self.method, self.work, self.method.trace
+        trace.check_rows(len(self.y))
+        names = method.trained
+        live = [work.get_parameter(n) for n in names]
+        state = {k: v for k, v in trace.initial_state.items()}
+        with torch.no_grad():
+            for n, p in zip(names, live):
+                p.copy_(state[n])
+            for n, b in work.named_buffers():
+                if n in state:
+                    b.copy_(state[n])
+        opt_state = initial_optimizer_state(live, trace.optimizer)
+        handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        xt = test_inputs.to(live[0].dtype) if test_inputs.is_floating_point() else test_inputs
+        scores = torch.zeros(len(self.y), dtype=live[0].dtype, device=live[0].device)
+        worst = None
+        try:
+            for t in range(len(trace.steps) + 1):
+                if method.verify:
+                    diff = check_reproduced(names, ReplayState(t, [p.detach() for p in live], opt_state), trace)
+                    worst = diff if worst is None else (worst if diff is None else max(worst, diff))
+                if t == len(trace.steps):
+                    break
+                step = trace.steps[t]
+                rows = torch.tensor(step.rows, dtype=torch.long, device=self.x.device)
+                with torch.enable_grad():
+                    test_grads = torch.autograd.grad(method._minus_output(work(xt), test_targets).mean(), live,
+                                                     allow_unused=True)
+                    by_name = {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, live, test_grads)}
+                    self.calls.clear()
+                    loss = method.loss_fn(work(self.x[rows]), self.y[rows.to(self.y.device)]).mean()
+                    grads = torch.autograd.grad(loss, live, allow_unused=True)
+                if any(c != 1 for c in self.calls.values()) or len(self.calls) != len(self.layers):
+                    raise _NotFactored
+                v = {m: (by_name[w], None if b is None else by_name[b]) for m, (w, b) in self.param_names.items()}
+                # e came from the batch's mean loss (a factor 1/|B|): lr * dot is lr/|B| * g_i . v
+                scores.index_add_(0, rows.to(scores.device), self._dots(v) * step.lr)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(live, grads)]
+                with torch.no_grad():
+                    new_p, opt_state = optimizer_update([p.detach() for p in live], grads, opt_state, step.lr, t,
+                                                        trace.optimizer)
+                    for p, q in zip(live, new_p):
+                        p.copy_(q)
+        except _NotFactored:
+            return method._run(self.x, self.y, None, method._jvp_dots(test_inputs, test_targets))[:, 0]
+        finally:
+            for h in handles:
+                h.remove()
+        method.reproduced_max_abs_diff = worst
+        return scores
+
+
+class _NotFactored(Exception):
+    """A layer was called more or less than once in a forward: the products need the forward-mode path."""
+
+
+def _joined(module_name: str, kind: str) -> str:
+    return f"{module_name}.{kind}" if module_name else kind

@@ -7,7 +7,7 @@ import torch
 
 from fgtrac_assets.attribution.replay import replay_tracin
 from fgtrac_assets.attribution.step_exact import StepExactTracIn
-from fgtrac_assets.attribution.trace import ReplayMismatch, TraceStep, TrainingTrace
+from fgtrac_assets.attribution.trace import OptimizerSpec, ReplayMismatch, TraceStep, TrainingTrace
 
 from .test_metagradient import LOSS, tiny_problem
 
@@ -77,3 +77,20 @@ def test_a_step_exact_replay_of_another_run_is_refused():
     trace = TrainingTrace(model.state_dict(), lr_changed, checkpoints={len(steps): trained.state_dict()})
     with pytest.raises(ReplayMismatch, match="does not reproduce"):
         StepExactTracIn(model, trace, LOSS).influence(x, y, xt, yt)
+
+
+def test_batch_scores_from_the_replayed_pass_equal_the_forward_mode_ones_on_a_convolution():
+    """The factored path (each layer's inputs and output gradients) and the forward-mode path agree."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 5 * 5, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (10,), generator=g)
+    xt, yt = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (3,), generator=g)
+    steps = [TraceStep(tuple(torch.randperm(10, generator=g)[:4].tolist()), 0.2) for _ in range(6)]
+    method = StepExactTracIn(model, TrainingTrace(model.state_dict(), steps, OptimizerSpec(momentum=0.9)), LOSS)
+    factored = method.batch_influence(x, y, xt, yt)
+    forward_mode = method._run(x, y, None, method._jvp_dots(xt, yt))[:, 0]
+    assert torch.allclose(factored, forward_mode, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(factored, method.influence(x, y, xt, yt).mean(1), rtol=1e-10, atol=1e-13)
+    assert factored.abs().max() > 1e-4
