@@ -25,6 +25,7 @@ NOT_USER_ERRORS = {
     ("attribution/ghost.py", "GhostNotApplicable"): "the Linear-factor shortcut does not apply: callers take the exact path",
     ("attribution/per_sample.py", "_NotPerSample"): "internal: the vmap path falls back to a loop",
     ("attribution/ihvp.py", "_Diverged"): "internal: a solver's divergence, reported by its caller",
+    ("attribution/step_exact.py", "_NotFactored"): "internal: the factored batch path falls back to forward mode",
     ("witness/server.py", "Reject"): "an HTTP answer of the witness, never raised to a user",
     ("integrity/fast_canonical.py", "CanonicalEncodingError"): "a value the writer should have refused first: a bug",
 }
@@ -41,6 +42,7 @@ USER_ERRORS = [  # (module, class, the builtin base its callers and tests still 
     ("fgtrac_assets.integrity.tiles", "TileError", ValueError),
     ("fgtrac_assets.integrity.tiles", "EntryTooLarge", ValueError),
     ("fgtrac_assets.ledger.lock", "LedgerBusy", RuntimeError),
+    ("fgtrac_assets.attribution.trace", "ReplayMismatch", ValueError),
     ("fgtrac_assets.ledger.nodes", "TreeDamaged", ValueError),
     ("fgtrac_assets.ledger.export", "ExportError", ValueError),
     ("fgtrac_assets.ledger.proofs", "ProofError", ValueError),
