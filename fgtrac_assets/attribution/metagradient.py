@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .model_calls import LossFn
-from .topk import RunningTopK, TopK
+from .topk import TopK, top_k_of_scores
 from .trace import (
     ReplayState,
     TrainingTrace,
@@ -92,13 +92,8 @@ class Metagradient:
     def top_k(self, train_inputs: Tensor, train_targets: Tensor, test_inputs: Tensor, test_targets: Tensor,
               k: int = 10, chunk: int = 4096, progress: Callable[[int, int], None] | None = None) -> TopK:
         """Return the k proponents / opponents per test sample as :class:`.TopK`, each field (n_test, k)."""
-        scores = self.influence(train_inputs, train_targets, test_inputs, test_targets)
-        running = RunningTopK(min(k, scores.shape[0]))
-        for start in range(0, scores.shape[0], chunk):
-            running.update(scores[start:start + chunk], start)
-            if progress is not None:
-                progress(min(start + chunk, scores.shape[0]), scores.shape[0])
-        return running.result()
+        return top_k_of_scores(self.influence(train_inputs, train_targets, test_inputs, test_targets), k, chunk,
+                               progress)
 
     # ----------------------------------------------------------------------------------------- internals
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RunningTopK", "TopK"]
+__all__ = ["RunningTopK", "TopK", "top_k_of_scores"]
 
 
 @dataclass(eq=False)
@@ -74,3 +74,13 @@ class RunningTopK:
             opponent_idx=self._neg[1],
             opponent_score=self._neg[0],
         )
+
+
+def top_k_of_scores(scores: Tensor, k: int, chunk: int = 4096, progress=None) -> TopK:
+    """Return the :class:`TopK` of a full (n_train, n_test) score matrix, folded ``chunk`` train rows at a time."""
+    running = RunningTopK(min(k, scores.shape[0]))
+    for start in range(0, scores.shape[0], chunk):
+        running.update(scores[start:start + chunk], start)
+        if progress is not None:
+            progress(min(start + chunk, scores.shape[0]), scores.shape[0])
+    return running.result()
