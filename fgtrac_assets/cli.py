@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 
 from .config import resolve_home
+from .attribution.methods import METHODS
 from .errors import FgtracError, StorageError
 from .ledger.lock import LedgerBusy
 from .ledger.store import Ledger, LedgerDamaged
@@ -246,7 +247,7 @@ def cmd_audit(args) -> int:
         elif what == "lineage":
             cols, rows = audit.lineage(ledger)
         elif what == "influence":
-            cols, rows = audit.influence(ledger, args.test_id, args.run)
+            cols, rows = audit.influence(ledger, args.test_id, args.run, args.method)
         else:
             cols, rows = audit.sql(ledger, args.query)
     except audit.AuditError as exc:
@@ -406,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = audit_parser("influence", "proponents and opponents of a test sample")
     a.add_argument("test_id")
     a.add_argument("--run", help="training run (default: the latest that scored it)")
+    a.add_argument("--method", choices=list(METHODS), help="scores of this method (default: the latest scoring)")
     audit_parser("sql", "arbitrary read-only SQL (tables and views: see README)").add_argument("query")
     add_influence_command(sub)
     witness = add_witness_commands(sub)

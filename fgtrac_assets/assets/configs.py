@@ -10,6 +10,7 @@ from typing import Optional
 from dagster import Config
 from pydantic import Field
 
+from ..attribution.methods import METHODS
 from ..attribution.selection import DEFAULT_RULE, SelectionRule
 from ..pipelines.base import DEVICE_CHOICES, GradientSettings, InfluenceSettings, IngestSettings, TrainSettings
 
@@ -76,14 +77,17 @@ class GradientConfig(Config):
 
 
 class InfluenceConfig(Config):
-    """How many proponents and opponents to keep per test sample, and where they are scored."""
+    """How many proponents and opponents to keep per test sample, by which method, and where they are scored."""
 
     top_k: int = InfluenceSettings().top_k
     device: str = Field(default=InfluenceSettings().device, description=_DEVICE)
+    method: str = Field(default=InfluenceSettings().method,
+                        description="how scores are computed: " + "; ".join(f"'{m.name}' = {m.description}"
+                                                                            for m in METHODS.values()))
 
     def settings(self, defaults: TrainSettings) -> InfluenceSettings:
         """Return the influence settings this config describes."""
-        return InfluenceSettings(top_k=self.top_k, device=self.device)
+        return InfluenceSettings(top_k=self.top_k, device=self.device, method=self.method)
 
 
 class StudyConfig(Config):

@@ -127,26 +127,37 @@ def lineage(ledger: Ledger) -> Result:
         return _q(con, "SELECT pipeline, upstream_asset, asset FROM asset_lineage ORDER BY ALL")
 
 
-def influence(ledger: Ledger, test: str, run: str | None = None) -> Result:
-    """Return the proponents and opponents of a test sample (latest training run unless given)."""
+def influence(ledger: Ledger, test: str, run: str | None = None, method: str | None = None) -> Result:
+    """Return a test sample's proponents and opponents from the latest scoring of it (of that run and method).
+
+    A training run may be scored several times and by several methods (attribution/methods.py): the rows shown
+    are one scoring's, named in the ``method`` column.
+    """
     with ledger.reader() as con:
         tid = resolve_sample(con, test)
-        if run:
-            rid = resolve_run(con, run)
-        else:
-            rows = con.execute("SELECT training_run FROM influence_top WHERE test_sample_id = ? "
-                               "ORDER BY leaf_index DESC LIMIT 1", [tid]).fetchall()
-            if not rows:
-                raise AuditError(f"sample {tid[:16]}… has no influence scores (is it a test sample?)")
-            rid = rows[0][0]
-        cols, rows = _q(con, "WITH top AS (SELECT kind, rank, train_sample_id, score FROM influence_top "
-                             "WHERE test_sample_id = ? AND training_run = ?) "
-                             "SELECT t.kind, t.rank, t.train_sample_id, t.score, s.label, s.source, a.about "
+        rid = resolve_run(con, run) if run else None
+        latest = con.execute("SELECT training_run, run_id FROM influence WHERE test_sample_id = ? "
+                             "AND kind IN ('proponent', 'opponent') AND (? IS NULL OR training_run = ?) "
+                             "AND (? IS NULL OR method = ?) ORDER BY leaf_index DESC LIMIT 1",
+                             [tid, rid, rid, method, method]).fetchall()
+        if not latest:
+            scored = [r[0] for r in con.execute("SELECT DISTINCT method FROM influence WHERE test_sample_id = ? "
+                                                "ORDER BY 1", [tid]).fetchall()]
+            if method and scored:
+                raise AuditError(f"sample {tid[:16]}… has no {method} scores{' in run ' + rid if rid else ''}; "
+                                 f"it was scored by {', '.join(scored)}")
+            raise AuditError(f"sample {tid[:16]}… has no influence scores"
+                             f"{' in run ' + rid if rid else ''} (is it a test sample?)")
+        rid, scoring = latest[0]
+        cols, rows = _q(con, "WITH top AS (SELECT kind, rank, train_sample_id, score, method FROM influence "
+                             "WHERE test_sample_id = ? AND training_run = ? AND run_id = ? "
+                             "AND kind IN ('proponent', 'opponent')) "
+                             "SELECT t.kind, t.rank, t.train_sample_id, t.score, s.label, s.source, a.about, t.method "
                              "FROM top t LEFT JOIN (SELECT DISTINCT ON (sample_id) sample_id, label, source "
                              "FROM samples) s ON s.sample_id = t.train_sample_id "
                              f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) a "
-                             "ON a.sample_id = t.train_sample_id ORDER BY t.kind DESC, t.rank", [tid, rid])
-        return cols, [(*r[:-1], describe_about(r[-1])) for r in rows]
+                             "ON a.sample_id = t.train_sample_id ORDER BY t.kind DESC, t.rank", [tid, rid, scoring])
+        return cols, [(*r[:6], describe_about(r[6]), r[7]) for r in rows]
 
 
 def sql(ledger: Ledger, statement: str) -> Result:

@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow as pa
 
 
-def influence_rows(train_ids: list, test_ids: list, top, selfinf, k: int) -> pa.Table:
+def influence_rows(train_ids: list, test_ids: list, top, selfinf, k: int, method: str = "tracincp") -> pa.Table:
     """Return the influence rows: k proponents and opponents per test sample, then every self-influence, ranked.
 
     top holds (n_test, k) index and score arrays (torch tensors on any device, or numpy), selfinf one score per
-    train sample.
+    train sample; method names what computed them (attribution/methods.py).
     """
     ids = np.asarray(train_ids, dtype=object)
     parts = []
@@ -30,7 +30,7 @@ def influence_rows(train_ids: list, test_ids: list, top, selfinf, k: int) -> pa.
     cols = {key: pa.array(np.concatenate([p[key] for p in parts]).tolist(),
                           type={"rank": pa.int64(), "score": pa.float64()}.get(key, pa.string()))
             for key in ("test_sample_id", "train_sample_id", "kind", "rank", "score")}
-    return pa.table({**cols, "method": pa.array(["tracincp"] * len(cols["kind"]), pa.string())})
+    return pa.table({**cols, "method": pa.array([method] * len(cols["kind"]), pa.string())})
 
 
 def _host(values) -> np.ndarray:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from ..attribution.methods import DEFAULT_METHOD
+from ..attribution.methods import method as influence_method
 from ..errors import InputError
 from ..tracing.recorder import Recorder
 
@@ -127,14 +129,18 @@ class GradientSettings:
 
 @dataclass(frozen=True)
 class InfluenceSettings:
-    """How many proponents and opponents the influence stage keeps per test sample, and where it scores them."""
+    """How many proponents and opponents the influence stage keeps per test sample, by which method, and where."""
 
     top_k: int = 10
     device: str = "auto"  # see resolve_device; the scores are written from CPU copies
+    method: str = DEFAULT_METHOD  # a name in attribution.methods.METHODS
 
     def validate(self) -> None:
-        """Raise InputError naming the device setting when this machine cannot run it."""
+        """Raise InputError naming the setting that is wrong: a device this machine lacks, an unknown method."""
         resolve_device(self.device)
+        influence_method(self.method)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise InputError(f"top_k must be a positive integer, got {self.top_k!r}")
 
 
 @dataclass
@@ -183,6 +189,19 @@ class Pipeline(ABC):
     @abstractmethod
     def train(self, prepared: pa.Table, settings: TrainSettings, recorder: Recorder) -> Iterator[EpochResult]:
         """Train a model, reporting epochs, batches and roles to the recorder; yield each finished epoch."""
+
+    def initial_model(self, prepared: pa.Table, seed: int):
+        """Return the model a run with this seed starts from: the global torch RNG seeded, then built."""
+        import torch
+
+        torch.manual_seed(seed)
+        return self.build_model(prepared)
+
+    def make_optimizer(self, parameters, lr: float):
+        """Return the optimiser the training loop steps (plain SGD unless the pipeline says otherwise)."""
+        import torch
+
+        return torch.optim.SGD(parameters, lr=lr)
 
     def gradient_factors(self, model, prepared: pa.Table, split: str):
         """Return (sample_ids, Factors) of the influence layer for one split: output error and input activation per sample."""

@@ -130,15 +130,13 @@ class DigitsPipeline(Pipeline):
                 "test_loss": float(self.loss_fn()(logits, y).mean())}
 
     def train(self, prepared: pa.Table, settings: TrainSettings, recorder: Recorder) -> Iterator[EpochResult]:
-        import torch
-
         from .training import train_supervised
 
-        torch.manual_seed(settings.seed)
-        model = self.build_model(prepared)
+        model = self.initial_model(prepared, settings.seed)
         _, xt, yt = self.tensors(prepared, "train")
         _, xv, yv = self.tensors(prepared, "val")
-        yield from train_supervised(model, self.loss_fn(), (xt, yt), (xv, yv), settings, recorder)
+        yield from train_supervised(model, self.loss_fn(), (xt, yt), (xv, yv), settings, recorder,
+                                    self.make_optimizer)
 
 
 def _folder_items(path: Path, limit: int, num_classes: int) -> list:

@@ -595,6 +595,12 @@ class MovieLensPipeline(Pipeline):
         return build_rating_gnn(g.num_users, torch.from_numpy(g.movie_x), torch.from_numpy(train_pairs.T.copy()),
                                 g.global_mean, hidden=self.hidden)
 
+    def make_optimizer(self, parameters, lr: float):
+        """Return Adam, which trains the rating GNN."""
+        import torch
+
+        return torch.optim.Adam(parameters, lr=lr)
+
     def tensors(self, prepared: pa.Table, split: str):
         import torch
 
@@ -639,14 +645,13 @@ class MovieLensPipeline(Pipeline):
 
         settings.validate()
         device = torch.device(resolve_device(settings.device))
-        torch.manual_seed(settings.seed)
-        model = self.build_model(prepared).to(device)  # with its message-passing graph (buffers)
+        model = self.initial_model(prepared, settings.seed).to(device)  # with its message-passing graph (buffers)
         ids, pairs, ratings = self.tensors(prepared, "train")
         _, val_pairs, val_ratings = self.tensors(prepared, "val")
         pairs, ratings = pairs.to(device), ratings.to(device)
         val_pairs, val_ratings = val_pairs.to(device), val_ratings.to(device)
         loss_fn = self.loss_fn()
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        optimizer = self.make_optimizer(model.parameters(), settings.lr)
         generator = torch.Generator().manual_seed(settings.seed)
         n = len(ids)
         # the graph is the same in every step: roles are recorded once per run (details only if they are kept)

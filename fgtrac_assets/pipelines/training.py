@@ -62,8 +62,10 @@ class EvenBatches:
 
 
 def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSettings,
-                     recorder: Recorder) -> Iterator[EpochResult]:
-    """Train with SGD on (inputs, targets), one recorded step per near-equal batch; yield each epoch's result.
+                     recorder: Recorder, make_optimizer=None) -> Iterator[EpochResult]:
+    """Train on (inputs, targets), one recorded step per near-equal batch; yield each epoch's result.
+
+    ``make_optimizer(parameters, lr)`` builds the optimiser (default: plain SGD).
 
     The model is moved to ``settings.device`` (in place, as ``nn.Module.to`` does) and each batch follows it;
     the data stays where it is, the recorder gets each batch's sample indices as a CPU tensor and every
@@ -77,7 +79,7 @@ def train_supervised(model, loss_fn, train: tuple, val: tuple, settings: TrainSe
     # the dataset yields each sample's index with it, so every batch says which samples it holds
     batches = EvenBatches(n, settings.batch_size, generator)
     loader = DataLoader(TensorDataset(torch.arange(n), *train), batch_sampler=batches)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
+    optimizer = (make_optimizer or torch.optim.SGD)(model.parameters(), lr=settings.lr)
     model.train()
     for epoch in range(settings.epochs):
         lr = lr_at(settings, epoch)

@@ -3,6 +3,7 @@
 import html
 from pathlib import Path
 
+from ..attribution.methods import METHODS
 from ..errors import StorageError
 from ..ledger.audit import ABOUT_SQL, describe_about
 from ..ledger.store import Ledger
@@ -51,41 +52,55 @@ def build_report(ledger: Ledger) -> str:
             if ck:
                 png = plots.loss_curve([(e, t, v) for e, t, v, _, _ in ck], [e for e, _, _, s, _ in ck if s])
                 parts.append(_img(png, "loss per epoch") + _table(["epoch", "train loss", "val loss", "selected", "lr"], ck))
-            selfinf = [r[0] for r in con.execute("SELECT score FROM influence WHERE training_run = ? AND kind = 'self'",
-                                                 [run]).fetchall()]
-            if selfinf:
-                parts.append("<h3>Self-influence</h3>" + _img(plots.histogram(selfinf, "self-influence", "TracInCP(z, z)"),
-                                                              "self-influence distribution"))
-                top = con.execute("WITH top AS (SELECT rank, train_sample_id, score FROM influence "
-                                  "WHERE training_run = ? AND kind = 'self' ORDER BY rank LIMIT 15) "
-                                  "SELECT t.rank, t.train_sample_id, t.score, s.label, s.source, a.about FROM top t "
-                                  "LEFT JOIN (SELECT DISTINCT ON (sample_id) * FROM samples) s "
-                                  "ON s.sample_id = t.train_sample_id "
-                                  f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) a "
-                                  "ON a.sample_id = t.train_sample_id ORDER BY t.rank", [run]).fetchall()
-                parts.append("<p>Highest self-influence (candidates for mislabelled or unusual samples):</p>"
-                             + _table(["rank", "sample", "self-influence", "label", "source", "about"],
-                                      [(*r[:-1], describe_about(r[-1])) for r in top]))
-            tests = con.execute("WITH top AS (SELECT test_sample_id, kind, rank, train_sample_id, score "
-                                "FROM influence_top WHERE training_run = ? AND rank <= 5 AND test_sample_id IN "
-                                "(SELECT DISTINCT test_sample_id FROM influence_top WHERE training_run = ? "
-                                "ORDER BY 1 LIMIT 3)) "
-                                "SELECT t.*, a.about, b.about FROM top t "
-                                f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT test_sample_id FROM top')}) a "
-                                "ON a.sample_id = t.test_sample_id "
-                                f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) b "
-                                "ON b.sample_id = t.train_sample_id ORDER BY 1, 2 DESC, 3", [run, run]).fetchall()
-            if tests:
-                parts.append("<h3>Proponents and opponents of a few test samples</h3>"
-                             + _table(["test sample", "kind", "rank", "train sample", "score", "about the test sample",
-                                       "about the train sample"],
-                                      [(*r[:5], describe_about(r[5]), describe_about(r[6])) for r in tests]))
+            parts.extend(_influence_sections(con, run))
     style = ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}pre{background:#f4f4f4;"
              "padding:8px}</style>")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>fgtrac report</title>{style}</head><body>" + \
         "\n".join(parts) + "</body></html>"
 
+
+
+def _influence_sections(con, run: str) -> list[str]:
+    """Return the HTML of a training run's latest scoring by each influence method: self-influence, top-k."""
+    out = []
+    scorings = con.execute("SELECT method, run_id FROM influence WHERE training_run = ? "
+                           "QUALIFY row_number() OVER (PARTITION BY method ORDER BY leaf_index DESC) = 1 "
+                           "ORDER BY method <> 'tracincp', method", [run]).fetchall()
+    for name, scoring in scorings:
+        known = METHODS.get(name)
+        out.append(f"<h3>Influence by {html.escape(name)}</h3><p>{html.escape(known.description if known else name)}"
+                   f", scored by <code>{html.escape(scoring)}</code>.</p>")
+        selfinf = [r[0] for r in con.execute("SELECT score FROM influence WHERE training_run = ? AND run_id = ? "
+                                             "AND kind = 'self'", [run, scoring]).fetchall()]
+        if selfinf:
+            out.append("<h4>Self-influence</h4>" + _img(plots.histogram(selfinf, "self-influence", f"{name}(z, z)"),
+                                                       "self-influence distribution"))
+            top = con.execute("WITH top AS (SELECT rank, train_sample_id, score FROM influence "
+                              "WHERE training_run = ? AND run_id = ? AND kind = 'self' ORDER BY rank LIMIT 15) "
+                              "SELECT t.rank, t.train_sample_id, t.score, s.label, s.source, a.about FROM top t "
+                              "LEFT JOIN (SELECT DISTINCT ON (sample_id) * FROM samples) s "
+                              "ON s.sample_id = t.train_sample_id "
+                              f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) a "
+                              "ON a.sample_id = t.train_sample_id ORDER BY t.rank", [run, scoring]).fetchall()
+            out.append("<p>Highest self-influence (candidates for mislabelled or unusual samples):</p>"
+                       + _table(["rank", "sample", "self-influence", "label", "source", "about"],
+                                [(*r[:-1], describe_about(r[-1])) for r in top]))
+        tests = con.execute("WITH top AS (SELECT test_sample_id, kind, rank, train_sample_id, score "
+                            "FROM influence WHERE training_run = ? AND run_id = ? AND kind <> 'self' AND rank <= 5 "
+                            "AND test_sample_id IN (SELECT DISTINCT test_sample_id FROM influence_top "
+                            "WHERE training_run = ? ORDER BY 1 LIMIT 3)) "
+                            "SELECT t.*, a.about, b.about FROM top t "
+                            f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT test_sample_id FROM top')}) a "
+                            "ON a.sample_id = t.test_sample_id "
+                            f"LEFT JOIN ({ABOUT_SQL.format(ids='SELECT train_sample_id FROM top')}) b "
+                            "ON b.sample_id = t.train_sample_id ORDER BY 1, 2 DESC, 3", [run, scoring, run]).fetchall()
+        if tests:
+            out.append("<h4>Proponents and opponents of a few test samples</h4>"
+                       + _table(["test sample", "kind", "rank", "train sample", "score", "about the test sample",
+                                 "about the train sample"],
+                                [(*r[:5], describe_about(r[5]), describe_about(r[6])) for r in tests]))
+    return out
 
 def write_report(ledger: Ledger, out_dir: Path) -> Path:
     """Write index.html of the report into out_dir and return its path."""

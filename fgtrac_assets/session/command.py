@@ -1,4 +1,4 @@
-"""`fgtrac influence --run R --from FILE.py:FUNCTION`: TracInCP over a recorded run, from the user's own code.
+"""`fgtrac influence --run R --from FILE.py:FUNCTION`: TracInCP (or TRAK) over a recorded run, from your own code.
 
 FUNCTION (no arguments) returns what only the user's code knows: a dict with ``model`` (a fresh instance of
 the trained architecture), ``loss_fn`` (per-sample losses), ``train`` and ``test`` as (inputs, targets),
@@ -54,14 +54,14 @@ def cmd_influence(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
     result = influence(args.run, inputs["model"], inputs["loss_fn"], inputs["train"], inputs["train_ids"],
                        inputs["test"], inputs["test_ids"], home=home, layer=args.layer or inputs.get("layer"),
-                       k=args.top_k)
-    print(f"TracInCP over {len(result.checkpoints)} checkpoint(s) of {result.training_run}: "
+                       k=args.top_k, method=args.method)
+    print(f"{args.method} over {len(result.checkpoints)} checkpoint(s) of {result.training_run}: "
           f"{len(result.train_ids)} train x {len(result.test_ids)} test, committed at tree size "
           f"{result.commit.tree_size}", file=sys.stderr)
     from ..cli import _print_result
 
     for test in args.test or []:
-        cols, rows = audit_influence(Ledger(home), test, result.training_run)
+        cols, rows = audit_influence(Ledger(home), test, result.training_run, args.method)
         print(f"test sample {test}:")
         _print_result(cols, rows, args.format)
     return 0
@@ -76,5 +76,7 @@ def add_influence_command(sub) -> None:
     p.add_argument("--test", action="append", help="a test sample (name, id or prefix) whose scores to print")
     p.add_argument("--layer", help="score the gradient of this submodule only (default: the function's, or all)")
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--method", choices=["tracincp", "trak"], default="tracincp",
+                   help="TracInCP (default) or TRAK over the recorded checkpoints")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_influence)

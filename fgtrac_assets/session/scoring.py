@@ -112,15 +112,22 @@ class InfluenceResult:
 def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], test: tuple,
               test_ids: Sequence[str], home=None, layer: str | Sequence[str] | None = None, k: int = 10,
               pipeline: str | None = None, commit: bool = True, batch_size: int = 512,
-              checkpoints: Sequence[str] | int | None = None) -> InfluenceResult:
-    """Score test samples against the run's training samples with TracInCP over its recorded checkpoints.
+              checkpoints: Sequence[str] | int | None = None, method: str = "tracincp") -> InfluenceResult:
+    """Score test samples against the run's training samples over its recorded checkpoints.
 
     train and test are (inputs, targets); ids are the samples' names (or content ids), in the same order.
     loss_fn(outputs, targets) returns per-sample losses. checkpoints: ids to use, or how many of the latest
-    (default: all). With commit, the rows are signed into the ledger.
+    (default: all). method: "tracincp" or "trak" (attribution/methods.py; the replay methods need the run's
+    initial weights, which the pipelines record and ``fg.track`` does not yet). With commit, the rows are
+    signed into the ledger.
     """
     from ..attribution import TracInCP
+    from ..attribution.methods import build_scorer
+    from ..attribution.methods import method as influence_method
 
+    if influence_method(method).source == "trace":
+        raise InfluenceError(f"method {method!r} replays the recorded run from its initial weights, which fg.track "
+                             "does not record yet: use tracincp or trak here, or the pipelines' influence asset")
     ledger = Ledger(home)
     if not ledger.exists():
         raise InfluenceError(f"no ledger at {ledger.home.root}")
@@ -139,7 +146,13 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
         if len(ids) != len(data[1]):
             raise InfluenceError(f"{name}_ids: {len(ids)} ids for {len(data[1])} {name} samples")
     k = min(k, len(train_ids))
-    scorer = TracInCP(model, states, loss_fn, layer=layer, batch_size=batch_size)
+    if method == "tracincp":
+        scorer = TracInCP(model, states, loss_fn, layer=layer, batch_size=batch_size)
+    else:
+        import torch
+
+        scorer = build_scorer(method, model, loss_fn, classification=not torch.is_floating_point(train[1]),
+                              layer=layer, checkpoints=[state for state, _ in states])
     top = scorer.top_k(*train, *test, k=k)
     selfinf = scorer.self_influence(*train)
     result = None
@@ -148,7 +161,7 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
 
         owner = pipeline or _pipeline_of(ledger, rid)
         rows = {**new_sample_rows(ledger, owner, train_ids + test_ids, names),
-                "influence": influence_rows(train_ids, test_ids, top, selfinf, k)}
+                "influence": influence_rows(train_ids, test_ids, top, selfinf, k, method)}
         result = ledger.commit(Commit(pipeline=owner, asset="influence_scores", run_id=f"{rid}/influence",
                                       training_run=rid, rows=rows))
     return InfluenceResult(rid, [c.checkpoint_id for c in ckpts], top, selfinf, train_ids, test_ids, result)

@@ -1,10 +1,15 @@
-"""The influence stages: TracInCP top-k and self-influence from a gradient cache, whole or by shard, and their merge."""
+"""The influence stages: top-k and self-influence by the configured method, and TracInCP by shard with its merge.
+
+TracInCP (the default) scores from the gradient cache; TRAK from the selected checkpoints' weights; the replay
+methods (step-exact TracIn, metagradients) from the training run's recorded trace, which they verify first.
+"""
 
 import time
 
 import numpy as np
 import pyarrow as pa
 
+from ...attribution.methods import DEFAULT_METHOD, METHODS
 from ...errors import InputError
 from ...ledger.checks import SqlCheck
 from ...ledger.influence_rows import influence_rows
@@ -12,9 +17,10 @@ from ...ledger.store import Ledger
 from ...report import plots
 from ...report.influence_figures import influence_figures
 from ..base import InfluenceSettings, Pipeline, resolve_device
-from ..handles import GradientCacheHandle, Handle, StageResult
+from ..handles import ArtifactRef, GradientCacheHandle, Handle, StageResult
 from .commit import Log, commit_stage, quiet, write_parquet
 
+NONNEGATIVE_SELF = ", ".join(f"'{m.name}'" for m in METHODS.values() if m.self_influence_nonnegative)
 INFLUENCE_CHECKS = (
     # a detail is JSON read as JSON, whatever its spacing; one that is not JSON is no test sample's (verify reports it)
     SqlCheck("lineage_complete", """SELECT count(*) FROM (SELECT DISTINCT sample_id FROM events
@@ -26,15 +32,16 @@ INFLUENCE_CHECKS = (
              "test samples without influence scores"),
     # Proponents are a test sample's k largest scores and opponents its k smallest, whatever their sign (when
     # every score is negative, so are the proponents'): each rank's score is at most the one before it (at least,
-    # for opponents) and no proponent scores below an opponent. Self-influence, sum of lr |g|^2, is never negative.
-    SqlCheck("numbers_sane", """WITH s AS (SELECT kind, test_sample_id, score,
+    # for opponents) and no proponent scores below an opponent. Self-influence is never negative where it is a sum of
+    # squared norms (TracInCP's sum of lr |g|^2, and the other methods marked so in attribution/methods.py).
+    SqlCheck("numbers_sane", """WITH s AS (SELECT kind, test_sample_id, score, method,
                                        lag(score) OVER (PARTITION BY kind, test_sample_id ORDER BY rank) AS before
                                        FROM influence WHERE run_id = $run),
                                 bounds AS (SELECT test_sample_id, min(score) FILTER (kind = 'proponent') AS lowest,
                                                   max(score) FILTER (kind = 'opponent') AS highest
                                            FROM s WHERE kind IN ('proponent', 'opponent') GROUP BY 1)
                                 SELECT (SELECT count(*) FROM s WHERE score IS NULL OR isnan(score) OR isinf(score)
-                                        OR (kind = 'self' AND score < 0)
+                                        OR (kind = 'self' AND score < 0 AND method IN (""" + NONNEGATIVE_SELF + """))
                                         OR (kind IN ('proponent', 'self') AND score > before)
                                         OR (kind = 'opponent' AND score < before))
                                      + (SELECT count(*) FROM bounds WHERE lowest < highest)""",
@@ -87,13 +94,18 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
     settings.validate()
     device = resolve_device(settings.device)
     table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
-    ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log, device)
-    rows = influence_rows(train_ids, test_ids, top, selfinf, k)
+    if settings.method == DEFAULT_METHOD:
+        ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log, device)
+    else:
+        device = "cpu"
+        ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_by_method(ledger, pipeline, cache, table, settings,
+                                                                          log)
+    rows = influence_rows(train_ids, test_ids, top, selfinf, k, settings.method)
     order = torch.argsort(selfinf, descending=True).tolist()
     art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
                          "influence_scores", rows)
-    meta = {"method": "TracInCP (last layer, selected checkpoints)", "device": device, "checkpoints": ckpt_ids,
-            "top_k": k,
+    meta = {"method": METHODS[settings.method].description, "method_name": settings.method, "device": device,
+            "checkpoints": ckpt_ids, "top_k": k,
             "self_influence_md": plots.markdown_image(
                 plots.histogram(selfinf.tolist(), "self-influence of training samples", "TracInCP(z, z)"),
                 "distribution of self-influence"),
@@ -106,10 +118,49 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
                         {"influence": art}, meta, INFLUENCE_CHECKS, training_run=cache.training_run)
 
 
+def _score_by_method(ledger: Ledger, pipeline: Pipeline, cache: GradientCacheHandle, table: pa.Table,
+                     settings: InfluenceSettings, log: Log) -> tuple[list, list, list, object, object, int]:
+    """Return what _score_cache returns, scored on the CPU by a checkpoint or trace method of attribution/methods."""
+    import torch
+
+    from ...attribution.methods import build_scorer
+    from ..recorded_trace import recorded_trace
+
+    root = ledger.home.root
+    prepared = cache.prepared.read_parquet(root)
+    train_ids, xt, yt = pipeline.tensors(prepared, "train")
+    test_ids, xs, ys = pipeline.tensors(prepared, "test")
+    ckpt_ids = list(dict.fromkeys(table.column("checkpoint_id").to_pylist()))
+    states, trace = None, None
+    if METHODS[settings.method].source == "checkpoints":
+        with ledger.reader() as con:
+            files = {c: ArtifactRef(path, sha) for c, path, sha in con.execute(
+                "SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE training_run = ?",
+                [cache.training_run]).fetchall()}
+        states = [torch.load(files[c].open_checked(root), map_location="cpu", weights_only=True) for c in ckpt_ids]
+    else:
+        trace = recorded_trace(ledger, pipeline, cache.training_run, prepared, train_ids)
+    model = pipeline.build_model(prepared)
+    loss_fn = pipeline.loss_fn()
+    scorer = build_scorer(settings.method, model, loss_fn, classification=not torch.is_floating_point(yt),
+                          layer=pipeline.influence_layer, checkpoints=states, trace=trace)
+    k = min(settings.top_k, len(train_ids))
+    started = time.monotonic()
+    top = scorer.top_k(xt, yt, xs, ys, k=k) if test_ids else None
+    selfinf = scorer.self_influence(xt, yt).detach().cpu()
+    log(f"{settings.method} over {len(train_ids)} train x {len(test_ids)} test "
+        f"{'at %d checkpoints' % len(ckpt_ids) if trace is None else 'through %d replayed steps' % len(trace.steps)} "
+        f"in {time.monotonic() - started:.2f}s")
+    return ckpt_ids, train_ids, test_ids, top, selfinf, k
+
+
 def influence_shard(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCacheHandle,
                     settings: InfluenceSettings = InfluenceSettings(), log: Log = quiet) -> StageResult:
     """Score one shard's training samples against every test sample; keep its top-k as an artifact to combine."""
     settings.validate()
+    if settings.method != DEFAULT_METHOD:
+        raise InputError(f"influence method {settings.method!r}: the sharded influence stages score with "
+                         f"{DEFAULT_METHOD} only; use the unsharded influence_scores asset for other methods")
     device = resolve_device(settings.device)
     table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
     _, train_ids, test_ids, top, selfinf, k_used = _score_cache(table, settings.top_k, log, device)

@@ -24,6 +24,18 @@ TRAIN_CHECKS = (
 )
 
 
+INITIAL_WEIGHTS = "initial_weights"  # the artifact kind (and handle key) of a run's starting weights
+
+
+def _checkpoint_dir(pipeline: Pipeline, training_run: str) -> str:
+    return f"artifacts/{pipeline.name}/runs/{training_run}/checkpoints"
+
+
+def initial_weights_path(pipeline: Pipeline, training_run: str) -> str:
+    """Return where a training run's initial weights are written, relative to FGTRAC_HOME."""
+    return f"{_checkpoint_dir(pipeline, training_run)}/initial.pt"
+
+
 def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, settings: TrainSettings,
           log: Log = quiet) -> StageResult:
     """Train a new model version; record a `batched` event per sample per step (a leaf per step) and a checkpoint per epoch.
@@ -32,6 +44,8 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     (``device``); the checkpoints are saved from CPU copies, so they load on any machine.
     """
     import torch
+
+    from ..training import cpu_state_dict
 
     settings.validate()
     device = resolve_device(settings.device)
@@ -46,11 +60,15 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     from ...tracing.tracer import Tracer
 
     tracer = Tracer(train_ids, training_run)
-    checkpoints, arts, history = [], {}, []
+    checkpoints, history = [], []
+    # where the run starts: with every step's batch and lr and the checkpoints, the trace a replay re-runs
+    initial = cpu_state_dict(pipeline.initial_model(table, settings.seed))
+    arts = {INITIAL_WEIGHTS: write_artifact(ledger.ensure_home().root, initial_weights_path(pipeline, training_run),
+                                            INITIAL_WEIGHTS, lambda path: torch.save(initial, path))}
     started = time.monotonic()
     log(f"training on {device}")
     for ep in pipeline.train(table, dataclasses.replace(settings, device=device), tracer):
-        rel = f"artifacts/{pipeline.name}/runs/{training_run}/checkpoints/epoch-{ep.epoch:03d}.pt"
+        rel = f"{_checkpoint_dir(pipeline, training_run)}/epoch-{ep.epoch:03d}.pt"
 
         def save(path, state=ep.state_dict):
             torch.save(state, path)
