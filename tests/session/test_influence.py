@@ -111,3 +111,18 @@ def test_a_changed_checkpoint_file_is_refused(tmp_path):
     with pytest.raises(InfluenceError, match=ckpts[1].checkpoint_id):
         fg.influence("r", make_model(), nn.CrossEntropyLoss(reduction="none"), (x, y), NAMES, (tx, ty), TEST,
                      home=tmp_path)
+
+
+def test_trak_scores_a_session_run_and_the_replay_methods_say_why_not(tmp_path):
+    from fgtrac_assets.attribution import TRAK
+
+    train(tmp_path, groups=False)
+    (x, y), (tx, ty) = setup()
+    loss = nn.CrossEntropyLoss(reduction="none")
+    result = fg.influence("r", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, k=4, method="trak")
+    expected = TRAK(make_model(), [s for s, _ in fg.checkpoints("r", tmp_path)], loss).top_k(x, y, tx, ty, k=4)
+    assert torch.equal(result.top.proponent_idx, expected.proponent_idx)
+    methods = Ledger(tmp_path).query("SELECT DISTINCT method FROM influence").column(0).to_pylist()
+    assert methods == ["trak"]
+    with pytest.raises(InfluenceError, match="does not record yet"):
+        fg.influence("r", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, method="metagradient")
