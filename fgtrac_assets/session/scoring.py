@@ -9,6 +9,7 @@ pipelines' influence stage commits them, signed, under asset `influence_scores`.
 
 import bisect
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -162,7 +163,7 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
         owner = pipeline or _pipeline_of(ledger, rid)
         rows = {**new_sample_rows(ledger, owner, train_ids + test_ids, names),
                 "influence": influence_rows(train_ids, test_ids, top, selfinf, k, method)}
-        result = ledger.commit(Commit(pipeline=owner, asset="influence_scores", run_id=f"{rid}/influence",
+        result = ledger.commit(Commit(pipeline=owner, asset="influence_scores", run_id=f"{rid}/influence-{method}-{uuid.uuid4().hex[:12]}",
                                       training_run=rid, rows=rows))
     return InfluenceResult(rid, [c.checkpoint_id for c in ckpts], top, selfinf, train_ids, test_ids, result)
 

@@ -124,5 +124,11 @@ def test_trak_scores_a_session_run_and_the_replay_methods_say_why_not(tmp_path):
     assert torch.equal(result.top.proponent_idx, expected.proponent_idx)
     methods = Ledger(tmp_path).query("SELECT DISTINCT method FROM influence").column(0).to_pylist()
     assert methods == ["trak"]
+    # a second scoring is its own commit: the audit shows one scoring, not both mixed
+    fg.influence("r", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, k=4)
+    from fgtrac_assets.ledger.audit import influence as audit_influence
+
+    cols, rows = audit_influence(Ledger(tmp_path), TEST[0], "r")
+    assert len(rows) == 8 and {r[cols.index("method")] for r in rows} == {"tracincp"}
     with pytest.raises(InfluenceError, match="does not record yet"):
         fg.influence("r", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, method="metagradient")
