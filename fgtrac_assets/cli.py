@@ -9,8 +9,8 @@ from pathlib import Path
 
 import duckdb
 
-from .config import resolve_home
 from .attribution.methods import METHODS
+from .config import resolve_home
 from .errors import FgtracError, StorageError
 from .ledger.lock import LedgerBusy
 from .ledger.store import Ledger, LedgerDamaged

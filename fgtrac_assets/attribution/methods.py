@@ -41,14 +41,17 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def build_scorer(name: str, model, loss_fn, *, classification: bool, layer: str | None = None,
-                 checkpoints=None, trace=None):
-    """Return the scorer of a checkpoint or trace method, verified against the trace where it replays one."""
+def build_scorer(name: str, model, loss_fn, train_targets, *, layer: str | None = None, checkpoints=None,
+                 trace=None):
+    """Return the scorer of a checkpoint or trace method, verified against the trace where it replays one.
+
+    train_targets (a tensor) says what TRAK differentiates: the margin for class labels, else minus the loss.
+    """
     m = method(name)
     if m.source == "checkpoints":
         from .trak import TRAK
 
-        output = "margin" if classification else (lambda outputs, targets: -loss_fn(outputs, targets))
+        output = "margin" if not train_targets.is_floating_point() else (lambda outputs, targets: -loss_fn(outputs, targets))
         return TRAK(model, checkpoints, loss_fn, layer=layer, output=output)
     if m.source == "trace":
         if name == "step_exact":

@@ -32,9 +32,15 @@ class ArtifactRef:
             raise LedgerDamaged(f"artifact {self.path}: {problem}; refusing to use it (run `fgtrac verify`)")
         return root / self.path
 
-    def read_parquet(self, root: Path) -> pa.Table:
-        """Return the artifact's Parquet table after checking its sha256."""
-        return pq.read_table(self.open_checked(root))
+    def read_parquet(self, root: Path, columns: list[str] | None = None) -> pa.Table:
+        """Return the artifact's Parquet table (those columns, default all) after checking its sha256."""
+        return pq.read_table(self.open_checked(root), columns=columns)
+
+    def load_torch(self, root: Path):
+        """Return the artifact's torch-saved object (a state_dict), loaded on the CPU after checking its sha256."""
+        import torch
+
+        return torch.load(self.open_checked(root), map_location="cpu", weights_only=True)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,8 @@ class TraceNotRecorded(InputError):
     """A training run whose trace cannot be read back: no initial weights, no steps, no checkpoints."""
 
 
-def recorded_trace(ledger: Ledger, pipeline: Pipeline, training_run: str, prepared, train_ids: list[str]):
-    """Return the TrainingTrace of a pipeline training run; train_ids[i] is training row i's sample id."""
-    import torch
-
+def recorded_trace(ledger: Ledger, pipeline: Pipeline, training_run: str, model, train_ids: list[str]):
+    """Return the TrainingTrace of a training run of model (the pipeline's architecture); train_ids[i]: row i's id."""
     from ..attribution.trace import OptimizerSpec, trace_from_events
 
     with ledger.reader() as con:
@@ -35,13 +33,8 @@ def recorded_trace(ledger: Ledger, pipeline: Pipeline, training_run: str, prepar
                                "fgtrac kept them), so it cannot be replayed: retrain it, or use method tracincp")
     if not checkpoints or events.num_rows == 0:
         raise TraceNotRecorded(f"training run {training_run}: no recorded steps or checkpoints to replay")
-
-    def load(path: str, sha256: str) -> dict:
-        full = ArtifactRef(path, sha256).open_checked(ledger.home.root)
-        return torch.load(full, map_location="cpu", weights_only=True)
-
-    start = load(*initial[0])
-    model = pipeline.build_model(prepared)
+    root = ledger.home.root
+    start = ArtifactRef(*initial[0]).load_torch(root)
     spec = OptimizerSpec.of(pipeline.make_optimizer(model.parameters(), 1.0))
-    states = {int(step): load(path, sha) for step, path, sha in checkpoints}
+    states = {int(step): ArtifactRef(path, sha).load_torch(root) for step, path, sha in checkpoints}
     return trace_from_events(events, train_ids, start, spec, states, training_run)

@@ -3,7 +3,7 @@
 import html
 from pathlib import Path
 
-from ..attribution.methods import METHODS
+from ..attribution.methods import DEFAULT_METHOD, METHODS
 from ..errors import StorageError
 from ..ledger.audit import ABOUT_SQL, describe_about
 from ..ledger.store import Ledger
@@ -60,13 +60,12 @@ def build_report(ledger: Ledger) -> str:
         "\n".join(parts) + "</body></html>"
 
 
-
 def _influence_sections(con, run: str) -> list[str]:
     """Return the HTML of a training run's latest scoring by each influence method: self-influence, top-k."""
     out = []
     scorings = con.execute("SELECT method, run_id FROM influence WHERE training_run = ? "
                            "QUALIFY row_number() OVER (PARTITION BY method ORDER BY leaf_index DESC) = 1 "
-                           "ORDER BY method <> 'tracincp', method", [run]).fetchall()
+                           "ORDER BY method <> ?, method", [run, DEFAULT_METHOD]).fetchall()
     for name, scoring in scorings:
         known = METHODS.get(name)
         out.append(f"<h3>Influence by {html.escape(name)}</h3><p>{html.escape(known.description if known else name)}"
@@ -101,6 +100,7 @@ def _influence_sections(con, run: str) -> list[str]:
                                  "about the train sample"],
                                 [(*r[:5], describe_about(r[5]), describe_about(r[6])) for r in tests]))
     return out
+
 
 def write_report(ledger: Ledger, out_dir: Path) -> Path:
     """Write index.html of the report into out_dir and return its path."""

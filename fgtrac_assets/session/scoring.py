@@ -150,10 +150,7 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
     if method == "tracincp":
         scorer = TracInCP(model, states, loss_fn, layer=layer, batch_size=batch_size)
     else:
-        import torch
-
-        scorer = build_scorer(method, model, loss_fn, classification=not torch.is_floating_point(train[1]),
-                              layer=layer, checkpoints=[state for state, _ in states])
+        scorer = build_scorer(method, model, loss_fn, train[1], layer=layer, checkpoints=[state for state, _ in states])
     top = scorer.top_k(*train, *test, k=k)
     selfinf = scorer.self_influence(*train)
     result = None

@@ -35,8 +35,6 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
     With shard=(i, n) only the training samples of shard i (``shard_of``) are kept, with every
     test sample; the test samples' gradient events are recorded by shard 0 alone.
     """
-    import torch
-
     from ..splits import shard_of
 
     asset = "gradient_cache" if shard is None else "gradient_cache_shards"
@@ -49,8 +47,7 @@ def gradients(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle,
     parts, recorded, recorded_ids = [], GroupLog(), []
     chosen = signed_selection(ledger, training, selected)
     for c in chosen:
-        path = ArtifactRef(c["path"], c["sha256"]).open_checked(ledger.home.root)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # copied onto the model's device
+        model.load_state_dict(ArtifactRef(c["path"], c["sha256"]).load_torch(ledger.home.root))  # onto its device
         for split in ("train", "test"):
             ids, f = pipeline.gradient_factors(model, table, split)
             if not ids:

@@ -93,13 +93,12 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
 
     settings.validate()
     device = resolve_device(settings.device)
-    table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
     if settings.method == DEFAULT_METHOD:
+        table = cache.artifacts["gradient_cache"].read_parquet(ledger.home.root)
         ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_cache(table, settings.top_k, log, device)
     else:
         device = "cpu"
-        ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_by_method(ledger, pipeline, cache, table, settings,
-                                                                          log)
+        ckpt_ids, train_ids, test_ids, top, selfinf, k = _score_by_method(ledger, pipeline, cache, settings, log)
     rows = influence_rows(train_ids, test_ids, top, selfinf, k, settings.method)
     order = torch.argsort(selfinf, descending=True).tolist()
     art = write_parquet(ledger, f"{pipeline.name}/runs/{cache.training_run}/influence-{run_id}.parquet",
@@ -107,7 +106,7 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
     meta = {"method": METHODS[settings.method].description, "method_name": settings.method, "device": device,
             "checkpoints": ckpt_ids, "top_k": k,
             "self_influence_md": plots.markdown_image(
-                plots.histogram(selfinf.tolist(), "self-influence of training samples", "TracInCP(z, z)"),
+                plots.histogram(selfinf.tolist(), "self-influence of training samples", f"{settings.method}(z, z)"),
                 "distribution of self-influence"),
             "test_samples": len(test_ids or []), "train_samples": len(train_ids), "influence_rows": rows.num_rows,
             "top_self_influence": [(train_ids[i], float(selfinf[i])) for i in order[:10]]}
@@ -118,11 +117,9 @@ def influence(ledger: Ledger, pipeline: Pipeline, run_id: str, cache: GradientCa
                         {"influence": art}, meta, INFLUENCE_CHECKS, training_run=cache.training_run)
 
 
-def _score_by_method(ledger: Ledger, pipeline: Pipeline, cache: GradientCacheHandle, table: pa.Table,
-                     settings: InfluenceSettings, log: Log) -> tuple[list, list, list, object, object, int]:
+def _score_by_method(ledger: Ledger, pipeline: Pipeline, cache: GradientCacheHandle, settings: InfluenceSettings,
+                     log: Log) -> tuple[list, list, list, object, object, int]:
     """Return what _score_cache returns, scored on the CPU by a checkpoint or trace method of attribution/methods."""
-    import torch
-
     from ...attribution.methods import build_scorer
     from ..recorded_trace import recorded_trace
 
@@ -130,20 +127,20 @@ def _score_by_method(ledger: Ledger, pipeline: Pipeline, cache: GradientCacheHan
     prepared = cache.prepared.read_parquet(root)
     train_ids, xt, yt = pipeline.tensors(prepared, "train")
     test_ids, xs, ys = pipeline.tensors(prepared, "test")
-    ckpt_ids = list(dict.fromkeys(table.column("checkpoint_id").to_pylist()))
+    cached = cache.artifacts["gradient_cache"].read_parquet(root, columns=["checkpoint_id"])
+    ckpt_ids = list(dict.fromkeys(cached.column("checkpoint_id").to_pylist()))  # the selected checkpoints
+    model = pipeline.build_model(prepared)
     states, trace = None, None
     if METHODS[settings.method].source == "checkpoints":
         with ledger.reader() as con:
             files = {c: ArtifactRef(path, sha) for c, path, sha in con.execute(
                 "SELECT checkpoint_id, path, sha256 FROM checkpoints WHERE training_run = ?",
                 [cache.training_run]).fetchall()}
-        states = [torch.load(files[c].open_checked(root), map_location="cpu", weights_only=True) for c in ckpt_ids]
+        states = [files[c].load_torch(root) for c in ckpt_ids]
     else:
-        trace = recorded_trace(ledger, pipeline, cache.training_run, prepared, train_ids)
-    model = pipeline.build_model(prepared)
-    loss_fn = pipeline.loss_fn()
-    scorer = build_scorer(settings.method, model, loss_fn, classification=not torch.is_floating_point(yt),
-                          layer=pipeline.influence_layer, checkpoints=states, trace=trace)
+        trace = recorded_trace(ledger, pipeline, cache.training_run, model, train_ids)
+    scorer = build_scorer(settings.method, model, pipeline.loss_fn(), yt, layer=pipeline.influence_layer,
+                          checkpoints=states, trace=trace)
     k = min(settings.top_k, len(train_ids))
     started = time.monotonic()
     top = scorer.top_k(xt, yt, xs, ys, k=k) if test_ids else None
