@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..errors import FgtracError, InputError, StorageError
 
 ALG_ED25519 = 1
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f]")  # a note's text and signature lines: no control but newline
 _SIG_PREFIX = "\u2014 "  # EM DASH, space
 _MAX_SIGNATURES = 100
 _HEX8 = re.compile(r"[0-9a-fA-F]{8}")
@@ -260,7 +261,7 @@ def split_note(note: str | bytes) -> tuple[str, list[NoteSignature]]:
         note.encode("utf-8")
     except UnicodeEncodeError:
         raise NoteError("malformed note: not valid UTF-8") from None
-    if any(c < " " and c != "\n" for c in note):
+    if _CONTROL.search(note):
         raise NoteError("malformed note: control character")
     split = note.rfind("\n\n")
     if split < 0:

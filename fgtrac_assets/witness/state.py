@@ -74,7 +74,7 @@ def _write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fdatasync(f.fileno())  # the data and its size; the rename is made durable by the directory's fsync
         os.replace(tmp, path)
     except OSError as exc:  # a full disk or a state directory made read-only: the user's to fix
         tmp.unlink(missing_ok=True)
