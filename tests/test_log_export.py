@@ -24,6 +24,7 @@ from fgtrac_assets.integrity.tiles import (MAX_ENTRY_SIZE, EntryTooLarge, Tile, 
 from fgtrac_assets.integrity.tlog_proof import verify_tlog_proof
 from fgtrac_assets.ledger import export
 from fgtrac_assets.ledger.export import ExportError, export_log
+from fgtrac_assets.ledger.leaves import leaf_sql, table_leaves, to_arrow
 from fgtrac_assets.ledger.log_command import add_log_export_commands
 from fgtrac_assets.ledger.nodes import StoredNodes
 from fgtrac_assets.ledger.store import Commit, Ledger
@@ -360,6 +361,43 @@ def test_worker_processes_write_the_same_directory(log70k, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="export worker: leaf 65000: its ledger row does not hash"):
         export_log(Ledger(copy), tmp_path / "bad", workers=2)
     assert not (tmp_path / "bad" / "checkpoint").exists()
+
+
+def _sql_leaves(table: str, rows: pa.Table) -> list[bytes]:
+    """The SQL fast path's leaves of these rows (leaves.leaf_sql), as the export reads them."""
+    with duckdb.connect() as con:
+        con.register("rows_", rows)
+        return [r[0] for r in con.execute(f"SELECT {leaf_sql(table)} FROM rows_").fetchall()]
+
+
+def test_sql_leaves_equal_the_exact_encoder_on_ordinary_values():
+    rng = random.Random(5)
+    n = 4000
+    scores = [rng.choice([1, -1]) * 10 ** rng.uniform(-12, 15) for _ in range(n)]
+    scores[:6] = [3.0, -0.0, 1e-5, 1.234e-6, 9.99e-5, 0.0001]
+    rows = to_arrow("checkpoint_selections", [
+        {"checkpoint_id": f"ck-{i}", "pipeline": "p/\u00e9\u4e2d\U0001f600", "run_id": 'q"uote\\d', "training_run": None,
+         "selected": [True, False, None][i % 3], "rank": rng.randrange(-2**53 + 1, 2**53), "reason": f"{scores[i]}"}
+        for i in range(n)])
+    assert _sql_leaves("checkpoint_selections", rows) == table_leaves("checkpoint_selections", rows)
+    lrs = to_arrow("checkpoints", [{"checkpoint_id": "c", "epoch": i, "lr": x, "train_loss": -x, "val_loss": None}
+                                    for i, x in enumerate(scores)])
+    assert _sql_leaves("checkpoints", lrs) == table_leaves("checkpoints", lrs)
+
+
+def test_export_encodes_exactly_what_the_sql_path_gets_wrong(tmp_path):
+    ledger = Ledger(tmp_path / "home")
+    rare = [{"checkpoint_id": "c1", "lr": 2.0 ** 60, "train_loss": 0.5},  # ECMAScript: 1152921504606847000
+            {"checkpoint_id": "c2\x01\x1f", "lr": 0.1},  # control characters: lowercase \u001f
+            {"checkpoint_id": "c3", "lr": 0.25}]
+    rare = [{**row, "pipeline": "p", "run_id": "r"} for row in rare]  # as the commit writes them
+    ledger.commit(Commit(pipeline="p", asset="a", run_id="r", rows={"checkpoints": rare}))
+    rows = to_arrow("checkpoints", rare)
+    exact, fast = table_leaves("checkpoints", rows), _sql_leaves("checkpoints", rows)
+    assert [a == b for a, b in zip(exact, fast)] == [False, False, True]  # the fallback has work to do
+    r = export_log(ledger, tmp_path / "tiles")
+    published = decode_bundle((tmp_path / "tiles" / Tile(None, 0, r.size).path).read_bytes())
+    assert published[:3] == exact
 
 
 def test_an_entry_too_large_for_a_bundle_is_refused(tmp_path):

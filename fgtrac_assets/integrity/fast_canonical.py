@@ -43,7 +43,8 @@ from json.encoder import encode_basestring as _json_escape  # the C escaper (ens
 import numpy as np
 import rfc8785
 
-__all__ = ["CanonicalEncodingError", "EncodedColumn", "dictionary_column", "encode_rows", "float_text"]
+__all__ = ["CanonicalEncodingError", "EncodedColumn", "dictionary_column", "encode_rows", "float_text",
+           "key_layout"]
 
 _INT_MAX = 2**53 - 1
 _INT_MIN = -(2**53) + 1
@@ -258,6 +259,11 @@ def _assembler(pieces: tuple[str, ...]):
     namespace: dict = {}
     exec(compile(src, "<fast_canonical>", "exec"), namespace)
     return namespace["assemble"]
+
+
+def key_layout(table: str, columns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """Return a leaf's (escaped key texts, column per key, None for the table name) in RFC 8785 key order."""
+    return _layout(table, tuple(columns))
 
 
 @lru_cache(maxsize=256)

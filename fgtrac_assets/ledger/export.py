@@ -2,8 +2,9 @@
 
 The stored tiles (ledger/nodes.py) are the C2SP tiles: stored tile level t is C2SP level t, and
 a tile of a tree of size s is the stored tile cut to the width s needs, since a hash in it never
-changes once written. The export copies them; only the entry bundles are built, from the leaf
-tables read a column at a time, and every entry is checked against its level-0 hash.
+changes once written. The export copies them; only the entry bundles are built: DuckDB encodes the
+leaf tables' rows (ledger/leaves.py, leaf_sql), every entry is checked against its level-0 hash, and
+the rare row the SQL encoding gets wrong is encoded again the exact way.
 
 A re-export continues from the directory's own checkpoint once its root is the log's root at
 that size (so the directory holds a prefix of this log), and writes only the tiles and bundles
@@ -36,7 +37,7 @@ import numpy as np
 from ..errors import FgtracError, StorageError
 from ..integrity import merkle, notes
 from ..integrity.tiles import HASH_SIZE, TILE_WIDTH, EntryTooLarge, Tile, encode_bundles, new_tiles, tiles_between
-from .leaves import table_leaves
+from .leaves import leaf_sql, table_leaves
 from .nodes import KEY_SHIFT, StoredNodes, tile_key, tile_of
 from .schema import LEAF_ORDER, LEAF_TABLES, physical
 from .store import Ledger
@@ -346,25 +347,34 @@ class _Level0:
         return chunk[0] * TILE_WIDTH, min(self.size, (chunk[-1] + 1) * TILE_WIDTH)
 
     def read(self, con: duckdb.DuckDBPyConnection, i: int,
-             stored: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], list[bytes]]:
-        """Return the stored level-0 tiles (unless given) and the leaves chunk i needs."""
+             stored: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], list[bytes], bytes]:
+        """Return the stored level-0 tiles (unless given), the leaves chunk i needs and their leaf hashes.
+
+        The leaves come from the SQL encoder (leaves.leaf_sql); any whose hash is not the logged one is encoded
+        again the exact way, so what is left mismatching is a row changed after it was logged (write says so).
+        """
         chunk = self.chunks[i]
+        lo, hi = self._span(i)
+        stored = _fetch(con, 0, chunk[0], chunk[-1]) if stored is None else stored
         try:
-            leaves = _leaves(con, self.tables, *self._span(i))
+            leaves = _leaves(con, self.tables, lo, hi)
         except duckdb.CatalogException:  # not the current layout: ask the catalog which leaf tables it has
             self.tables = _leaf_tables(con)
-            leaves = _leaves(con, self.tables, *self._span(i))
-        return (_fetch(con, 0, chunk[0], chunk[-1]) if stored is None else stored), leaves
+            leaves = _leaves(con, self.tables, lo, hi)
+        hashes = b"".join(merkle.leaf_hashes(leaves))
+        logged = b"".join(stored.get(k, b"")[:HASH_SIZE * min(TILE_WIDTH, hi - k * TILE_WIDTH)] for k in chunk)
+        if hashes != logged:
+            hashes = _reencode_mismatches(con, self.tables, lo, leaves, hashes, logged)
+        return stored, leaves, hashes
 
-    def write(self, writer: _Writer, i: int, data: tuple[dict[int, bytes], list[bytes]]) -> None:
+    def write(self, writer: _Writer, i: int, data: tuple[dict[int, bytes], list[bytes], bytes]) -> None:
         """Queue chunk i's level-0 tiles and entry bundles, after checking every entry against its leaf hash."""
-        stored, leaves = data
+        stored, leaves, hashes = data
         lo, _ = self._span(i)
         try:
             encoded = encode_bundles(leaves, lo)
         except EntryTooLarge as exc:
             raise ExportError(f"cannot publish the log as C2SP tiles: {exc}") from None
-        hashes = b"".join(merkle.leaf_hashes(leaves))
         items = []
         for k in self.chunks[i]:
             start = k * TILE_WIDTH - lo
@@ -400,8 +410,13 @@ def _leaf_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
     return out
 
 
-def _leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> list[bytes]:
-    """Return the leaf bytes of log entries lo..hi-1, read from the leaf tables a column at a time."""
+def _leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int,
+            exact: bool = False) -> list[bytes]:
+    """Return the leaf bytes of log entries lo..hi-1 from the leaf tables: encoded in SQL, or exactly in Python.
+
+    The SQL encoder (leaves.leaf_sql) is several times faster and agrees on nearly every row; its output must be
+    checked against the logged hashes (read does), exact=True encodes the rows with table_leaves.
+    """
     where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
     counts = con.execute(" UNION ALL ".join(f"SELECT {i} AS t, count(*) AS n FROM {stored} {where}"
                                             for i, (_, stored) in enumerate(tables))).fetchall()
@@ -412,9 +427,13 @@ def _leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: i
         if not n:
             continue
         name, stored = tables[i]
-        cols = ", ".join(c for c, _ in LEAF_TABLES[name])
-        tbl = con.sql(f"SELECT leaf_index, {cols} FROM {stored} {where}").to_arrow_table()
-        leaves = table_leaves(name, tbl)
+        if exact:
+            cols = ", ".join(c for c, _ in LEAF_TABLES[name])
+            tbl = con.sql(f"SELECT leaf_index, {cols} FROM {stored} {where}").to_arrow_table()
+            leaves = table_leaves(name, tbl)
+        else:
+            tbl = con.sql(f"SELECT leaf_index, {leaf_sql(name)} AS leaf FROM {stored} {where}").to_arrow_table()
+            leaves = tbl.column("leaf").to_pylist()
         at = tbl.column("leaf_index").to_numpy() - lo
         seen[at] = True
         # a commit's rows of one table are consecutive leaves: place them a run at a time
@@ -427,6 +446,21 @@ def _leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: i
         raise ExportError(f"the leaf tables hold {found} rows for log entries {lo}..{hi - 1}, not {hi - lo}{missing}: "
                           "run `fgtrac verify`")
     return slots
+
+
+def _reencode_mismatches(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int,
+                         leaves: list[bytes], hashes: bytes, logged: bytes) -> bytes:
+    """Encode exactly, in place, the leaves whose hash is not the logged one; return the hashes of all of them."""
+    got = np.frombuffer(hashes, dtype=np.uint8).reshape(-1, HASH_SIZE)
+    want = np.frombuffer(logged.ljust(len(hashes), b"\0"), dtype=np.uint8).reshape(-1, HASH_SIZE)
+    bad = np.flatnonzero((got != want).any(axis=1))
+    breaks = (np.flatnonzero(np.diff(bad) != 1) + 1).tolist()
+    fixed = bytearray(hashes)
+    for a, b in zip([0] + breaks, breaks + [len(bad)]):  # one exact read per run of mismatching leaves
+        start, stop = int(bad[a]), int(bad[b - 1]) + 1
+        leaves[start:stop] = _leaves(con, tables, lo + start, lo + stop, exact=True)
+        fixed[start * HASH_SIZE:stop * HASH_SIZE] = b"".join(merkle.leaf_hashes(leaves[start:stop]))
+    return bytes(fixed)
 
 
 # --- worker processes ------------------------------------------------------------------------
