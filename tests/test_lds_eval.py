@@ -66,6 +66,16 @@ def test_in_the_fixed_order_the_metagradient_predicts_retraining_best():
     assert result["run"]["fixed_order_replay_max_abs_diff"] < 1e-5
 
 
+def test_at_half_the_samples_the_metagradient_taken_at_the_subsets_centre_predicts_retraining_best():
+    """The issue's default drop (half the samples): linearised at w = 1/2, where the subsets are, not at w = 1."""
+    result = lds_evaluation(n_test=20, subsets=30, fractions=(0.5,),  # the default run: at 100 samples all are near 0.95
+                            settings=("fixed_order",), plot=False,
+                            methods=["tracincp_all", "grad_cos", "step_exact", "metagradient", "metagradient_centered"])
+    lds = {r["method"]: r["lds"] for r in result["table"] if r["output"] == "-loss"}
+    others = [v for m, v in lds.items() if m != "metagradient_centered"]
+    assert lds["metagradient_centered"] >= 0.9 and lds["metagradient_centered"] >= max(others) + 0.03, lds
+
+
 def test_lds_study_materialises_a_signed_table_with_every_method(tmp_path):
     result = materialize(with_samples("lds_evaluation"), resources={"fgtrac": FgtracResource(home=str(tmp_path))},
                          run_config=samples_config(limit=0, digits_cnn__lds_evaluation={"config": {"preset": "smoke"}}))
@@ -90,8 +100,9 @@ def test_the_graph_study_replays_the_adam_run_and_the_metagradient_wins_the_fixe
     assert {r["method"] for r in result["table"]} == set(GRAPH_METHODS)
     assert result["run"]["optimizer"] == "adam" and result["run"]["fixed_order_replay_max_abs_diff"] < 1e-5
     lds = {r["method"]: r["lds"] for r in result["table"]}
-    assert result["winners"]["fixed_order 0.9"]["-loss"] == "metagradient", lds
-    assert lds["metagradient"] >= max(v for m, v in lds.items() if m != "metagradient") + 0.05, lds
+    assert result["winners"]["fixed_order 0.9"]["-loss"] in ("metagradient", "metagradient_centered"), lds
+    first_order = [v for m, v in lds.items() if not m.startswith("metagradient")]
+    assert lds["metagradient"] >= max(first_order) + 0.05, lds
 
 
 def test_graph_lds_study_materialises(tmp_path):

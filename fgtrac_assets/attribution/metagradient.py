@@ -4,7 +4,9 @@ The recorded run is a function of per-sample weights w (see :mod:`.trace`): thet
 minimising sum_i w_i l(theta, z_i) / |B_t| over its recorded batch, at its recorded learning rate, under the
 recorded optimiser (SGD with momentum, Adam, AdamW). The metagradient of a test output f is d f(theta_T(w)) / d w
 at w = 1, computed exactly by reverse-mode differentiation through every optimiser step (MAGIC, Ilyas and
-Engstrom 2025, for replicable training). Scores follow the package's sign: ``influence`` is
+Engstrom 2025, for replicable training). ``at`` takes it elsewhere on the diagonal, at w = at * 1: the run with
+every sample weighted ``at``, which is where a linear prediction of retraining on random subsets that keep a
+fraction ``at`` of the samples is most accurate (the subsets' mean weight vector). Scores follow the package's sign: ``influence`` is
 -d l(theta_T, z') / d w_i, positive when up-weighting z_i lowers the test loss (a proponent).
 
 The reverse pass carries one adjoint per test output through the steps, for all of them at once
@@ -48,16 +50,21 @@ class Metagradient:
     scores are minus its metagradient). ``output`` (optional) is another test output to raise, e.g. the margin;
     scores are then its metagradient. ``dtype`` casts the replay (None: the trace's dtype; float64 for exactness
     checks). ``verify`` checks the replay against the trace's checkpoints. ``memory_budget`` bounds the bytes of
-    replayed states kept for the reverse pass; ``chunk`` is how many test outputs share one reverse pass.
+    replayed states kept for the reverse pass; ``chunk`` is how many test outputs share one reverse pass. ``at``
+    (0 < at <= 1) is the weight of every sample where the derivative is taken: 1, the recorded run, by default;
+    another value replays the run with every weight ``at`` (after checking the recorded run, when ``verify``).
     """
 
     def __init__(self, model: nn.Module, trace: TrainingTrace, loss_fn: LossFn, *, output: OutputFn | None = None,
                  dtype: torch.dtype | None = None, verify: bool = True, memory_budget: int = 512 << 20,
-                 chunk: int = 256):
+                 chunk: int = 256, at: float = 1.0):
         if chunk < 1 or memory_budget < 0:
             raise ValueError("chunk must be >= 1 and memory_budget >= 0")
+        if not 0 < at <= 1:
+            raise ValueError(f"at must be in (0, 1], got {at}")
         self.model, self.trace, self.loss_fn, self.output = model, trace, loss_fn, output
-        self.dtype, self.verify, self.memory_budget, self.chunk = dtype, verify, memory_budget, chunk
+        self.dtype, self.verify, self.memory_budget, self.chunk, self.at = dtype, verify, memory_budget, chunk, at
+        self._weights: Tensor | None = None  # every training sample's weight in the replay: None is all 1
         self.names = trainable_names(model)
         self.reproduced_max_abs_diff: float | None = None
         self.segment: int | None = None
@@ -113,6 +120,11 @@ class Metagradient:
         dtype = params[0].dtype
         x = x.to(dtype) if x.is_floating_point() else x
         test_x = test_x.to(dtype) if test_x.is_floating_point() else test_x
+        if self.at != 1:
+            if self.verify:  # the recorded run first: a trace that does not reproduce it is refused
+                self._weights = None
+                self._forward(names, fixed, params, x, y, keep=False)
+            self._weights = torch.full((len(y),), self.at, dtype=dtype, device=params[0].device)
         stored, final = self._forward(names, fixed, params, x, y)
         scores = torch.zeros(len(y), count, dtype=dtype, device=params[0].device)
         for start in range(0, count, self.chunk):
@@ -121,8 +133,9 @@ class Metagradient:
             self._reverse(names, fixed, stored, adjoint, x, y, scores[:, start:stop])
         return scores
 
-    def _forward(self, names, fixed, params, x, y) -> tuple[dict[int, ReplayState], ReplayState]:
-        """Replay the trace, verifying its checkpoints; return (the kept states by step, the final state)."""
+    def _forward(self, names, fixed, params, x, y, keep: bool = True) -> tuple[dict[int, ReplayState], ReplayState]:
+        """Replay the trace at self._weights, verifying the checkpoints of the recorded run (all weights 1);
+        return (the kept states by step, none unless keep, and the final state)."""
         trace = self.trace
         T = len(trace.steps)
         per_state = sum(p.numel() * p.element_size() for p in params) * (1 + trace.optimizer.state_size)
@@ -130,18 +143,20 @@ class Metagradient:
         state = ReplayState(0, params, [torch.zeros_like(p) for p in params for _ in range(trace.optimizer.state_size)])
         stored: dict[int, ReplayState] = {}
         worst = None
+        recorded = self._weights is None
         for t in range(T + 1):
-            if self.verify:
+            if self.verify and recorded:
                 diff = check_reproduced(names, state, trace)
                 worst = diff if worst is None else (worst if diff is None else max(worst, diff))
             if t == T:
                 break
-            if t % self.segment == 0:
+            if keep and t % self.segment == 0:
                 stored[t] = state
             p, s = _forward_step(self.model, names, fixed, self.loss_fn, state.params, state.opt_state, trace, t,
-                                 trace.steps[t], x, y, None)
+                                 trace.steps[t], x, y, self._weights)
             state = ReplayState(t + 1, p, s)
-        self.reproduced_max_abs_diff = worst
+        if recorded:
+            self.reproduced_max_abs_diff = worst
         return stored, state
 
     def _final_adjoint(self, names, fixed, final: ReplayState, test_x, values, start: int, stop: int) -> list[Tensor]:
@@ -171,7 +186,7 @@ class Metagradient:
             for t in range(seg, min(T, seg + self.segment) - 1):  # replay the segment again (nothing when segment 1)
                 s = states[-1]
                 p, o = _forward_step(self.model, names, fixed, self.loss_fn, s.params, s.opt_state, trace, t,
-                                     trace.steps[t], x, y, None)
+                                     trace.steps[t], x, y, self._weights)
                 states.append(ReplayState(t + 1, p, o))
             for state in reversed(states):
                 lam_p, lam_s, w_grad = self._vjp_step(names, fixed, state, lam_p, lam_s, x, y)
@@ -186,7 +201,7 @@ class Metagradient:
         with torch.enable_grad():
             p = [q.detach().requires_grad_(True) for q in state.params]
             o = [q.detach().requires_grad_(True) for q in state.opt_state]
-            w = torch.ones(len(rows), dtype=p[0].dtype, device=p[0].device, requires_grad=True)
+            w = torch.full((len(rows),), self.at, dtype=p[0].dtype, device=p[0].device, requires_grad=True)
             loss = step_loss(self.model, names, fixed, self.loss_fn, p, x[rows], y[rows.to(y.device)], w)
             g = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
             g = [torch.zeros_like(q) if gi is None else gi for q, gi in zip(p, g)]

@@ -47,9 +47,10 @@ LDS_STUDY = Study(
                 "the recorded order and seed (fixed order) and with fresh seeds; Spearman correlation per test "
                 "sample between each method's summed scores and the retrained models' test loss and margin, for "
                 "TracInCP (all, FG-Trac-selected and final checkpoints), Grad-Dot, Grad-Cos, influence functions "
-                "(CG), TRAK (fgtrac's and dattri's) and the replay methods (step-exact TracIn, metagradients).",
+                "(CG), TRAK (fgtrac's and dattri's) and the replay methods (step-exact TracIn, metagradients at the "
+                "recorded run and at the subsets' centre).",
     run=datamodeling.lds_evaluation, table_markdown=datamodeling.table_markdown,
-    # default: 300 training samples, 8 epochs (152 steps), 50 subsets per fraction: about 20 s
+    # default: 300 training samples, 8 epochs (152 steps), 50 subsets per fraction: about 40 s
     presets={"default": {}, "large": {"n_train": 1000, "n_val": 300, "n_test": 100, "epochs": 20, "subsets": 100,
                                       "trak_dim": 256},
              "smoke": {"n_train": 60, "n_val": 40, "n_test": 8, "epochs": 2, "subsets": 6}},
@@ -63,7 +64,7 @@ GRAPH_LDS_STUDY = Study(
                 "retrained squared error, for TracInCP (all and FG-Trac-selected checkpoints), Grad-Dot and the "
                 "replay methods (step-exact TracIn, metagradients through Adam).",
     run=datamodeling.graph_lds_evaluation, table_markdown=datamodeling.table_markdown,
-    # default: the first users' 2,000 ratings (770 for training), 20 subsets per fraction: about 15 s
+    # default: the first users' 2,000 ratings (770 for training), 20 subsets per fraction: about 25 s
     presets={"default": {}, "large": {"limit": 6000, "subsets": 50, "n_test": 100, "epochs": 8},
              "smoke": {"limit": 800, "subsets": 6, "n_test": 8, "epochs": 2}},
     headline=lambda r: {"winners": r["winners"], "run": r["run"]})

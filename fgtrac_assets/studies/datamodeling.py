@@ -24,6 +24,8 @@ kernel without a ridge and returns noise when the kernel is singular; both TRAKs
 The methods see only the reference run; the retrained models are the ground truth. Gradient methods use the
 loss gradient for both outputs; the replay methods (``step_exact``, ``metagradient``) are computed for each
 output, since they are defined for any differentiable test output, and TRAK is margin-based by design.
+``metagradient_centered`` is the metagradient taken at every weight equal to the kept fraction (the mean of
+the random subsets' weight vectors) instead of at the recorded run's weights 1: one set of scores per fraction.
 """
 
 import time
@@ -40,10 +42,17 @@ OUTPUTS = ("-loss", "margin")
 
 #: every method the digits study can run, in table order
 METHODS = ("tracincp_all", "tracincp_fgtrac", "tracincp_final", "grad_dot", "grad_cos", "influence_cg", "trak",
-           "trak_dattri", "step_exact", "metagradient")
+           "trak_dattri", "step_exact", "metagradient", "metagradient_centered")
 
 #: the graph study's methods (a regression: no margin, so no TRAK; the decoder's last layer for TracInCP)
-GRAPH_METHODS = ("tracincp_all", "tracincp_fgtrac", "grad_dot", "step_exact", "metagradient")
+GRAPH_METHODS = ("tracincp_all", "tracincp_fgtrac", "grad_dot", "step_exact", "metagradient", "metagradient_centered")
+
+
+@dataclass(frozen=True)
+class PerFraction:
+    """A method whose scores depend on the fraction of the training set kept: ``scores(fraction)``."""
+
+    scores: Callable[[float], object]
 
 
 @dataclass
@@ -65,7 +74,7 @@ class ReferenceRun:
     outputs: dict
 
 
-def measure_lds(run: ReferenceRun, scorers: dict[str, Callable[[], object]], methods: Sequence[str],
+def measure_lds(run: ReferenceRun, scorers: dict[str, Callable[[], object] | PerFraction], methods: Sequence[str],
                 settings: Sequence[str], subsets: int, fractions: Sequence[float], seed: int) -> dict:
     """Return the table (method x setting x fraction x output), the winners, retraining seconds and replay gap."""
     import torch
@@ -97,10 +106,13 @@ def measure_lds(run: ReferenceRun, scorers: dict[str, Callable[[], object]], met
 
     table = []
     for name in methods:
-        started = time.perf_counter()
-        scores = scorers[name]()
-        seconds = time.perf_counter() - started
+        scored = {}  # fraction -> (scores, seconds)
+        for fraction in (fractions if isinstance(scorers[name], PerFraction) else fractions[:1]):
+            started = time.perf_counter()
+            scores = scorers[name].scores(fraction) if isinstance(scorers[name], PerFraction) else scorers[name]()
+            scored[fraction] = scores, time.perf_counter() - started
         for (fraction, setting), outs in truth.items():
+            scores, seconds = scored.get(fraction, scored[fractions[0]])
             for output in run.outputs:
                 s = scores[output] if isinstance(scores, dict) else scores
                 per_test = linear_datamodeling_score(s, masks[fraction], outs[output]).numpy()
@@ -245,18 +257,25 @@ def _result(measured: dict, plot: bool, run: dict) -> dict:
             "winners": winners, "plot_png": lds_plot(measured["table"]) if plot else None, "run": run}
 
 
-def _replayed(run: ReferenceRun, cls, outputs: dict) -> Callable[[], dict]:
+def _replayed(run: ReferenceRun, cls, outputs: dict, **options) -> Callable[[], dict]:
     """Return () -> {output: scores} of a replay method, computed for each test output."""
     x_tr, y_tr = run.train
 
     def scores() -> dict:
-        return {name: cls(run.model, run.trace, run.loss_fn, output=None if name == "-loss" else fn)
+        return {name: cls(run.model, run.trace, run.loss_fn, output=None if name == "-loss" else fn, **options)
                 .influence(x_tr, y_tr, *run.test) for name, fn in outputs.items()}
 
     return scores
 
 
-def _digits_scorers(run: ReferenceRun, trak_dim: int, seed: int) -> dict[str, Callable[[], object]]:
+def _centered(run: ReferenceRun) -> PerFraction:
+    """Return the metagradient taken where each fraction's random subsets are centred (every weight = fraction)."""
+    from ..attribution.metagradient import Metagradient
+
+    return PerFraction(lambda fraction: _replayed(run, Metagradient, run.outputs, at=fraction)())
+
+
+def _digits_scorers(run: ReferenceRun, trak_dim: int, seed: int) -> dict[str, Callable[[], object] | PerFraction]:
     """Return {method: () -> scores (n_train, n_test), or {output: scores} for output-specific methods}."""
     from ..attribution import GradCos, GradDot, InfluenceFunction, TracInCP
     from ..attribution.metagradient import Metagradient
@@ -294,10 +313,11 @@ def _digits_scorers(run: ReferenceRun, trak_dim: int, seed: int) -> dict[str, Ca
         "trak_dattri": trak_dattri,
         "step_exact": _replayed(run, StepExactTracIn, run.outputs),
         "metagradient": _replayed(run, Metagradient, run.outputs),
+        "metagradient_centered": _centered(run),
     }
 
 
-def _graph_scorers(run: ReferenceRun, layer: str) -> dict[str, Callable[[], object]]:
+def _graph_scorers(run: ReferenceRun, layer: str) -> dict[str, Callable[[], object] | PerFraction]:
     """Return the graph study's scorers: TracInCP on the decoder's last layer, Grad-Dot, the replay methods."""
     from ..attribution import GradDot, TracInCP
     from ..attribution.metagradient import Metagradient
@@ -321,6 +341,7 @@ def _graph_scorers(run: ReferenceRun, layer: str) -> dict[str, Callable[[], obje
                                     batch_size=len(y_tr)).influence(x_tr, y_tr, x_te, y_te),
         "step_exact": _replayed(run, StepExactTracIn, run.outputs),
         "metagradient": _replayed(run, Metagradient, run.outputs),
+        "metagradient_centered": _centered(run),
     }
 
 

@@ -119,3 +119,43 @@ def test_a_trace_that_does_not_reproduce_its_checkpoint_is_refused():
     with pytest.raises(ReplayMismatch, match=f"after step {len(steps)}"):
         Metagradient(model, TrainingTrace(init, swapped, checkpoints={len(steps): real.state_dict()}),
                      LOSS).influence(x, y, xt, yt)
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=["sgd", "momentum"])
+def test_taken_at_every_weight_a_it_equals_finite_differences_of_retraining_at_those_weights(spec):
+    model, x, y, xt, yt, steps = tiny_problem()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trace = TrainingTrace(init, steps, spec)
+    at = 0.5
+    scores = Metagradient(model, trace, LOSS, dtype=torch.float64, at=at).influence(x, y, xt, yt)
+    segmented = Metagradient(model, trace, LOSS, dtype=torch.float64, at=at, memory_budget=0).influence(x, y, xt, yt)
+    assert torch.allclose(scores, segmented, atol=1e-12)
+    at_one = Metagradient(model, trace, LOSS, dtype=torch.float64).influence(x, y, xt, yt)
+    assert (scores - at_one).abs().max() > 1e-4  # another point of the run: other derivatives
+    eps = 1e-6
+    for i in (0, 5, 11):
+        losses = []
+        for sign in (1, -1):
+            w = torch.full((len(y),), at, dtype=torch.float64)
+            w[i] += sign * eps
+            net = retrain(model, init, steps, spec, x, y, w)
+            with torch.no_grad():
+                losses.append(LOSS(net(xt), yt))
+        fd = -(losses[0] - losses[1]) / (2 * eps)
+        assert torch.allclose(scores[i], fd, rtol=1e-5, atol=1e-9), (i, scores[i], fd)
+
+
+def test_taken_elsewhere_it_still_checks_the_recorded_run_first():
+    model, x, y, xt, yt, steps = tiny_problem()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    real = retrain(model, init, steps, OptimizerSpec(), x, y, torch.ones(len(y), dtype=torch.float64))
+    good = TrainingTrace(init, steps, checkpoints={len(steps): real.state_dict()})
+    meta = Metagradient(model, good, LOSS, at=0.5)
+    meta.influence(x, y, xt, yt)
+    assert meta.reproduced_max_abs_diff < 1e-12
+    swapped = [steps[1], steps[0], *steps[2:]]
+    with pytest.raises(ReplayMismatch):
+        Metagradient(model, TrainingTrace(init, swapped, checkpoints={len(steps): real.state_dict()}), LOSS,
+                     at=0.5).influence(x, y, xt, yt)
+    with pytest.raises(ValueError, match="at must be in"):
+        Metagradient(model, good, LOSS, at=0)
