@@ -23,7 +23,7 @@ from fgtrac_assets.pipelines.base import InfluenceSettings, IngestSettings, Trai
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 from fgtrac_assets.pipelines.movielens import MovieLensPipeline
 from fgtrac_assets.pipelines.recorded_trace import TraceNotRecorded, recorded_trace
-from fgtrac_assets.pipelines.stages.training import INITIAL_WEIGHTS
+from fgtrac_assets.ledger.artifacts import INITIAL_WEIGHTS
 from fgtrac_assets.report.html import build_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,7 +78,7 @@ def test_replay_scores_are_the_library_methods_on_the_trace_read_from_the_ledger
     table = prep.artifacts["prepared"].read_parquet(ledger.home.root)
     train_ids, xt, yt = p.tensors(table, "train")
     test_ids, xs, ys = p.tensors(table, "test")
-    trace = recorded_trace(ledger, p, train.training_run, p.build_model(table), train_ids)
+    trace = recorded_trace(ledger, train.training_run, p.build_model(table), train_ids, p)
     assert trace.optimizer.kind == "sgd" and len(trace.checkpoints) == 2
     expected = {"step_exact": StepExactTracIn(p.build_model(table), trace, p.loss_fn(), layer=p.influence_layer),
                 "metagradient": Metagradient(p.build_model(table), trace, p.loss_fn())}
@@ -103,15 +103,15 @@ def test_a_changed_weights_file_or_a_trace_that_does_not_reproduce_is_refused(di
         state = torch.load(full, weights_only=True)
         torch.save({k: v + 0.01 for k, v in state.items()}, full)
         with pytest.raises(Exception, match="sha256|changed|digest"):
-            recorded_trace(ledger, p, train.training_run, p.build_model(table), train_ids)
+            recorded_trace(ledger, train.training_run, p.build_model(table), train_ids, p)
     finally:
         full.write_bytes(original)
-    trace = recorded_trace(ledger, p, train.training_run, p.build_model(table), train_ids)
+    trace = recorded_trace(ledger, train.training_run, p.build_model(table), train_ids, p)
     trace.steps[3], trace.steps[4] = trace.steps[4], trace.steps[3]  # an edited order
     with pytest.raises(ReplayMismatch, match="does not reproduce"):
         Metagradient(p.build_model(table), trace, p.loss_fn()).self_influence(*p.tensors(table, "train")[1:])
     with pytest.raises(TraceNotRecorded, match="no initial weights recorded"):
-        recorded_trace(ledger, p, "no-such-run", p.build_model(table), train_ids)
+        recorded_trace(ledger, "no-such-run", p.build_model(table), train_ids, p)
 
 
 def test_the_graph_pipeline_replays_its_adam_run(tmp_path):
@@ -119,7 +119,7 @@ def test_the_graph_pipeline_replays_its_adam_run(tmp_path):
     p = MovieLensPipeline()
     prep, train, cache = _chain(ledger, p, 1500, TrainSettings(epochs=2, lr=0.01, batch_size=256))
     table = prep.artifacts["prepared"].read_parquet(ledger.home.root)
-    trace = recorded_trace(ledger, p, train.training_run, p.build_model(table), p.tensors(table, "train")[0])
+    trace = recorded_trace(ledger, train.training_run, p.build_model(table), p.tensors(table, "train")[0], p)
     assert trace.optimizer.kind == "adam"
     result = stages.influence(ledger, p, "se", cache, InfluenceSettings(top_k=3, method="step_exact"))
     assert all(c.passed for c in result.checks) and {r["method"] for r in _rows(ledger, result)} == {"step_exact"}

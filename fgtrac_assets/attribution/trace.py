@@ -61,12 +61,22 @@ class OptimizerSpec:
     @classmethod
     def of(cls, optimizer: torch.optim.Optimizer) -> "OptimizerSpec":
         """Return the spec of a torch SGD, Adam or AdamW optimiser with one set of hyperparameters."""
-        groups = optimizer.param_groups
-        kind = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}.get(type(optimizer))
+        known = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+        name = type(optimizer).__name__ if type(optimizer) in known else f"a subclass {type(optimizer).__name__}"
+        return cls.from_groups(name, optimizer.param_groups)
+
+    @classmethod
+    def from_groups(cls, class_name: str, groups: Sequence[Mapping[str, Any]]) -> "OptimizerSpec":
+        """Return the spec of an optimiser given by its class name ("SGD", "Adam", "AdamW") and parameter groups
+        (torch's param_groups, or a session's recorded groups); raise ValueError for one that cannot be replayed."""
+        kind = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}.get(class_name)
         if kind is None:
-            raise ValueError(f"{type(optimizer).__name__}: only SGD, Adam and AdamW steps can be replayed")
+            raise ValueError(f"{class_name}: only SGD, Adam and AdamW steps can be replayed")
         keys = ("momentum", "dampening", "nesterov", "weight_decay") if kind == "sgd" else ("betas", "eps",
                                                                                               "weight_decay")
+        lacking = [k for k in keys if any(k not in g for g in groups)]
+        if lacking:
+            raise ValueError(f"{class_name}: the recorded parameter groups lack {lacking[0]!r}")
         settings = [{k: g[k] for k in keys} for g in groups]
         if any(s != settings[0] for s in settings) or any(g.get("amsgrad") or g.get("maximize") for g in groups):
             raise ValueError("parameter groups with different hyperparameters, amsgrad or maximize cannot be replayed")

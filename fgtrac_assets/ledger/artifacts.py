@@ -8,6 +8,13 @@ from pathlib import Path
 
 from ..errors import StorageError
 
+INITIAL_WEIGHTS = "initial_weights"  # the artifact kind (and handle key) of a training run's starting weights
+
+
+def initial_weights_path(pipeline: str, training_run: str) -> str:
+    """Return where a training run's initial weights are written, relative to FGTRAC_HOME."""
+    return f"artifacts/{pipeline}/runs/{training_run}/checkpoints/initial.pt"
+
 
 @dataclass(frozen=True)
 class ArtifactFile:

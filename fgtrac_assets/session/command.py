@@ -11,6 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from ..attribution.methods import METHODS
 from ..config import resolve_home
 from ..errors import InputError
 
@@ -55,7 +56,8 @@ def cmd_influence(args: argparse.Namespace) -> int:
     result = influence(args.run, inputs["model"], inputs["loss_fn"], inputs["train"], inputs["train_ids"],
                        inputs["test"], inputs["test_ids"], home=home, layer=args.layer or inputs.get("layer"),
                        k=args.top_k, method=args.method)
-    print(f"{args.method} over {len(result.checkpoints)} checkpoint(s) of {result.training_run}: "
+    print(f"{args.method} over {len(result.checkpoints)} checkpoint(s) of {result.training_run}"
+          f"{' (replayed through every recorded step)' if METHODS[args.method].source == 'trace' else ''}: "
           f"{len(result.train_ids)} train x {len(result.test_ids)} test, committed at tree size "
           f"{result.commit.tree_size}", file=sys.stderr)
     from ..cli import _print_result
@@ -76,7 +78,8 @@ def add_influence_command(sub) -> None:
     p.add_argument("--test", action="append", help="a test sample (name, id or prefix) whose scores to print")
     p.add_argument("--layer", help="score the gradient of this submodule only (default: the function's, or all)")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--method", choices=["tracincp", "trak"], default="tracincp",
-                   help="TracInCP (default) or TRAK over the recorded checkpoints")
+    p.add_argument("--method", choices=list(METHODS), default="tracincp",
+                   help="TracInCP (default) or TRAK over the recorded checkpoints, or step_exact or metagradient "
+                        "replaying the recorded run")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_influence)

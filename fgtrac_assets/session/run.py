@@ -4,7 +4,9 @@
 which samples every step used (tracing/loader.py, tracing/steps.py); ``checkpoint`` saves the model with its
 sha256; leaving the ``with`` block commits, in one signed commit: the samples (and `ingested` events for
 new ones), one event group per step, the training set, the checkpoints, the optimizer steps with every
-parameter group's lr, and the run's sampler and optimizers. An exception inside the block commits nothing
+parameter group's lr, the run's sampler and optimizers, and the weights before the first step (artifact
+``initial_weights``, kept once ``run.checkpoint(model)`` has named the parameters): what the replay methods
+(step_exact, metagradient) need to re-run it. An exception inside the block commits nothing
 and removes the checkpoint files it wrote. Under torch.distributed every rank records its own batches and
 rank 0 commits them all, one event group per global step.
 """
@@ -19,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from ..ledger.artifacts import write_artifact
+from ..ledger.artifacts import INITIAL_WEIGHTS, initial_weights_path, write_artifact
 from ..ledger.proofs import training_set_root
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
@@ -51,6 +53,8 @@ class Run:
         self._artifacts: list = []
         self._files: list[Path] = []
         self._param_names: dict[int, str] = {}
+        self._initial: dict[int, Any] = {}  # id(parameter) -> its value before the first step (CPU copy)
+        self._initial_hooks: list = []
         self._sampler: dict | None = None
         self.rank, self.world_size = distributed.rank_and_size()
         self.result: CommitResult | None = None
@@ -83,7 +87,15 @@ class Run:
 
     def optimizer(self, optimizer):
         """Hook the optimizer's steps (the same object comes back, so LR schedulers keep working on it)."""
+        self._initial_hooks.append(optimizer.register_step_pre_hook(self._keep_initial))
         return self.recorder.attach(optimizer)
+
+    def _keep_initial(self, optimizer, args, kwargs) -> None:
+        """Before an optimizer's first step: copy the parameters it is about to change (once each)."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._initial:
+                    self._initial[id(p)] = p.detach().to("cpu", copy=True)
 
     def scaler(self, scaler):
         """Let a torch.amp.GradScaler's skipped steps (inf/NaN gradients) be recorded as skipped; same object back."""
@@ -208,7 +220,7 @@ class Run:
     def commit(self) -> CommitResult | None:
         """Commit everything recorded, in one signed commit (rank 0 under torch.distributed); return its result."""
         self.recorder.finish()
-        self.recorder.detach()
+        self._unhook()
         mine = distributed.Share(self.names, self.recorder.log, self.recorder.rows, self._sampler)
         shares = distributed.gather(mine, self.world_size)
         if self.rank != 0:
@@ -218,6 +230,7 @@ class Run:
         if self._sampler and self._sampler.get("class") == "DistributedSampler" and self._given:
             self._artifacts.append(distributed.write_dataset_order(self.ledger, self.pipeline, self.training_run,
                                                                    [sample_id(n) for n in self.names]))
+        self._write_initial()
         self.result = self.ledger.commit(self._commit(names, log))
         distributed.barrier(self.world_size)
         return self.result
@@ -248,14 +261,34 @@ class Run:
             groups = []
             for g in opt.param_groups:
                 hyper = {k: v for k, v in g.items() if k not in ("params", "lr") and isinstance(v, (int, float, bool, str))}
+                hyper.update({k: [float(x) for x in v] for k, v in g.items()  # Adam's betas
+                              if isinstance(v, (tuple, list)) and v and all(isinstance(x, (int, float)) for x in v)})
                 names = [self._param_names.get(id(p), f"#{n}") for n, p in enumerate(g["params"])]
                 groups.append({"parameters": names, **hyper})
             out.append({"class": type(opt).__name__, "groups": groups})
         return out
 
+    def _write_initial(self) -> None:
+        """Write the weights before the first step, by parameter name, when every parameter has a name."""
+        if not self._initial or not set(self._initial) <= set(self._param_names):
+            return  # never stepped, or run.checkpoint(model) never named the parameters
+        import torch
+
+        state = {self._param_names[i]: t for i, t in self._initial.items()}
+        rel = initial_weights_path(self.pipeline, self.training_run)
+        art = write_artifact(self.ledger.ensure_home().root, rel, INITIAL_WEIGHTS, lambda p: torch.save(state, p))
+        self._files.append(self.ledger.home.root / rel)
+        self._artifacts.append(art)
+
+    def _unhook(self) -> None:
+        self.recorder.detach()
+        for handle in self._initial_hooks:
+            handle.remove()
+        self._initial_hooks.clear()
+
     def discard(self) -> None:
         """Forget the run: unhook the optimizers and remove the checkpoint files it wrote (nothing is committed)."""
-        self.recorder.detach()
+        self._unhook()
         for f in self._files:
             f.unlink(missing_ok=True)
 

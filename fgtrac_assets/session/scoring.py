@@ -118,17 +118,19 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
 
     train and test are (inputs, targets); ids are the samples' names (or content ids), in the same order.
     loss_fn(outputs, targets) returns per-sample losses. checkpoints: ids to use, or how many of the latest
-    (default: all). method: "tracincp" or "trak" (attribution/methods.py; the replay methods need the run's
-    initial weights, which the pipelines record and ``fg.track`` does not yet). With commit, the rows are
-    signed into the ledger.
+    (default: all). method: one of attribution/methods.py: "tracincp", "trak" (over the checkpoints), or
+    "step_exact", "metagradient", which replay the whole recorded run from its initial weights and must
+    reproduce every checkpoint first (checkpoints does not apply to them). With commit, the rows are signed
+    into the ledger.
     """
     from ..attribution import TracInCP
     from ..attribution.methods import build_scorer
     from ..attribution.methods import method as influence_method
+    from ..pipelines.recorded_trace import TraceNotRecorded, recorded_trace
 
-    if influence_method(method).source == "trace":
-        raise InfluenceError(f"method {method!r} replays the recorded run from its initial weights, which fg.track "
-                             "does not record yet: use tracincp or trak here, or the pipelines' influence asset")
+    replays = influence_method(method).source == "trace"
+    if replays and checkpoints is not None:
+        raise InfluenceError(f"method {method!r} replays the whole run: it takes no checkpoints selection")
     ledger = Ledger(home)
     if not ledger.exists():
         raise InfluenceError(f"no ledger at {ledger.home.root}")
@@ -140,7 +142,7 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
         if unknown:
             raise InfluenceError(f"training run {rid} has no checkpoint {sorted(unknown)[0]}")
         ckpts = [c for c in ckpts if c.checkpoint_id in set(checkpoints)]
-    states = _load(ledger, ckpts)
+    states = _load(ledger, ckpts) if not replays else []
     names = list(train_ids) + list(test_ids)
     train_ids, test_ids = [name_sample_id(n) for n in train_ids], [name_sample_id(n) for n in test_ids]
     for name, ids, data in (("train", train_ids, train), ("test", test_ids, test)):
@@ -150,7 +152,12 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
     if method == "tracincp":
         scorer = TracInCP(model, states, loss_fn, layer=layer, batch_size=batch_size)
     else:
-        scorer = build_scorer(method, model, loss_fn, train[1], layer=layer, checkpoints=[state for state, _ in states])
+        try:
+            trace = recorded_trace(ledger, rid, model, train_ids) if replays else None
+        except TraceNotRecorded as exc:
+            raise InfluenceError(str(exc)) from None
+        scorer = build_scorer(method, model, loss_fn, train[1], layer=layer, checkpoints=[state for state, _ in states],
+                              trace=trace)
     top = scorer.top_k(*train, *test, k=k)
     selfinf = scorer.self_influence(*train)
     result = None

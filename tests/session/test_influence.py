@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fgtrac_assets as fg
 from fgtrac_assets.ledger import Ledger
+from fgtrac_assets.attribution.trace import ReplayMismatch
 from fgtrac_assets.session.scoring import InfluenceError, recorded_checkpoints
 
 N, T = 48, 6
@@ -113,7 +114,7 @@ def test_a_changed_checkpoint_file_is_refused(tmp_path):
                      home=tmp_path)
 
 
-def test_trak_scores_a_session_run_and_the_replay_methods_say_why_not(tmp_path):
+def test_trak_scores_a_session_run_and_each_scoring_is_its_own_commit(tmp_path):
     from fgtrac_assets.attribution import TRAK
 
     train(tmp_path, groups=False)
@@ -130,5 +131,106 @@ def test_trak_scores_a_session_run_and_the_replay_methods_say_why_not(tmp_path):
 
     cols, rows = audit_influence(Ledger(tmp_path), TEST[0], "r")
     assert len(rows) == 8 and {r[cols.index("method")] for r in rows} == {"tracincp"}
-    with pytest.raises(InfluenceError, match="does not record yet"):
-        fg.influence("r", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, method="metagradient")
+
+
+
+class Indexed(torch.utils.data.Dataset):
+    """(x, y, index): the loop sees which rows each batch holds, the ground truth the ledger must match."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def train_recording_truth(home, make_opt, run="replayed"):
+    """Train with the session; return (the initial state, the true steps as TraceSteps, the optimizer's spec)."""
+    from fgtrac_assets.attribution.trace import OptimizerSpec, TraceStep
+
+    (x, y), _ = setup()
+    model = make_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_opt(model.parameters())
+    truth = []
+    with fg.track(NAMES, run=run, home=home) as session:
+        loader = session.loader(DataLoader(Indexed(x, y), batch_size=12, shuffle=True))
+        opt = session.optimizer(opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for _ in range(3):
+            for xb, yb, idx in loader:
+                truth.append(TraceStep(tuple(idx.tolist()), opt.param_groups[0]["lr"]))
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+            session.checkpoint(model, val_loss=1.0)
+            sched.step()
+    return initial, truth, OptimizerSpec.of(opt)
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                      lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.95))],
+                         ids=["sgd-momentum", "adam"])
+def test_the_replay_methods_score_a_session_run_from_the_trace_it_recorded(tmp_path, make_opt):
+    from fgtrac_assets.attribution.metagradient import Metagradient
+    from fgtrac_assets.attribution.step_exact import StepExactTracIn
+    from fgtrac_assets.attribution.trace import TrainingTrace
+
+    initial, truth, spec = train_recording_truth(tmp_path, make_opt)
+    (x, y), (tx, ty) = setup()
+    loss = nn.CrossEntropyLoss(reduction="none")
+    kept = Ledger(tmp_path).query("SELECT count(*) FROM artifacts WHERE kind = 'initial_weights'").column(0)[0]
+    assert kept.as_py() == 1
+    true_trace = TrainingTrace({k: v for k, v in initial.items()}, truth, spec)  # the loop's own record
+    for method, cls in (("step_exact", StepExactTracIn), ("metagradient", Metagradient)):
+        result = fg.influence("replayed", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, k=5,
+                              method=method)
+        expected = cls(make_model(), true_trace, loss).top_k(x, y, tx, ty, k=5)
+        assert torch.equal(result.top.proponent_idx, expected.proponent_idx), method
+        assert torch.allclose(result.top.proponent_score, expected.proponent_score, rtol=1e-4, atol=1e-7), method
+    methods = Ledger(tmp_path).query("SELECT DISTINCT method FROM influence ORDER BY 1").column(0).to_pylist()
+    assert methods == ["metagradient", "step_exact"]
+
+
+def test_a_session_run_the_replay_cannot_follow_is_refused_with_the_reason(tmp_path):
+    (x, y), (tx, ty) = setup()
+    loss = nn.CrossEntropyLoss(reduction="none")
+    train(tmp_path, groups=True)  # two parameter groups at different lrs
+    with pytest.raises(InfluenceError, match="different learning rates to its parameter groups"):
+        fg.influence("r", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path, method="step_exact")
+    train_recording_truth(tmp_path, lambda p: torch.optim.SGD(p, lr=0.1))
+    with pytest.raises(InfluenceError, match="give every sample it trained on"):
+        fg.influence("replayed", make_model(), loss, (x[:40], y[:40]), NAMES[:40], (tx, ty), TEST, home=tmp_path,
+                     method="metagradient")
+    with pytest.raises(InfluenceError, match="takes no checkpoints selection"):
+        fg.influence("replayed", make_model(), loss, (x, y), NAMES, (tx, ty), TEST, home=tmp_path,
+                     method="metagradient", checkpoints=1)
+    doubled = lambda out, t: 2 * loss(out, t)  # not the loss the loop trained with  # noqa: E731
+    with pytest.raises(ReplayMismatch, match="does not reproduce"):
+        fg.influence("replayed", make_model(), doubled, (x, y), NAMES, (tx, ty), TEST, home=tmp_path,
+                     method="step_exact")
+
+
+def test_a_gradscaler_skipped_step_is_left_out_of_the_replay(tmp_path):
+    (x, y), (tx, ty) = setup()
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    with fg.track(NAMES, run="amp", home=tmp_path) as run:
+        loader, opt = run.loader(DataLoader(TensorDataset(x, y), batch_size=12)), run.optimizer(opt)
+        scaler = run.scaler(torch.amp.GradScaler("cpu", init_scale=2.0 ** 4))
+        for epoch in range(2):
+            for s, (xb, yb) in enumerate(loader):
+                loss = nn.functional.cross_entropy(model(xb), yb) * (float("inf") if (epoch, s) == (0, 1) else 1.0)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+            run.checkpoint(model)
+    applied = Ledger(tmp_path).query("SELECT applied FROM optimizer_steps ORDER BY step").column(0).to_pylist()
+    assert applied.count(False) == 1
+    result = fg.influence("amp", make_model(), nn.CrossEntropyLoss(reduction="none"), (x, y), NAMES, (tx, ty), TEST,
+                          home=tmp_path, method="step_exact", k=3)  # refused unless the replay skips that step too
+    assert torch.isfinite(result.top.proponent_score).all()

@@ -49,4 +49,5 @@ def test_the_quick_start_runs_as_printed(tmp_path):
     ledger = Ledger(tmp_path / "data")
     counts = ledger.query("SELECT kind, count(*) AS n FROM events GROUP BY 1").to_pylist()
     assert {r["kind"]: r["n"] for r in counts} == {"ingested": 200, "batched": 3 * 160}
-    assert ledger.query("SELECT count(*) FROM influence WHERE kind = 'proponent'").column(0)[0].as_py() == 40 * 10
+    by_method = ledger.query("SELECT method, count(*) AS n FROM influence WHERE kind = 'proponent' GROUP BY 1").to_pylist()
+    assert {r["method"]: r["n"] for r in by_method} == {"tracincp": 40 * 10, "step_exact": 40 * 10}

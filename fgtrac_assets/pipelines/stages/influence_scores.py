@@ -138,7 +138,7 @@ def _score_by_method(ledger: Ledger, pipeline: Pipeline, cache: GradientCacheHan
                 [cache.training_run]).fetchall()}
         states = [files[c].load_torch(root) for c in ckpt_ids]
     else:
-        trace = recorded_trace(ledger, pipeline, cache.training_run, model, train_ids)
+        trace = recorded_trace(ledger, cache.training_run, model, train_ids, pipeline)
     scorer = build_scorer(settings.method, model, pipeline.loss_fn(), yt, layer=pipeline.influence_layer,
                           checkpoints=states, trace=trace)
     k = min(settings.top_k, len(train_ids))

@@ -3,7 +3,7 @@
 import dataclasses
 import time
 
-from ...ledger.artifacts import write_artifact
+from ...ledger.artifacts import INITIAL_WEIGHTS, initial_weights_path, write_artifact
 from ...ledger.checks import SqlCheck
 from ...ledger.proofs import training_set_root
 from ...ledger.store import Ledger
@@ -24,16 +24,8 @@ TRAIN_CHECKS = (
 )
 
 
-INITIAL_WEIGHTS = "initial_weights"  # the artifact kind (and handle key) of a run's starting weights
-
-
 def _checkpoint_dir(pipeline: Pipeline, training_run: str) -> str:
     return f"artifacts/{pipeline.name}/runs/{training_run}/checkpoints"
-
-
-def initial_weights_path(pipeline: Pipeline, training_run: str) -> str:
-    """Return where a training run's initial weights are written, relative to FGTRAC_HOME."""
-    return f"{_checkpoint_dir(pipeline, training_run)}/initial.pt"
 
 
 def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, settings: TrainSettings,
@@ -63,7 +55,7 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     checkpoints, history = [], []
     # where the run starts: with every step's batch and lr and the checkpoints, the trace a replay re-runs
     initial = cpu_state_dict(pipeline.initial_model(table, settings.seed))
-    arts = {INITIAL_WEIGHTS: write_artifact(ledger.ensure_home().root, initial_weights_path(pipeline, training_run),
+    arts = {INITIAL_WEIGHTS: write_artifact(ledger.ensure_home().root, initial_weights_path(pipeline.name, training_run),
                                             INITIAL_WEIGHTS, lambda path: torch.save(initial, path))}
     started = time.monotonic()
     log(f"training on {device}")
