@@ -60,7 +60,7 @@ USER_ERRORS = [  # (module, class, the builtin base its callers and tests still 
     ("fgtrac_assets.session.ids", "SampleIdError", ValueError),
     ("fgtrac_assets.session.run", "SessionError", ValueError),
     ("fgtrac_assets.session.scoring", "InfluenceError", ValueError),
-    ("fgtrac_assets.pipelines.recorded_trace", "TraceNotRecorded", ValueError),
+    ("fgtrac_assets.session.recorded_trace", "TraceNotRecorded", ValueError),
     ("fgtrac_assets.errors", "InputError", ValueError),
     ("fgtrac_assets.errors", "MissingInput", FileNotFoundError),
     ("fgtrac_assets.errors", "StorageError", OSError),

@@ -22,7 +22,7 @@ from fgtrac_assets.pipelines import stages
 from fgtrac_assets.pipelines.base import InfluenceSettings, IngestSettings, TrainSettings
 from fgtrac_assets.pipelines.digits import DigitsPipeline
 from fgtrac_assets.pipelines.movielens import MovieLensPipeline
-from fgtrac_assets.pipelines.recorded_trace import TraceNotRecorded, recorded_trace
+from fgtrac_assets.session.recorded_trace import TraceNotRecorded, recorded_trace
 from fgtrac_assets.ledger.artifacts import INITIAL_WEIGHTS
 from fgtrac_assets.report.html import build_report
 

@@ -58,6 +58,16 @@ def write_artifact(root: Path, relpath: str, kind: str, write: Callable[[Path], 
     return ArtifactFile(path=relpath, sha256=sha256_file(final), bytes=final.stat().st_size, kind=kind)
 
 
+def checked_path(root: Path, path: str, sha256: str) -> Path:
+    """Return an artifact's full path after checking its sha256 against the ledger; raise LedgerDamaged if not."""
+    from .store import LedgerDamaged
+
+    problem = check_artifact(root, path, sha256)
+    if problem:
+        raise LedgerDamaged(f"artifact {path}: {problem}; refusing to use it (run `fgtrac verify`)")
+    return root / path
+
+
 def check_artifact(root: Path, path: str, sha256: str) -> str | None:
     """Return None if the file at path has this sha256, else the reason it does not."""
     full = root / path

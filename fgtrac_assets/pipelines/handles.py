@@ -10,8 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..ledger.artifacts import ArtifactFile, check_artifact
-from ..ledger.store import LedgerDamaged
+from ..ledger.artifacts import ArtifactFile, checked_path
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,7 @@ class ArtifactRef:
 
     def open_checked(self, root: Path) -> Path:
         """Return the artifact's full path after checking its sha256 against the commitment."""
-        problem = check_artifact(root, self.path, self.sha256)
-        if problem:
-            raise LedgerDamaged(f"artifact {self.path}: {problem}; refusing to use it (run `fgtrac verify`)")
-        return root / self.path
+        return checked_path(root, self.path, self.sha256)
 
     def read_parquet(self, root: Path, columns: list[str] | None = None) -> pa.Table:
         """Return the artifact's Parquet table (those columns, default all) after checking its sha256."""

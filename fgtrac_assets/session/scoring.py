@@ -126,7 +126,7 @@ def influence(run: str, model, loss_fn, train: tuple, train_ids: Sequence[str], 
     from ..attribution import TracInCP
     from ..attribution.methods import build_scorer
     from ..attribution.methods import method as influence_method
-    from ..pipelines.recorded_trace import TraceNotRecorded, recorded_trace
+    from .recorded_trace import TraceNotRecorded, recorded_trace
 
     replays = influence_method(method).source == "trace"
     if replays and checkpoints is not None:

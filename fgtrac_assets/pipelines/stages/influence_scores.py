@@ -121,7 +121,7 @@ def _score_by_method(ledger: Ledger, pipeline: Pipeline, cache: GradientCacheHan
                      log: Log) -> tuple[list, list, list, object, object, int]:
     """Return what _score_cache returns, scored on the CPU by a checkpoint or trace method of attribution/methods."""
     from ...attribution.methods import build_scorer
-    from ..recorded_trace import recorded_trace
+    from ...session.recorded_trace import recorded_trace
 
     root = ledger.home.root
     prepared = cache.prepared.read_parquet(root)

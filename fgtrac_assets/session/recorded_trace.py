@@ -11,19 +11,29 @@ out, so a checkpoint counts the steps that changed the weights.
 import bisect
 import json
 
+from pathlib import Path
+
 from ..errors import InputError
-from ..ledger.artifacts import INITIAL_WEIGHTS
+from ..ledger.artifacts import INITIAL_WEIGHTS, checked_path
 from ..ledger.store import Ledger
-from .base import Pipeline
-from .handles import ArtifactRef
 
 
 class TraceNotRecorded(InputError):
     """A training run whose trace cannot be read back: no initial weights, no steps, no checkpoints."""
 
 
-def recorded_trace(ledger: Ledger, training_run: str, model, train_ids: list[str], pipeline: Pipeline | None = None):
-    """Return the TrainingTrace of a training run of model; train_ids[i] is training row i's id."""
+def load_checked(root: Path, path: str, sha256: str):
+    """Return a torch-saved artifact (a state_dict) loaded on the CPU, after checking its sha256 (LedgerDamaged)."""
+    import torch
+
+    return torch.load(checked_path(root, path, sha256), map_location="cpu", weights_only=True)
+
+
+def recorded_trace(ledger: Ledger, training_run: str, model, train_ids: list[str], pipeline=None):
+    """Return the TrainingTrace of a training run of model; train_ids[i] is training row i's id.
+
+    pipeline (a pipelines.base.Pipeline) gives the optimiser of runs that recorded none (the pipelines' own).
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -54,9 +64,9 @@ def recorded_trace(ledger: Ledger, training_run: str, model, train_ids: list[str
     if steps:  # a session: only the applied steps changed the weights
         events = events.filter(pc.is_in(events.column("step"), value_set=pa.array(applied, pa.int64())))
     root = ledger.home.root
-    start = ArtifactRef(*initial[0]).load_torch(root)
+    start = load_checked(root, *initial[0])
     done = (lambda step: bisect.bisect_left(applied, step)) if steps else int  # steps applied before a checkpoint
-    states = {done(int(step)): ArtifactRef(path, sha).load_torch(root) for step, path, sha in checkpoints}
+    states = {done(int(step)): load_checked(root, path, sha) for step, path, sha in checkpoints}
     try:
         return trace_from_events(events, train_ids, start, spec, states, training_run)
     except KeyError as exc:  # a sample the run trained on is not among the training rows given
@@ -65,7 +75,7 @@ def recorded_trace(ledger: Ledger, training_run: str, model, train_ids: list[str
         raise TraceNotRecorded(f"training run {training_run}: {exc}") from None
 
 
-def _optimizer(training_run: str, runs: list, pipeline: Pipeline | None, model):
+def _optimizer(training_run: str, runs: list, pipeline, model):
     """Return the OptimizerSpec of the run: the one it recorded, else the pipeline's."""
     from ..attribution.trace import OptimizerSpec
 
