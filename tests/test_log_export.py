@@ -501,9 +501,14 @@ def test_serve_publishes_the_directory(log70k, go_tiles):
                 urllib.request.urlopen(url + missing)
             assert exc.value.code == 404
         assert_ok(go("tiles", url, key=vkey(ledger)))
-    finally:
+    finally:  # SIGTERM, then SIGKILL if it has not gone in 10 s (as tests/witness_process.py stops a witness)
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 def test_serve_refuses_a_directory_without_checkpoint(tmp_path):
