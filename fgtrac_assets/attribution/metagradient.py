@@ -6,8 +6,8 @@ recorded optimiser (SGD with momentum, Adam, AdamW). The metagradient of a test 
 at w = 1, computed exactly by reverse-mode differentiation through every optimiser step (MAGIC, Ilyas and
 Engstrom 2025, for replicable training). ``at`` takes it elsewhere on the diagonal, at w = at * 1: the run with
 every sample weighted ``at``, which is where a linear prediction of retraining on random subsets that keep a
-fraction ``at`` of the samples is most accurate (the subsets' mean weight vector). Scores follow the package's sign: ``influence`` is
--d l(theta_T, z') / d w_i, positive when up-weighting z_i lowers the test loss (a proponent).
+fraction ``at`` of the samples is most accurate (the subsets' mean weight vector). Scores follow the package's
+sign: ``influence`` is -d l(theta_T, z') / d w_i, positive when up-weighting z_i lowers the test loss (a proponent).
 
 The reverse pass carries one adjoint per test output through the steps, for all of them at once
 (``is_grads_batched``): at step t it differentiates the update theta_{t+1} = U(theta_t, s_t, grad L_t(theta_t, w))
@@ -64,7 +64,6 @@ class Metagradient:
             raise ValueError(f"at must be in (0, 1], got {at}")
         self.model, self.trace, self.loss_fn, self.output = model, trace, loss_fn, output
         self.dtype, self.verify, self.memory_budget, self.chunk, self.at = dtype, verify, memory_budget, chunk, at
-        self._weights: Tensor | None = None  # every training sample's weight in the replay: None is all 1
         self.names = trainable_names(model)
         self.reproduced_max_abs_diff: float | None = None
         self.segment: int | None = None
@@ -120,21 +119,22 @@ class Metagradient:
         dtype = params[0].dtype
         x = x.to(dtype) if x.is_floating_point() else x
         test_x = test_x.to(dtype) if test_x.is_floating_point() else test_x
+        weights = None  # every sample's weight in the replay: None is the recorded run's 1
         if self.at != 1:
             if self.verify:  # the recorded run first: a trace that does not reproduce it is refused
-                self._weights = None
-                self._forward(names, fixed, params, x, y, keep=False)
-            self._weights = torch.full((len(y),), self.at, dtype=dtype, device=params[0].device)
-        stored, final = self._forward(names, fixed, params, x, y)
+                self._forward(names, fixed, params, x, y, None, keep=False)
+            weights = torch.full((len(y),), self.at, dtype=dtype, device=params[0].device)
+        stored, final = self._forward(names, fixed, params, x, y, weights)
         scores = torch.zeros(len(y), count, dtype=dtype, device=params[0].device)
         for start in range(0, count, self.chunk):
             stop = min(count, start + self.chunk)
             adjoint = self._final_adjoint(names, fixed, final, test_x, values, start, stop)
-            self._reverse(names, fixed, stored, adjoint, x, y, scores[:, start:stop])
+            self._reverse(names, fixed, stored, adjoint, x, y, weights, scores[:, start:stop])
         return scores
 
-    def _forward(self, names, fixed, params, x, y, keep: bool = True) -> tuple[dict[int, ReplayState], ReplayState]:
-        """Replay the trace at self._weights, verifying the checkpoints of the recorded run (all weights 1);
+    def _forward(self, names, fixed, params, x, y, weights: Tensor | None, keep: bool = True
+                 ) -> tuple[dict[int, ReplayState], ReplayState]:
+        """Replay the trace at these sample weights (None: the recorded run, whose checkpoints are verified);
         return (the kept states by step, none unless keep, and the final state)."""
         trace = self.trace
         T = len(trace.steps)
@@ -143,7 +143,7 @@ class Metagradient:
         state = ReplayState(0, params, [torch.zeros_like(p) for p in params for _ in range(trace.optimizer.state_size)])
         stored: dict[int, ReplayState] = {}
         worst = None
-        recorded = self._weights is None
+        recorded = weights is None
         for t in range(T + 1):
             if self.verify and recorded:
                 diff = check_reproduced(names, state, trace)
@@ -153,7 +153,7 @@ class Metagradient:
             if keep and t % self.segment == 0:
                 stored[t] = state
             p, s = _forward_step(self.model, names, fixed, self.loss_fn, state.params, state.opt_state, trace, t,
-                                 trace.steps[t], x, y, self._weights)
+                                 trace.steps[t], x, y, weights)
             state = ReplayState(t + 1, p, s)
         if recorded:
             self.reproduced_max_abs_diff = worst
@@ -175,7 +175,8 @@ class Metagradient:
         return [torch.zeros((stop - start, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                 for p, g in zip(final.params, grads)]
 
-    def _reverse(self, names, fixed, stored: dict[int, ReplayState], lam_p: list[Tensor], x, y, out: Tensor) -> None:
+    def _reverse(self, names, fixed, stored: dict[int, ReplayState], lam_p: list[Tensor], x, y,
+                 weights: Tensor | None, out: Tensor) -> None:
         """Run the adjoints back from theta_T to theta_0, adding each step's weight gradients into ``out``."""
         trace = self.trace
         T = len(trace.steps)
@@ -186,7 +187,7 @@ class Metagradient:
             for t in range(seg, min(T, seg + self.segment) - 1):  # replay the segment again (nothing when segment 1)
                 s = states[-1]
                 p, o = _forward_step(self.model, names, fixed, self.loss_fn, s.params, s.opt_state, trace, t,
-                                     trace.steps[t], x, y, self._weights)
+                                     trace.steps[t], x, y, weights)
                 states.append(ReplayState(t + 1, p, o))
             for state in reversed(states):
                 lam_p, lam_s, w_grad = self._vjp_step(names, fixed, state, lam_p, lam_s, x, y)

@@ -11,9 +11,14 @@ from ..errors import StorageError
 INITIAL_WEIGHTS = "initial_weights"  # the artifact kind (and handle key) of a training run's starting weights
 
 
+def checkpoint_dir(pipeline: str, training_run: str) -> str:
+    """Return the folder of a training run's checkpoints (and initial weights), relative to FGTRAC_HOME."""
+    return f"artifacts/{pipeline}/runs/{training_run}/checkpoints"
+
+
 def initial_weights_path(pipeline: str, training_run: str) -> str:
     """Return where a training run's initial weights are written, relative to FGTRAC_HOME."""
-    return f"artifacts/{pipeline}/runs/{training_run}/checkpoints/initial.pt"
+    return f"{checkpoint_dir(pipeline, training_run)}/initial.pt"
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,14 @@ def _sql_value(col: str, sql_type: str) -> str:
         value = f"{c}::VARCHAR"
     elif sql_type == "BOOLEAN":
         value = f"CASE WHEN {c} THEN 'true' WHEN NOT {c} THEN 'false' END"  # NULL stays NULL
-    elif sql_type == "DOUBLE":  # ECMAScript: integers (below 2**53) without ".0", 1e-6 <= |x| < 1e-4 in full, exponents unpadded
+    elif sql_type == "DOUBLE":
+        # ECMAScript: integers below 2**53 without ".0", 1e-6 <= |x| < 1e-4 written out, exponents unpadded
         text = f"{c}::VARCHAR"
         value = (f"CASE WHEN {c} = trunc({c}) AND abs({c}) < 9007199254740992 THEN {c}::BIGINT::VARCHAR "
-                 f"WHEN abs({c}) >= 1e-5 AND abs({c}) < 1e-4 THEN regexp_replace({text}, {_DIGITS}05$', '\\10.0000\\2\\3') "
-                 f"WHEN abs({c}) >= 1e-6 AND abs({c}) < 1e-5 THEN regexp_replace({text}, {_DIGITS}06$', '\\10.00000\\2\\3') "
+                 f"WHEN abs({c}) >= 1e-5 AND abs({c}) < 1e-4 "
+                 f"THEN regexp_replace({text}, {_DIGITS}05$', '\\10.0000\\2\\3') "
+                 f"WHEN abs({c}) >= 1e-6 AND abs({c}) < 1e-5 "
+                 f"THEN regexp_replace({text}, {_DIGITS}06$', '\\10.00000\\2\\3') "
                  f"ELSE regexp_replace({text}, 'e([+-])0*', 'e\\1') END")
     else:
         raise ValueError(f"{col}: no SQL leaf encoding for {sql_type}")

@@ -34,9 +34,9 @@ class ArtifactRef:
 
     def load_torch(self, root: Path):
         """Return the artifact's torch-saved object (a state_dict), loaded on the CPU after checking its sha256."""
-        import torch
+        from ..session.recorded_trace import load_checked
 
-        return torch.load(self.open_checked(root), map_location="cpu", weights_only=True)
+        return load_checked(root, self.path, self.sha256)
 
 
 @dataclass(frozen=True)

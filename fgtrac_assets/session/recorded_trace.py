@@ -10,7 +10,6 @@ out, so a checkpoint counts the steps that changed the weights.
 
 import bisect
 import json
-
 from pathlib import Path
 
 from ..errors import InputError

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from ..ledger.artifacts import INITIAL_WEIGHTS, initial_weights_path, write_artifact
+from ..ledger.artifacts import INITIAL_WEIGHTS, checkpoint_dir, initial_weights_path, write_artifact
 from ..ledger.proofs import training_set_root
 from ..ledger.store import Commit, CommitResult, Ledger
 from ..tracing.events import EventBuffer
@@ -194,7 +194,7 @@ class Run:
                "path": None, "sha256": None}
         if self.rank == 0:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            rel = f"artifacts/{self.pipeline}/runs/{self.training_run}/checkpoints/step-{step:07d}.pt"
+            rel = f"{checkpoint_dir(self.pipeline, self.training_run)}/step-{step:07d}.pt"
             art = write_artifact(self.ledger.ensure_home().root, rel, "checkpoint", lambda p: torch.save(state, p))
             self._files.append(self.ledger.home.root / rel)
             self._artifacts.append(art)

@@ -106,13 +106,15 @@ def measure_lds(run: ReferenceRun, scorers: dict[str, Callable[[], object] | Per
 
     table = []
     for name in methods:
-        scored = {}  # fraction -> (scores, seconds)
-        for fraction in (fractions if isinstance(scorers[name], PerFraction) else fractions[:1]):
+        scorer = scorers[name]
+        per_fraction = isinstance(scorer, PerFraction)
+        scored = {}  # fraction (None: the same scores for every fraction) -> (scores, seconds)
+        for fraction in (fractions if per_fraction else [None]):
             started = time.perf_counter()
-            scores = scorers[name].scores(fraction) if isinstance(scorers[name], PerFraction) else scorers[name]()
+            scores = scorer.scores(fraction) if per_fraction else scorer()
             scored[fraction] = scores, time.perf_counter() - started
         for (fraction, setting), outs in truth.items():
-            scores, seconds = scored.get(fraction, scored[fractions[0]])
+            scores, seconds = scored[fraction if per_fraction else None]
             for output in run.outputs:
                 s = scores[output] if isinstance(scores, dict) else scores
                 per_test = linear_datamodeling_score(s, masks[fraction], outs[output]).numpy()

@@ -3,7 +3,7 @@
 import dataclasses
 import time
 
-from ...ledger.artifacts import INITIAL_WEIGHTS, initial_weights_path, write_artifact
+from ...ledger.artifacts import INITIAL_WEIGHTS, checkpoint_dir, initial_weights_path, write_artifact
 from ...ledger.checks import SqlCheck
 from ...ledger.proofs import training_set_root
 from ...ledger.store import Ledger
@@ -22,10 +22,6 @@ TRAIN_CHECKS = (
                                      OR train_loss IS NULL OR isnan(train_loss) OR lr IS NULL OR lr <= 0)""",
              "checkpoints without a finite validation/training loss or a positive lr"),
 )
-
-
-def _checkpoint_dir(pipeline: Pipeline, training_run: str) -> str:
-    return f"artifacts/{pipeline.name}/runs/{training_run}/checkpoints"
 
 
 def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, settings: TrainSettings,
@@ -60,7 +56,7 @@ def train(ledger: Ledger, pipeline: Pipeline, run_id: str, prepared: Handle, set
     started = time.monotonic()
     log(f"training on {device}")
     for ep in pipeline.train(table, dataclasses.replace(settings, device=device), tracer):
-        rel = f"{_checkpoint_dir(pipeline, training_run)}/epoch-{ep.epoch:03d}.pt"
+        rel = f"{checkpoint_dir(pipeline.name, training_run)}/epoch-{ep.epoch:03d}.pt"
 
         def save(path, state=ep.state_dict):
             torch.save(state, path)
