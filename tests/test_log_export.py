@@ -13,11 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from fgtrac_assets.integrity import merkle, notes
-from fgtrac_assets.integrity.tiles import (MAX_ENTRY_SIZE, EntryTooLarge, Tile, TileError, decode_bundle, decode_tile,
+from fgtrac_assets.integrity.tiles import (MAX_ENTRY_SIZE, EntryRun, EntryTooLarge, Tile, TileError, decode_bundle, decode_tile,
                                           encode_bundle, encode_bundles, entries_path, format_index, new_tiles,
                                           parse_tile_path, published_bundles, published_tiles, tile_path,
                                           tiles_between)
@@ -101,6 +102,34 @@ def test_bundles_are_uint16_length_prefixed():
     with pytest.raises(TileError):
         decode_tile(b"".join(h)[:-1])
 
+
+
+def test_an_entry_run_is_its_bundles_in_one_buffer():
+    many = [os.urandom(random.Random(i).randrange(400)) for i in range(700)]
+    run = EntryRun.encode(many, first_index=512)
+    assert len(run) == 700 and run.entries() == many
+    assert [bytes(run.bundle(s, n)) for s, n in ((0, 256), (256, 256), (512, 188))] == encode_bundles(many)
+    assert bytes(run.bundle(256, 10)) == encode_bundle(many[256:266])  # a partial bundle of an earlier tree size
+    assert run.leaf_hashes() == b"".join(merkle.leaf_hashes(many))
+    assert EntryRun.encode([]).leaf_hashes() == b"" and len(EntryRun.encode([])) == 0
+    # a buffer laid out by someone else (the export's SQL) is read through its offsets, sizes checked
+    data = b"".join(encode_bundles(many))
+    offsets = np.cumsum([0] + [len(e) + 2 for e in many])
+    assert EntryRun(data, offsets, 0).leaf_hashes() == run.leaf_hashes()
+    with pytest.raises(EntryTooLarge, match="entry 1001 is 65536 bytes"):
+        EntryRun.encode([b"ok", b"y" * (MAX_ENTRY_SIZE + 1)], first_index=1000)
+    long = b"\xff\xff" + b"z" * 70_000  # a length prefix that cannot say the size: the offsets tell
+    with pytest.raises(EntryTooLarge, match="entry 7 is 70000 bytes"):
+        EntryRun(long, np.array([0, len(long)]), 7)
+
+
+def test_leaf_hashes_in_skips_each_records_header():
+    leaves = [b"", b"a", bytes(range(256)) * 2]
+    for header in (0, 2, 5):
+        data = b"".join(bytes([9]) * header + x for x in leaves)
+        offsets = np.cumsum([0] + [header + len(x) for x in leaves])
+        assert merkle.leaf_hashes_in(data, offsets.tolist(), header) == b"".join(merkle.leaf_hashes(leaves))
+    assert merkle.leaf_hashes_in(b"", [0]) == b"" == merkle.leaf_hashes_in(b"", [])
 
 # --- a real ledger exported --------------------------------------------------------------
 
@@ -345,6 +374,31 @@ def test_export_of_an_empty_log_or_a_changed_row_fails_clearly(tmp_path):
     with pytest.raises(ExportError, match="leaf 3: its ledger row does not hash to the logged leaf hash"):
         export_log(ledger, tmp_path / "tiles")
     assert not (tmp_path / "tiles" / "checkpoint").exists()
+
+
+
+def test_export_of_a_log_missing_or_doubling_a_row_fails_clearly(tmp_path):
+    ledger = Ledger(tmp_path / "home")
+    commit(ledger, 5, "c")
+    with duckdb.connect(str(ledger.home.ledger)) as con:
+        con.execute("DELETE FROM artifacts WHERE leaf_index = 3")
+    with pytest.raises(ExportError, match=r"hold 5 rows for log entries 0..5, not 6 \(no row for leaf 3\)"):
+        export_log(ledger, tmp_path / "tiles")
+    with duckdb.connect(str(ledger.home.ledger)) as con:
+        con.execute("INSERT INTO artifacts SELECT * REPLACE (3 AS leaf_index) FROM artifacts WHERE leaf_index = 2")
+        con.execute("INSERT INTO artifacts SELECT * FROM artifacts WHERE leaf_index = 2")
+    with pytest.raises(ExportError, match=r"hold 7 rows for log entries 0..5, not 6: run `fgtrac verify`"):
+        export_log(ledger, tmp_path / "tiles")
+    assert not (tmp_path / "tiles" / "checkpoint").exists()
+
+
+def test_a_readers_threads_are_as_asked(tmp_path):
+    ledger = Ledger(tmp_path / "home")
+    commit(ledger, 2, "c")
+    with ledger.reader(code_views=False, threads=1) as con:
+        assert con.execute("SELECT current_setting('threads')").fetchall() == [(1,)]
+    with ledger.reader(code_views=False) as con:
+        assert con.execute("SELECT current_setting('threads')").fetchall() == [(os.cpu_count(),)]
 
 
 def test_worker_processes_write_the_same_directory(log70k, tmp_path, monkeypatch):

@@ -29,6 +29,23 @@ def leaf_hashes(leaves: Sequence[bytes]) -> list[bytes]:
     return [sha(b"\x00" + x).digest() for x in leaves]
 
 
+def leaf_hashes_in(buffer: bytes | memoryview, offsets: Sequence[int], header: int = 0) -> bytes:
+    """Return the RFC 6962 leaf hashes of leaves laid out back to back, concatenated.
+
+    Leaf i is buffer[offsets[i] + header : offsets[i + 1]]: each record starts with `header` bytes that are not
+    part of the leaf (2 for an entry bundle's length prefix).
+    """
+    view, prefix, out = memoryview(buffer), _sha256(b"\x00"), bytearray()
+    bounds = iter(offsets)
+    a = next(bounds, None)
+    for b in bounds:  # copying the 0x00-fed state beats concatenating 0x00 to each leaf; no per-leaf objects kept
+        h = prefix.copy()
+        h.update(view[a + header:b])
+        out += h.digest()
+        a = b
+    return bytes(out)
+
+
 def node_hash(left: bytes, right: bytes) -> bytes:
     """Return the RFC 6962 interior node hash SHA-256(0x01 || left || right)."""
     return _sha256(b"\x01" + left + right).digest()

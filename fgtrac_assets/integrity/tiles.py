@@ -14,7 +14,10 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
+
 from ..errors import FgtracError
+from . import merkle
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
@@ -202,6 +205,46 @@ def encode_bundles(entries: Sequence[bytes], first_index: int = 0) -> list[bytes
         parts[1::2] = entries[start:start + TILE_WIDTH]
         out.append(b"".join(parts))
     return out
+
+
+class EntryRun:
+    """Consecutive log entries held in entry-bundle form in one buffer, so every bundle of them is a slice of it.
+
+    data holds each entry as its big-endian uint16 length and its bytes, back to back; offsets[i] is where
+    entry i starts and offsets[-1] the end. first_index is the log index of entry 0 (for error messages).
+    """
+
+    def __init__(self, data: bytes | memoryview, offsets: np.ndarray, first_index: int = 0):
+        self.data, self.offsets, self.first_index = memoryview(data).cast("B"), offsets.astype(np.int64), first_index
+        sizes = np.diff(self.offsets) - 2
+        too_large = np.flatnonzero(sizes > MAX_ENTRY_SIZE)
+        if too_large.size:
+            i = int(too_large[0])
+            raise EntryTooLarge(f"entry {first_index + i} is {int(sizes[i])} bytes: a C2SP entry bundle stores "
+                                f"at most {MAX_ENTRY_SIZE} bytes per entry (uint16 length)")
+
+    @classmethod
+    def encode(cls, entries: Sequence[bytes], first_index: int = 0) -> "EntryRun":
+        """Return the run of these entries (encode_bundles' encoding); raise EntryTooLarge for one over 65,535 bytes."""
+        offsets = np.zeros(len(entries) + 1, dtype=np.int64)
+        np.cumsum([len(e) + 2 for e in entries], out=offsets[1:])
+        return cls(b"".join(encode_bundles(entries, first_index)), offsets, first_index)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def bundle(self, start: int, count: int) -> memoryview:
+        """Return the entry bundle of entries start..start+count-1 (a view of the run's buffer)."""
+        return self.data[int(self.offsets[start]):int(self.offsets[start + count])]
+
+    def entries(self) -> list[bytes]:
+        """Return every entry's bytes, in order."""
+        o, data = self.offsets.tolist(), self.data
+        return [bytes(data[a + 2:b]) for a, b in zip(o, o[1:])]
+
+    def leaf_hashes(self) -> bytes:
+        """Return the RFC 6962 leaf hash of every entry, concatenated."""
+        return merkle.leaf_hashes_in(self.data, memoryview(self.offsets), header=2)
 
 
 @functools.cache

@@ -3,21 +3,25 @@
 The stored tiles (ledger/nodes.py) are the C2SP tiles: stored tile level t is C2SP level t, and
 a tile of a tree of size s is the stored tile cut to the width s needs, since a hash in it never
 changes once written. The export copies them; only the entry bundles are built: DuckDB encodes the
-leaf tables' rows (ledger/leaves.py, leaf_sql), every entry is checked against its level-0 hash, and
-the rare row the SQL encoding gets wrong is encoded again the exact way.
+leaf tables' rows in bundle form (ledger/leaves.py, leaf_sql, each leaf behind its uint16 length), so
+a chunk's bundles are slices of one Arrow buffer written as they are (integrity/tiles.py, EntryRun);
+every entry is checked against its level-0 hash, and the rare row the SQL encoding gets wrong is
+encoded again the exact way.
 
 A re-export continues from the directory's own checkpoint once its root is the log's root at
 that size (so the directory holds a prefix of this log), and writes only the tiles and bundles
 that are new or grew, plus the partial tiles of every tree head signed since (C2SP: a log MUST
 serve the partial tiles of each tree size it made a checkpoint for, until the full tile exists).
-Files are written to a temporary name and renamed; the checkpoint is written last.
+Tiles and bundles are written in place; the checkpoint, which alone says what is published, is written
+last, to a temporary name then renamed (_Writer).
 
-Bundles are built a chunk of 1,024 at a time, each chunk in its own short read session so a long
-export does not hold off commits; a large export spreads the chunks over worker processes
-(`python -m fgtrac_assets.ledger.export`, fed a JSON job on stdin).
+Bundles are built a chunk of 1,024 at a time. A large export spreads the chunks over worker
+processes (`python -m fgtrac_assets.ledger.export`, fed a JSON job on stdin), each reading a few
+chunks per short read session with one DuckDB thread, so a long export does not hold off commits.
 """
 
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -33,17 +37,20 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from ..errors import FgtracError, StorageError
 from ..integrity import merkle, notes
-from ..integrity.tiles import HASH_SIZE, TILE_WIDTH, EntryTooLarge, Tile, encode_bundles, new_tiles, tiles_between
+from ..integrity.tiles import (HASH_SIZE, MAX_ENTRY_SIZE, TILE_WIDTH, EntryRun, EntryTooLarge, Tile, new_tiles,
+                               tiles_between)
 from .leaves import leaf_sql, table_leaves
 from .nodes import KEY_SHIFT, StoredNodes, tile_key, tile_of
 from .schema import LEAF_ORDER, LEAF_TABLES, physical
 from .store import Ledger
 
 CHECKPOINT = "checkpoint"
-CHUNK_BUNDLES = 1024  # entry bundles per read session: 262,144 leaves
+CHUNK_BUNDLES = 1024  # entry bundles per chunk, the unit of work: 262,144 leaves
+SESSION_CHUNKS = 4  # chunks a worker builds per read session: long enough to reuse its memory, short for commits
 PARALLEL_CHUNKS = 4  # from this many chunks on, worker processes build them (each starts in about a second)
 MAX_WORKERS = 4
 WRITE_THREADS = 4  # the kernel's file creation is most of a file's cost: let several run at once
@@ -95,7 +102,7 @@ class _Writer:
         self._pending: list[list[Future]] = []
         self._count = threading.Lock()
 
-    def write(self, rel: str, data: bytes, atomic: bool = False) -> None:
+    def write(self, rel: str, data: bytes | memoryview, atomic: bool = False) -> None:
         """Write one file now (atomic: under a temporary name, then renamed); raise StorageError if it fails."""
         path = self.root / rel
         parent = path.parent
@@ -117,7 +124,7 @@ class _Writer:
             self.files += 1
             self.bytes += len(data)
 
-    def write_later(self, items: list[tuple[str, bytes]]) -> None:
+    def write_later(self, items: list[tuple[str, bytes | memoryview]]) -> None:
         """Queue files for the writer threads (at most two batches wait, bounding memory)."""
         while len(self._pending) >= 2:
             for job in self._pending.pop(0):
@@ -347,45 +354,43 @@ class _Level0:
         return chunk[0] * TILE_WIDTH, min(self.size, (chunk[-1] + 1) * TILE_WIDTH)
 
     def read(self, con: duckdb.DuckDBPyConnection, i: int,
-             stored: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], list[bytes], bytes]:
-        """Return the stored level-0 tiles (unless given), the leaves chunk i needs and their leaf hashes.
+             stored: dict[int, bytes] | None = None) -> tuple[dict[int, bytes], EntryRun, bytes]:
+        """Return the stored level-0 tiles (unless given), the entries chunk i needs and their leaf hashes.
 
-        The leaves come from the SQL encoder (leaves.leaf_sql); any whose hash is not the logged one is encoded
-        again the exact way, so what is left mismatching is a row changed after it was logged (write says so).
+        The entries come from the SQL encoder (leaves.leaf_sql) in bundle form; if any hash is not the logged one,
+        those leaves are encoded again the exact way, so what is left mismatching is a row changed after it was
+        logged (write says so).
         """
         chunk = self.chunks[i]
         lo, hi = self._span(i)
         stored = _fetch(con, 0, chunk[0], chunk[-1]) if stored is None else stored
         try:
-            leaves = _leaves(con, self.tables, lo, hi)
-        except duckdb.CatalogException:  # not the current layout: ask the catalog which leaf tables it has
-            self.tables = _leaf_tables(con)
-            leaves = _leaves(con, self.tables, lo, hi)
-        hashes = b"".join(merkle.leaf_hashes(leaves))
-        logged = b"".join(stored.get(k, b"")[:HASH_SIZE * min(TILE_WIDTH, hi - k * TILE_WIDTH)] for k in chunk)
-        if hashes != logged:
-            hashes = _reencode_mismatches(con, self.tables, lo, leaves, hashes, logged)
-        return stored, leaves, hashes
-
-    def write(self, writer: _Writer, i: int, data: tuple[dict[int, bytes], list[bytes], bytes]) -> None:
-        """Queue chunk i's level-0 tiles and entry bundles, after checking every entry against its leaf hash."""
-        stored, leaves, hashes = data
-        lo, _ = self._span(i)
-        try:
-            encoded = encode_bundles(leaves, lo)
+            try:
+                entries = _entries(con, self.tables, lo, hi)
+            except duckdb.CatalogException:  # not the current layout: ask the catalog which leaf tables it has
+                self.tables = _leaf_tables(con)
+                entries = _entries(con, self.tables, lo, hi)
+            hashes = entries.leaf_hashes()
+            logged = b"".join(stored.get(k, b"")[:HASH_SIZE * min(TILE_WIDTH, hi - k * TILE_WIDTH)] for k in chunk)
+            if hashes != logged:
+                leaves = entries.entries()
+                hashes = _reencode_mismatches(con, self.tables, lo, leaves, hashes, logged)
+                entries = EntryRun.encode(leaves, lo)
         except EntryTooLarge as exc:
             raise ExportError(f"cannot publish the log as C2SP tiles: {exc}") from None
+        return stored, entries, hashes
+
+    def write(self, writer: _Writer, i: int, data: tuple[dict[int, bytes], EntryRun, bytes]) -> None:
+        """Queue chunk i's level-0 tiles and entry bundles, after checking every entry against its leaf hash."""
+        stored, entries, hashes = data
+        lo, _ = self._span(i)
         items = []
         for k in self.chunks[i]:
             start = k * TILE_WIDTH - lo
-            for t in self.by_index[k]:
+            for t in self.by_index[k]:  # the full or partial tile, and the partial ones of earlier signed heads
                 blob = _cut(stored, t)
                 _check_entries(hashes[start * HASH_SIZE:(start + t.width) * HASH_SIZE], blob, k * TILE_WIDTH)
-                if t.width == min(TILE_WIDTH, len(leaves) - start):
-                    bundle = encoded[start // TILE_WIDTH]
-                else:  # the partial bundle of an earlier signed tree head
-                    bundle = encode_bundles(leaves[start:start + t.width])[0]
-                items += [(t.path, blob), (Tile(None, k, t.width).path, bundle)]
+                items += [(t.path, blob), (Tile(None, k, t.width).path, entries.bundle(start, t.width))]
         writer.write_later(items)
 
 
@@ -410,42 +415,48 @@ def _leaf_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
     return out
 
 
-def _leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int,
-            exact: bool = False) -> list[bytes]:
-    """Return the leaf bytes of log entries lo..hi-1 from the leaf tables: encoded in SQL, or exactly in Python.
-
-    The SQL encoder (leaves.leaf_sql) is several times faster and agrees on nearly every row; its output must be
-    checked against the logged hashes (read does), exact=True encodes the rows with table_leaves.
-    """
+def _entries(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> EntryRun:
+    """Return log entries lo..hi-1 in bundle form, encoded in SQL (leaves.leaf_sql: fast, to be checked)."""
     where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
-    counts = con.execute(" UNION ALL ".join(f"SELECT {i} AS t, count(*) AS n FROM {stored} {where}"
-                                            for i, (_, stored) in enumerate(tables))).fetchall()
-    slots: list[bytes | None] = [None] * (hi - lo)
-    seen = np.zeros(hi - lo, dtype=bool)
-    found = 0
-    for i, n in counts:
-        if not n:
-            continue
-        name, stored = tables[i]
-        if exact:
-            cols = ", ".join(c for c, _ in LEAF_TABLES[name])
-            tbl = con.sql(f"SELECT leaf_index, {cols} FROM {stored} {where}").to_arrow_table()
-            leaves = table_leaves(name, tbl)
-        else:
-            tbl = con.sql(f"SELECT leaf_index, {leaf_sql(name)} AS leaf FROM {stored} {where}").to_arrow_table()
-            leaves = tbl.column("leaf").to_pylist()
-        at = tbl.column("leaf_index").to_numpy() - lo
-        seen[at] = True
-        # a commit's rows of one table are consecutive leaves: place them a run at a time
-        breaks = (np.flatnonzero(np.diff(at) != 1) + 1).tolist()
-        for a, b in zip([0] + breaks, breaks + [len(at)]):
-            slots[int(at[a]):int(at[a]) + b - a] = leaves[a:b]
-        found += tbl.num_rows
-    if found != hi - lo or not seen.all():
-        missing = f" (no row for leaf {lo + int(np.argmin(seen))})" if not seen.all() else ""
-        raise ExportError(f"the leaf tables hold {found} rows for log entries {lo}..{hi - 1}, not {hi - lo}{missing}: "
-                          "run `fgtrac verify`")
-    return slots
+    rows = " UNION ALL ".join(f"SELECT leaf_index, {leaf_sql(name)} AS leaf FROM {stored} {where}"
+                              for name, stored in tables)
+    # each entry as a bundle holds it: a big-endian uint16 length, then the leaf (a longer one is refused by EntryRun)
+    tbl = con.sql(f"SELECT leaf_index, from_hex(printf('%04X', least(octet_length(leaf), {MAX_ENTRY_SIZE}))) || leaf "
+                  f"AS entry FROM ({rows}) ORDER BY leaf_index").to_arrow_table()
+    _check_leaf_indexes(tbl.column("leaf_index").to_numpy(), lo, hi)
+    column = tbl.column("entry")
+    column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    _, offsets, data = column.buffers()
+    width = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=width, count=len(column) + 1, offset=column.offset * np.dtype(width).itemsize)
+    return EntryRun(data if data is not None else b"", offsets, lo)
+
+
+def _check_leaf_indexes(found: np.ndarray, lo: int, hi: int) -> None:
+    """Raise ExportError unless the sorted leaf indexes found are exactly lo..hi-1."""
+    if len(found) == hi - lo and (not len(found) or (found[0] == lo and found[-1] == hi - 1
+                                                    and (np.diff(found) == 1).all())):
+        return
+    missing = np.setdiff1d(np.arange(lo, hi), found)
+    why = f" (no row for leaf {int(missing[0])})" if missing.size else ""
+    raise ExportError(f"the leaf tables hold {len(found)} rows for log entries {lo}..{hi - 1}, not {hi - lo}{why}: "
+                      "run `fgtrac verify`")
+
+
+def _exact_leaves(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> list[bytes]:
+    """Return the leaf bytes of log entries lo..hi-1, encoded exactly from their rows (leaves.table_leaves)."""
+    where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
+    indexes, leaves = [], []
+    for name, stored in tables:
+        cols = ", ".join(c for c, _ in LEAF_TABLES[name])
+        tbl = con.sql(f"SELECT leaf_index, {cols} FROM {stored} {where}").to_arrow_table()
+        if tbl.num_rows:
+            indexes.append(tbl.column("leaf_index").to_numpy())
+            leaves += table_leaves(name, tbl)
+    found = np.concatenate(indexes) if indexes else np.zeros(0, dtype=np.int64)
+    order = np.argsort(found, kind="stable")
+    _check_leaf_indexes(found[order], lo, hi)
+    return [leaves[j] for j in order.tolist()]
 
 
 def _reencode_mismatches(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int,
@@ -458,7 +469,7 @@ def _reencode_mismatches(con: duckdb.DuckDBPyConnection, tables: list[tuple[str,
     fixed = bytearray(hashes)
     for a, b in zip([0] + breaks, breaks + [len(bad)]):  # one exact read per run of mismatching leaves
         start, stop = int(bad[a]), int(bad[b - 1]) + 1
-        leaves[start:stop] = _leaves(con, tables, lo + start, lo + stop, exact=True)
+        leaves[start:stop] = _exact_leaves(con, tables, lo + start, lo + stop)
         fixed[start * HASH_SIZE:stop * HASH_SIZE] = b"".join(merkle.leaf_hashes(leaves[start:stop]))
     return bytes(fixed)
 
@@ -502,15 +513,17 @@ def _run_workers(ledger: Ledger, out: Path, level0: _Level0, workers: int) -> tu
 def _worker_main() -> int:
     """Run one worker's job (JSON on stdin); print {"files", "bytes"} or `error: <reason>`; return the exit status."""
     job = json.loads(sys.stdin.read())
+    gc.freeze()  # the modules' objects: the collections the per-leaf loops trigger need not scan them
     ledger = Ledger(job["home"], lock_timeout_s=job["lock_timeout_s"])
     level0 = _Level0.from_json(job["plan"])
     writer = _Writer(Path(job["out"]))
     try:
         try:
-            for i in job["chunks"]:
-                with ledger.reader(code_views=False) as con:
-                    data = level0.read(con, i)
-                level0.write(writer, i, data)
+            chunks = job["chunks"]
+            for s in range(0, len(chunks), SESSION_CHUNKS):
+                with ledger.reader(code_views=False, threads=1) as con:  # the workers are the parallelism
+                    for i in chunks[s:s + SESSION_CHUNKS]:
+                        level0.write(writer, i, level0.read(con, i))
         finally:
             writer.flush()
     except FgtracError as exc:  # a refusal the parent reports in one line; anything else is a crash with its traceback

@@ -89,7 +89,8 @@ class Ledger:
         return self.home.ledger.is_file()
 
     @contextmanager
-    def _connect(self, read_only: bool, code_views: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, read_only: bool, code_views: bool = True,
+                 threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         if read_only and not self.exists():
             raise LedgerMissing(f"no ledger at {self.home.ledger}: nothing has been materialised yet")
         if not read_only:
@@ -97,7 +98,7 @@ class Ledger:
         with ledger_lock(self.home.lock, exclusive=not read_only, timeout_s=self.lock_timeout_s):
             if not read_only and not self.home.ledger.exists():
                 _create_ledger_file(self.home.ledger)
-            con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s)
+            con = _connect_retrying(str(self.home.ledger), read_only, self.lock_timeout_s, threads)
             try:
                 if read_only and code_views:
                     install_code_definitions(con)  # audits read the code's views, never the file's (catalog.py)
@@ -109,9 +110,12 @@ class Ledger:
                 con.close()
 
     @contextmanager
-    def reader(self, code_views: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Yield a read-only connection held under the shared lock (code_views=False: base tables only, faster)."""
-        with self._connect(read_only=True, code_views=code_views) as con:
+    def reader(self, code_views: bool = True, threads: int | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Yield a read-only connection held under the shared lock (code_views=False: base tables only, faster).
+
+        threads: DuckDB's worker threads (default: one per core), 1 for a process that is itself one of several.
+        """
+        with self._connect(read_only=True, code_views=code_views, threads=threads) as con:
             yield con
 
     def query(self, sql: str, params: list | None = None) -> pa.Table:
@@ -383,14 +387,18 @@ def _lock_configuration(con: duckdb.DuckDBPyConnection) -> None:
         pass  # another connection of this process to the same file locked the shared database already
 
 
-def _connect_retrying(path: str, read_only: bool, timeout_s: float | None) -> duckdb.DuckDBPyConnection:
+def _connect_retrying(path: str, read_only: bool, timeout_s: float | None,
+                      threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """Open DuckDB, retrying while a process outside fgtrac's lock holds the file."""
     deadline = time.monotonic() + (600 if timeout_s is None else timeout_s)
     delay = 0.05
     while True:
         try:
             # no file access from SQL: not read_text, COPY, ATTACH, EXPORT (a user's `audit sql` runs here too)
-            return duckdb.connect(path, read_only=read_only, config={"enable_external_access": False})
+            config: dict = {"enable_external_access": False}
+            if threads is not None:
+                config["threads"] = threads
+            return duckdb.connect(path, read_only=read_only, config=config)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() and ("not a valid" in str(exc).lower() or "corrupt" in str(exc).lower()):
                 raise LedgerDamaged(f"{path} is not a readable DuckDB ledger ({str(exc).splitlines()[0]}); "
