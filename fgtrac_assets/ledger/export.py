@@ -418,6 +418,10 @@ def _leaf_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
 def _entries(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> EntryRun:
     """Return log entries lo..hi-1 in bundle form, encoded in SQL (leaves.leaf_sql: fast, to be checked)."""
     where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
+    tables = [tables[i] for i, n in con.execute(" UNION ALL ".join(  # planning a table's encoder costs more than this
+        f"SELECT {i}, count(*) FROM {stored} {where}" for i, (_, stored) in enumerate(tables))).fetchall() if n]
+    if not tables:
+        _check_leaf_indexes(np.zeros(0, dtype=np.int64), lo, hi)
     rows = " UNION ALL ".join(f"SELECT leaf_index, {leaf_sql(name)} AS leaf FROM {stored} {where}"
                               for name, stored in tables)
     # each entry as a bundle holds it: a big-endian uint16 length, then the leaf (a longer one is refused by EntryRun)
