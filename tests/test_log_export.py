@@ -439,7 +439,8 @@ def test_sql_leaves_equal_the_exact_encoder_on_ordinary_values():
     assert _sql_leaves("checkpoints", lrs) == table_leaves("checkpoints", lrs)
 
 
-def test_export_encodes_exactly_what_the_sql_path_gets_wrong(tmp_path):
+def test_export_encodes_exactly_what_the_sql_path_gets_wrong(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "EXACT_LEAVES", 0)  # three leaves: the SQL encoder, not the small-range exact one
     ledger = Ledger(tmp_path / "home")
     rare = [{"checkpoint_id": "c1", "lr": 2.0 ** 60, "train_loss": 0.5},  # ECMAScript: 1152921504606847000
             {"checkpoint_id": "c2\x01\x1f", "lr": 0.1},  # control characters: lowercase \u001f

@@ -20,6 +20,7 @@ processes (`python -m fgtrac_assets.ledger.export`, fed a JSON job on stdin), ea
 chunks per short read session with one DuckDB thread, so a long export does not hold off commits.
 """
 
+import ctypes
 import fcntl
 import gc
 import json
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -53,7 +55,11 @@ CHUNK_BUNDLES = 1024  # entry bundles per chunk, the unit of work: 262,144 leave
 SESSION_CHUNKS = 4  # chunks a worker builds per read session: long enough to reuse its memory, short for commits
 PARALLEL_CHUNKS = 4  # from this many chunks on, worker processes build them (each starts in about a second)
 MAX_WORKERS = 4
+EXACT_LEAVES = 4096  # up to this many entries, encoding them in Python beats planning the SQL encoder
+SMALL_EXPORT = 65_536  # new leaves up to which one single-threaded connection does the whole export
 WRITE_THREADS = 4  # the kernel's file creation is most of a file's cost: let several run at once
+DROP_BEHIND = 128  # files written and not yet dropped from the page cache (each holds a descriptor till then)
+_SYNC_FILE_RANGE_WRITE = 2
 _LOCK = ".fgtrac-export.lock"
 
 
@@ -101,6 +107,7 @@ class _Writer:
         self._threads = ThreadPoolExecutor(max_workers=WRITE_THREADS)  # file I/O overlaps with encoding
         self._pending: list[list[Future]] = []
         self._count = threading.Lock()
+        self._behind = _DropBehind() if _DropBehind.available() else None
 
     def write(self, rel: str, data: bytes | memoryview, atomic: bool = False) -> None:
         """Write one file now (atomic: under a temporary name, then renamed); raise StorageError if it fails."""
@@ -114,8 +121,11 @@ class _Writer:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(fd, data)
+                if self._behind is not None and not atomic:
+                    fd, _ = -1, self._behind.add(fd)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             if atomic:
                 os.replace(target, path)
         except OSError as exc:
@@ -148,6 +158,59 @@ class _Writer:
                     job.result()
         finally:
             self._threads.shutdown(wait=True)
+            if self._behind is not None:
+                self._behind.drain()
+
+
+class _DropBehind:
+    """Written files' page cache, handed back to the kernel a few files later (Linux).
+
+    Each file's writeback starts as soon as it is written (sync_file_range); DROP_BEHIND files later, when it is
+    on disk, its pages are dropped (posix_fadvise DONTNEED) and its descriptor closed. The next files then reuse
+    those pages instead of taking fresh ones, which costs a large export most of its kernel time, and a
+    multi-gigabyte export does not push the user's working set out of the page cache.
+    """
+
+    _sync_file_range = None
+
+    def __init__(self):
+        self._open: deque[int] = deque()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def available(cls) -> bool:
+        """Return whether this system has sync_file_range and posix_fadvise (Linux)."""
+        if cls._sync_file_range is None:
+            try:
+                call = ctypes.CDLL(None, use_errno=True).sync_file_range
+                call.argtypes, call.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+                cls._sync_file_range = call if hasattr(os, "posix_fadvise") else False
+            except (AttributeError, OSError):
+                cls._sync_file_range = False
+        return bool(cls._sync_file_range)
+
+    def add(self, fd: int) -> None:
+        """Start writing this file's pages to disk and take its descriptor; drop and close the oldest one due."""
+        self._sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        with self._lock:
+            self._open.append(fd)
+            due = self._open.popleft() if len(self._open) > DROP_BEHIND else -1
+        if due >= 0:
+            self._drop(due)
+
+    def drain(self) -> None:
+        """Drop and close every descriptor still held."""
+        with self._lock:
+            held, self._open = list(self._open), deque()
+        for fd in held:
+            self._drop(fd)
+
+    @staticmethod
+    def _drop(fd: int) -> None:
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False,
@@ -167,7 +230,7 @@ def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False
     with _exclusive(out):
         before = None if full else _read_checkpoint(out)
         previous = before.size if before else 0
-        with ledger.reader(code_views=False) as con:
+        with ledger.reader(code_views=False, threads=1) as con:  # DuckDB's thread pool costs a small export 8 ms
             head, signed = _heads(con, previous)
             if before is not None and (before.origin != head.origin or before.size > head.size):
                 raise ExportError(_conflict(out, before, head))
@@ -175,7 +238,8 @@ def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False
             wanted = sorted(set(new_tiles(previous, head.size)) | (set(tiles_between(signed, head.size)) - written))
             upper = [t for t in wanted if t.level > 0]
             level0 = _Level0([t for t in wanted if t.level == 0], head.size)
-            small = len(level0.chunks) == 1 and workers in (None, 1)  # a re-export: one tile query for all
+            # a re-export: one connection and one tile query for all; a bigger job reads with DuckDB's threads
+            small = len(level0.chunks) == 1 and workers in (None, 1) and head.size - previous <= SMALL_EXPORT
             nodes = _prefetch(con, [head.size, previous], upper + (level0.tiles if small else []))
             if _stored_root(nodes, head.size) != head.root:
                 raise ExportError(f"the stored tiles do not give the signed root of tree size {head.size}: "
@@ -189,9 +253,8 @@ def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False
                 workers = min(MAX_WORKERS, os.cpu_count() or 1) if len(level0.chunks) >= PARALLEL_CHUNKS else 1
             workers = max(1, min(workers, len(level0.chunks)))
             first = None
-            if level0.chunks and workers == 1:
-                stored = {k: _stored_tile(nodes, 0, k) for k in level0.chunks[0]} if small else None
-                first = level0.read(con, 0, stored)
+            if small:
+                first = level0.read(con, 0, {k: _stored_tile(nodes, 0, k) for k in level0.chunks[0]})
         if full:
             (out / CHECKPOINT).unlink(missing_ok=True)
             shutil.rmtree(out / "tile", ignore_errors=True)
@@ -202,10 +265,11 @@ def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False
                 writer.files, writer.bytes = writer.files + files, writer.bytes + size
             else:
                 for i in range(len(level0.chunks)):
-                    if i:
+                    if first is None:
                         with ledger.reader(code_views=False) as con:
                             first = level0.read(con, i)
                     level0.write(writer, i, first)
+                    first = None
             writer.write_later([(t.path, _cut({t.index: upper_blobs[(t.level, t.index)]}, t)) for t in upper])
         finally:
             writer.flush()
@@ -364,12 +428,13 @@ class _Level0:
         chunk = self.chunks[i]
         lo, hi = self._span(i)
         stored = _fetch(con, 0, chunk[0], chunk[-1]) if stored is None else stored
+        encode = _exact_entries if hi - lo <= EXACT_LEAVES else _entries
         try:
             try:
-                entries = _entries(con, self.tables, lo, hi)
+                entries = encode(con, self.tables, lo, hi)
             except duckdb.CatalogException:  # not the current layout: ask the catalog which leaf tables it has
                 self.tables = _leaf_tables(con)
-                entries = _entries(con, self.tables, lo, hi)
+                entries = encode(con, self.tables, lo, hi)
             hashes = entries.leaf_hashes()
             logged = b"".join(stored.get(k, b"")[:HASH_SIZE * min(TILE_WIDTH, hi - k * TILE_WIDTH)] for k in chunk)
             if hashes != logged:
@@ -415,11 +480,22 @@ def _leaf_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
     return out
 
 
+def _holding(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> list[tuple[str, str]]:
+    """Return the leaf tables holding rows of log entries lo..hi-1 (one count query)."""
+    where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
+    return [tables[i] for i, n in con.execute(" UNION ALL ".join(
+        f"SELECT {i}, count(*) FROM {stored} {where}" for i, (_, stored) in enumerate(tables))).fetchall() if n]
+
+
+def _exact_entries(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> EntryRun:
+    """Return log entries lo..hi-1 in bundle form, encoded exactly (for a few leaves, faster than planning SQL)."""
+    return EntryRun.encode(_exact_leaves(con, _holding(con, tables, lo, hi), lo, hi), lo)
+
+
 def _entries(con: duckdb.DuckDBPyConnection, tables: list[tuple[str, str]], lo: int, hi: int) -> EntryRun:
     """Return log entries lo..hi-1 in bundle form, encoded in SQL (leaves.leaf_sql: fast, to be checked)."""
     where = f"WHERE leaf_index >= {int(lo)} AND leaf_index < {int(hi)}"
-    tables = [tables[i] for i, n in con.execute(" UNION ALL ".join(  # planning a table's encoder costs more than this
-        f"SELECT {i}, count(*) FROM {stored} {where}" for i, (_, stored) in enumerate(tables))).fetchall() if n]
+    tables = _holding(con, tables, lo, hi)  # planning a table's encoder costs more than the count
     if not tables:
         _check_leaf_indexes(np.zeros(0, dtype=np.int64), lo, hi)
     rows = " UNION ALL ".join(f"SELECT leaf_index, {leaf_sql(name)} AS leaf FROM {stored} {where}"
