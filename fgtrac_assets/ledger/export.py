@@ -122,7 +122,8 @@ class _Writer:
             try:
                 os.write(fd, data)
                 if self._behind is not None and not atomic:
-                    fd, _ = -1, self._behind.add(fd)
+                    held, fd = fd, -1  # the drop-behind queue owns it now, whatever add raises
+                    self._behind.add(held)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -159,7 +160,10 @@ class _Writer:
         finally:
             self._threads.shutdown(wait=True)
             if self._behind is not None:
-                self._behind.drain()
+                try:
+                    self._behind.drain()
+                except OSError as exc:
+                    raise StorageError(f"{self.root}: cannot close a written file ({exc.strerror or exc})") from None
 
 
 class _DropBehind:
@@ -209,8 +213,9 @@ class _DropBehind:
     def _drop(fd: int) -> None:
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        except OSError:
+            pass  # advice only: the file is written either way
+        os.close(fd)
 
 
 def export_log(ledger: Ledger, out_dir: str | os.PathLike, *, full: bool = False,
